@@ -1,0 +1,141 @@
+"""Frozen dataclass configs loaded from YAML: unknown keys are rejected, values are converted
+to the field's type, and every error names the offending key and file."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or mapping that does not fit its dataclass."""
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_convert(v, elem, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    if tp in (int, float, str):
+        if isinstance(value, bool) and tp is not str:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from exc
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    return value
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], source: str = "<mapping>") -> T:
+    """Build the frozen dataclass `cls` from `data`, rejecting unknown keys."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    kwargs = {k: _convert(v, hints[k], f"{source}: key '{k}'") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return from_mapping(cls, data, str(path))
+
+
+def to_mapping(obj: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Everything that decides how facts become keys and residuals and how the gate fires."""
+
+    layer: int = -1  # -1: take the model's default from defaults/<name>.yaml
+    gamma: float = 0.65
+    index: str = "Flat"
+    gate_first_token: bool = False  # the first real token is an attention sink: never gate it
+    # keys (MEMIT compute_ks recipe)
+    n_prefixes: int = 5
+    prefix_len: int = 10
+    prefix_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    seed: int = 0
+    key_batch_size: int = 64
+    # residuals (MEMIT compute_z recipe)
+    residual_prefixes: int = 2
+    lr: float = 0.5
+    steps: int = 25
+    loss_stop: float = 5e-2
+    clamp_norm: float = 0.75
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    kl_prompt: str = "{} is a"
+    residual_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        checks = {
+            "gamma": -1.0 <= self.gamma <= 1.0,
+            "n_prefixes": self.n_prefixes >= 0,
+            "residual_prefixes": 0 <= self.residual_prefixes <= self.n_prefixes,
+            "steps": self.steps >= 1,
+            "lr": self.lr > 0,
+            "clamp_norm": self.clamp_norm > 0,
+            "key_batch_size": self.key_batch_size >= 1,
+            "residual_batch_size": self.residual_batch_size >= 1,
+            "kl_prompt": "{}" in self.kl_prompt,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"EditConfig: invalid value for {bad}: {[getattr(self, k) for k in bad]}")
+
+    def replace(self, **changes: Any) -> "EditConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def model_defaults(name: str | None, model_type: str) -> EditConfig:
+    """Per-model defaults: defaults/<name>.yaml, else defaults/<model_type>.yaml, else built-ins."""
+    root = resources.files("neuraldb.engine").joinpath("defaults")
+    for stem in (name, model_type):
+        if not stem:
+            continue
+        cand = root.joinpath(f"{Path(stem).name}.yaml")
+        if cand.is_file():
+            return from_mapping(EditConfig, yaml.safe_load(cand.read_text()) or {}, f"defaults/{cand.name}")
+    return EditConfig()

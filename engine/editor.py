@@ -1,0 +1,214 @@
+"""`NeuralDB`: the editor API. Facts become rows (key, residual) of a neural KV database
+attached to one FFN layer; add, remove, update, attach/detach, disable, save and load."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..index import KeyIndex, ResidualTable, make_index
+from ..kernels import l2_normalize
+from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_module
+from .config import ConfigError, EditConfig, model_defaults
+from .facts import Fact
+from .gated import GatedFFNOut, Hit, gate_mask_hook
+from .keys import compute_keys, generate_prefixes
+from .residuals import ResidualStats, compute_residuals
+
+log = logging.getLogger(__name__)
+
+
+def model_name(model: PreTrainedModel) -> str:
+    return str(getattr(model.config, "neuraldb_name", None) or getattr(model.config, "_name_or_path", ""))
+
+
+def layer_fingerprint(model: PreTrainedModel, layer: int) -> str:
+    """sha256 of the FFN output weight of `layer` in bfloat16: identifies the model's weights
+    whether it is loaded in fp32, fp16 or bf16."""
+    mod = get_module(model, get_arch(model).ffn_out.format(layer))
+    w = getattr(mod, "base_layer", mod).weight.detach().to("cpu", torch.bfloat16).contiguous()
+    return hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
+
+
+class NeuralDB:
+    """A gated neural key-value database of facts attached to one FFN layer of a causal LM.
+
+    db = NeuralDB(model, tok)                  # per-model defaults (layer, gamma, index)
+    ids = db.add(facts)                        # keys + residuals, gate attached
+    db.remove(ids[:1]); db.update(ids[1], f)   # stable int64 ids
+    with db.disabled(): ...                    # the unedited model
+    db.save("db/"); NeuralDB.load("db/", model, tok)
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 config: EditConfig | None = None, *, layer: int | None = None,
+                 gamma: float | None = None, index: str | None = None, attach: bool = True) -> None:
+        self.model, self.tok = model, tokenizer
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        base = config or model_defaults(model_name(model), model.config.model_type)
+        self.config = base.replace(layer=layer, gamma=gamma, index=index)
+        n = num_layers(model)
+        if not 0 <= self.config.layer < n:
+            raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "
+                              f"(set EditConfig.layer or --layer)")
+        self.layer = self.config.layer
+        self.d_key, self.d_res = ffn_dims(model, self.layer)
+        device = model_device(model)
+        self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device)
+        self.table = ResidualTable(self.d_res, device=device)
+        self.key_table = ResidualTable(self.d_key, device="cpu")  # raw unit keys, to save and re-index
+        self.facts: dict[int, Fact] = {}
+        self.prefixes: list[str] | None = None
+        self.next_id = 0
+        self.last_stats: ResidualStats | None = None
+        self.timings: dict[str, float] = {}
+        self._gate: GatedFFNOut | None = None
+        self._hooks: list[Any] = []
+        if attach:
+            self.attach()
+
+    # ----- the gate -------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return get_arch(self.model).ffn_out.format(self.layer)
+
+    @property
+    def gate(self) -> GatedFFNOut | None:
+        return self._gate
+
+    def attach(self) -> None:
+        if self._gate is not None:
+            return
+        base = get_module(self.model, self.path)
+        if isinstance(base, GatedFFNOut):
+            raise RuntimeError(f"{self.path} is already gated by another NeuralDB; detach it first")
+        self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma)
+        set_module(self.model, self.path, self._gate)
+        self._hooks.append(self.model.register_forward_pre_hook(
+            gate_mask_hook(self._gate, self.config.gate_first_token), with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove the gate: the model gets its original module object back."""
+        if self._gate is None:
+            return
+        set_module(self.model, self.path, self._gate.base_layer)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._gate = None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the unedited model inside this block."""
+        gate = self._gate
+        prev = gate.enabled if gate is not None else None
+        if gate is not None:
+            gate.enabled = False
+        try:
+            yield
+        finally:
+            if gate is not None:
+                gate.enabled = bool(prev)
+
+    def hits(self) -> list[Hit]:
+        return self._gate.hits() if self._gate is not None else []
+
+    # ----- editing --------------------------------------------------------------------
+    def _ensure_prefixes(self) -> list[str]:
+        if self.prefixes is None:
+            with self.disabled():
+                self.prefixes = generate_prefixes(self.model, self.tok, self.config)
+        return self.prefixes
+
+    def encode(self, facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (F, d_key) and residuals (F, d_res) of facts, computed on the unedited model."""
+        prefixes = self._ensure_prefixes()
+        with self.disabled():
+            t0 = time.perf_counter()
+            keys = compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config)
+            t1 = time.perf_counter()
+            res, self.last_stats = compute_residuals(self.model, self.tok, facts, self.layer, prefixes, self.config)
+            t2 = time.perf_counter()
+        self.timings = {"keys_s": t1 - t0, "residuals_s": t2 - t1, "facts": float(len(facts))}
+        return keys, res
+
+    def add(self, facts: Fact | Iterable[Fact]) -> list[int]:
+        """Edit facts into the model; returns their ids."""
+        facts = [facts] if isinstance(facts, Fact) else list(facts)
+        if not facts:
+            return []
+        keys, res = self.encode(facts)
+        ids = list(range(self.next_id, self.next_id + len(facts)))
+        self.insert(ids, facts, keys, res)
+        return ids
+
+    def insert(self, ids: Sequence[int], facts: Sequence[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> None:
+        """Store precomputed rows (e.g. from a cache) under `ids`."""
+        if not (len(ids) == len(facts) == keys.shape[0] == residuals.shape[0]):
+            raise ValueError("ids, facts, keys and residuals must have the same length")
+        if keys.shape[1] != self.d_key or residuals.shape[1] != self.d_res:
+            raise ValueError(f"keys must have dim {self.d_key} and residuals {self.d_res}, got "
+                             f"{keys.shape[1]} and {residuals.shape[1]}")
+        arr = np.asarray(ids, dtype=np.int64)
+        self.index.add(arr, keys)
+        self.table.put(arr, residuals)
+        self.key_table.put(arr, l2_normalize(keys).cpu())
+        for i, f in zip(ids, facts):
+            self.facts[int(i)] = f
+        self.next_id = max(self.next_id, int(arr.max()) + 1)
+
+    def remove(self, ids: int | Iterable[int]) -> int:
+        ids = [ids] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
+        missing = [i for i in ids if i not in self.facts]
+        if missing:
+            raise KeyError(f"no fact with id(s) {missing[:10]}")
+        arr = np.asarray(ids, dtype=np.int64)
+        n = self.index.remove(arr)
+        self.table.remove(arr)
+        self.key_table.remove(arr)
+        for i in ids:
+            del self.facts[i]
+        return n
+
+    def update(self, id_: int, fact: Fact) -> None:
+        """Replace fact `id_` with `fact`, keeping its id."""
+        if id_ not in self.facts:
+            raise KeyError(f"no fact with id {id_}")
+        keys, res = self.encode([fact])
+        self.insert([id_], [fact], keys, res)
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    # ----- convenience ----------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 12) -> str:
+        ids = self.tok(prompt, return_tensors="pt")["input_ids"].to(model_device(self.model))
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=self.tok.pad_token_id)
+        return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"name": model_name(self.model), "model_type": self.model.config.model_type,
+                "num_layers": num_layers(self.model), "layer": self.layer, "d_key": self.d_key,
+                "d_res": self.d_res, "layer_sha256": layer_fingerprint(self.model, self.layer)}
+
+    def save(self, directory: str | Path) -> Path:
+        from .persistence import save_db
+
+        return save_db(self, Path(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             index: str | None = None, residual_mmap: bool = False) -> "NeuralDB":
+        from .persistence import load_db
+
+        return load_db(cls, Path(directory), model, tokenizer, index=index, residual_mmap=residual_mmap)

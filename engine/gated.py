@@ -1,0 +1,97 @@
+"""The gated layer: wraps the FFN output projection (keeping it as `base_layer`, as PEFT does).
+For every token of every sequence the key index is queried once as one batch; the residual of
+the best-matching fact is added where cos > gamma. Closed tokens keep the base output's bits."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..kernels import gate_add
+
+if TYPE_CHECKING:
+    from ..index import KeyIndex, ResidualTable
+
+
+@dataclass(frozen=True)
+class Hit:
+    batch: int
+    position: int
+    fact_id: int
+    similarity: float
+
+
+class GatedFFNOut(nn.Module):
+    def __init__(self, base_layer: nn.Module, index: "KeyIndex", table: "ResidualTable", gamma: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.index, self.table, self.gamma = index, table, gamma
+        self.enabled = True
+        self.token_mask: torch.Tensor | None = None  # (B, T): tokens that may be gated
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sims, ids, open (B, T)
+        self.timings: list[float] | None = None  # set to [] to record lookup seconds per call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.enabled or self.index.ntotal == 0:
+            self.last = None
+            return out
+        lead, d_out = x.shape[:-1], out.shape[-1]
+        t0 = time.perf_counter() if self.timings is not None else 0.0
+        q = x.reshape(-1, x.shape[-1])  # (B*T, d_ff)
+        sims, ids = self.index.search(q)  # (B*T,), (B*T,)
+        open_ = (ids >= 0) & (sims > self.gamma)
+        if self.token_mask is not None and self.token_mask.shape == lead:
+            open_ &= self.token_mask.reshape(-1).to(open_.device)
+        rows = open_.nonzero()[:, 0]
+        if self.timings is not None:
+            if q.device.type == "cuda":
+                torch.cuda.synchronize(q.device)
+            self.timings.append(time.perf_counter() - t0)
+        self.last = (sims.view(lead), ids.view(lead), open_.view(lead))
+        if rows.numel() == 0:
+            return out
+        res = torch.zeros(q.shape[0], d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)
+        res[rows] = self.table.gather(ids[rows], device=out.device).to(out.dtype)
+        return gate_add(out.reshape(-1, d_out), open_, res).view(out.shape)  # (B, T, d_model)
+
+    def hits(self) -> list[Hit]:
+        """Tokens where the gate opened in the last forward pass."""
+        if self.last is None:
+            return []
+        sims, ids, open_ = self.last
+        flat = open_.reshape(open_.shape[0], -1) if open_.dim() > 1 else open_[None]
+        out = []
+        for b, t in flat.nonzero().tolist():
+            out.append(Hit(b, t, int(ids.reshape(flat.shape)[b, t]), float(sims.reshape(flat.shape)[b, t])))
+        return out
+
+
+def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
+    """A forward pre-hook for the whole model: marks which input tokens may be gated. Pads never
+    are, and neither is the first real token of a sequence started from scratch (it acts as an
+    attention sink whose activations resemble many keys) unless `gate_first_token`."""
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            gate.token_mask = None
+            return
+        b, t = ids.shape[:2]
+        am = kwargs.get("attention_mask")
+        if am is None or am.dim() != 2:
+            am = torch.ones(b, t, dtype=torch.long, device=ids.device)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else am.shape[1] - t
+        mask = am[:, -t:].bool().clone()  # (B, T)
+        if not gate_first_token and past == 0:
+            first = am.long().argmax(dim=1)  # (B,) first real token
+            mask[torch.arange(b, device=mask.device), first.clamp(max=t - 1)] = False
+        gate.token_mask = mask
+
+    return hook

@@ -1,0 +1,104 @@
+"""Hook context managers in the style of MEMIT's nethook: hooks are always removed on exit."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .arch import get_module, set_module
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once the needed activations are captured."""
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Record a module's input and/or output; optionally stop the forward pass after it.
+
+    with Trace(model, "model.layers.6.mlp.down_proj", stop=True) as tr:
+        run(model)          # StopForward is swallowed by the context
+    tr.input  # (B, T, d_ff)
+    """
+
+    def __init__(self, model: nn.Module, path: str, retain_input: bool = True,
+                 retain_output: bool = False, stop: bool = False,
+                 edit_output: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.input: torch.Tensor | None = None
+        self.output: Any = None
+        module = get_module(model, path)
+
+        def hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            if retain_input:
+                self.input = args[0] if args else next(iter(kwargs.values()))
+            if edit_output is not None:
+                out = edit_output(out)
+            if retain_output:
+                self.output = out
+            if stop:
+                raise StopForward
+            return out
+
+        self._handle = module.register_forward_hook(hook, with_kwargs=True)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._handle.remove()
+        return exc_type is StopForward
+
+
+class TraceDict(contextlib.ExitStack):
+    """Several Traces at once, keyed by path; all are removed on exit."""
+
+    def __init__(self, model: nn.Module, paths: list[str], **kwargs: Any) -> None:
+        super().__init__()
+        self.traces = {p: self.enter_context(Trace(model, p, **kwargs)) for p in paths}
+
+    def __getitem__(self, path: str) -> Trace:
+        return self.traces[path]
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        super().__exit__(exc_type, exc, tb)
+        return exc_type is StopForward
+
+
+def first_hidden(out: Any) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers 5 Llama, GPT-2) or a tuple (GPT-J)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder block whose output is replaced anyway; mimics its return type."""
+
+    def __init__(self, tuple_len: int) -> None:
+        super().__init__()
+        self.tuple_len = tuple_len
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.tuple_len:
+            return (hidden_states,) + (None,) * (self.tuple_len - 1)
+        return hidden_states
+
+
+@contextlib.contextmanager
+def start_at_layer(model: nn.Module, layers_path: str, layer: int, hidden: torch.Tensor,
+                   tuple_len: int) -> Iterator[None]:
+    """Run forward passes from decoder block `layer` on, feeding it the cached `hidden`
+    (B, T, d_model) instead of recomputing every block below it."""
+    layers = get_module(model, layers_path)
+    saved = [layers[i] for i in range(layer)]
+
+    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(layer):
+            set_module(model, f"{layers_path}.{i}", _Passthrough(tuple_len))
+        yield
+    finally:
+        handle.remove()
+        for i, mod in enumerate(saved):
+            set_module(model, f"{layers_path}.{i}", mod)

@@ -1,0 +1,164 @@
+"""Residuals: one vector per fact, added to the FFN output at the subject's last token so the
+model emits the new object; MEMIT `compute_z` (Adam; target NLL + KL on "{subject} is a";
+weight decay; norm clamp; early stop), batched across facts with each fact its own vector.
+
+Hidden states entering layer l* are computed once per batch; every optimisation step reruns
+only the blocks from l* up, and the LM head only at the positions that are scored."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch import get_arch, model_device
+from .config import EditConfig
+from .facts import Fact
+from .hooks import Trace, first_hidden, start_at_layer
+from .tokens import encode_with_subject, pad_right, target_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidualStats:
+    nll: torch.Tensor  # (F,) final target NLL per fact
+    steps: torch.Tensor  # (F,) optimisation steps taken per fact
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor  # (R, T)
+    mask: torch.Tensor  # (R, T)
+    lookup: torch.Tensor  # (R,) subject-last position of each row
+    row_fact: torch.Tensor  # (R,) fact index of each row
+    tgt_row: torch.Tensor  # (N,) row of each scored target token
+    tgt_pos: torch.Tensor  # (N,) position whose logits predict it
+    tgt_tok: torch.Tensor  # (N,) the token
+    tgt_weight: torch.Tensor  # (N,) 1 / (n_target * n_contexts): sums to 1 per fact
+    kl_row: torch.Tensor  # (F,) row of each fact's KL prompt
+
+
+@contextmanager
+def frozen_params(model: torch.nn.Module) -> Iterator[None]:
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequence[str],
+           cfg: EditConfig, device: torch.device) -> _Batch:
+    seqs, lookup, row_fact = [], [], []
+    tr, tp, tt, tw, kl_row = [], [], [], [], []
+    for fi, fact in enumerate(facts):
+        tgt = target_ids(tok, fact.target_new)
+        for ctx in contexts:
+            enc = encode_with_subject(tok, ctx, fact.prompt, fact.subject)
+            row = len(seqs)
+            seqs.append(enc.ids + tgt[:-1])  # teacher forcing: prompt + target minus its last token
+            lookup.append(enc.subject_last)
+            row_fact.append(fi)
+            for j, t in enumerate(tgt):
+                tr.append(row)
+                tp.append(len(enc.ids) - 1 + j)
+                tt.append(t)
+                tw.append(1.0 / (len(tgt) * len(contexts)))
+        enc = encode_with_subject(tok, "", cfg.kl_prompt, fact.subject)
+        kl_row.append(len(seqs))
+        seqs.append(enc.ids)
+        lookup.append(enc.subject_last)
+        row_fact.append(fi)
+    ids, mask = pad_right(seqs, tok.pad_token_id, device)
+    t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+    return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(kl_row))
+
+
+def _logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """LM-head logits at selected (row, pos) only: (N, V) float32."""
+    logits = model.get_output_embeddings()(hidden[rows, pos]).float()  # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
+              contexts: Sequence[str], cfg: EditConfig) -> tuple[torch.Tensor, ResidualStats]:
+    arch = get_arch(model)
+    device = model_device(model)
+    b = _build(tok, facts, contexts, cfg, device)
+    n_facts, arange_r = len(facts), torch.arange(len(b.ids), device=device)
+    # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
+    with torch.no_grad(), Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
+        model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+    hidden_in = tr.input.detach()  # (R, T, d_model)
+    tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
+    first_rows = torch.tensor([fi * (len(contexts) + 1) for fi in range(n_facts)], device=device)
+    z_norm = first_hidden(tr.output)[first_rows, b.lookup[first_rows]].float().norm(dim=-1)  # (F,)
+
+    d_model = hidden_in.shape[-1]
+    delta = torch.zeros(n_facts, d_model, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    max_norm = cfg.clamp_norm * z_norm  # (F,)
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        return out.index_put((arange_r, b.lookup), delta[b.row_fact].to(out.dtype), accumulate=True)
+
+    kl_init = None
+    active = torch.ones(n_facts, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_facts, dtype=torch.long, device=device)
+    nll_f = torch.zeros(n_facts, device=device)
+    with frozen_params(model), torch.enable_grad(), \
+            start_at_layer(model, arch.layers, layer, hidden_in, tuple_len), \
+            Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add_delta):
+        for _ in range(cfg.steps):
+            hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)[0]  # (R, T, d)
+            logp = F.log_softmax(_logits_at(model, hidden, b.tgt_row, b.tgt_pos), -1)  # (N, V)
+            tok_nll = -logp.gather(1, b.tgt_tok[:, None])[:, 0] * b.tgt_weight  # (N,)
+            nll_f = torch.zeros(n_facts, device=device).index_add(0, b.row_fact[b.tgt_row], tok_nll)
+            kl_logp = F.log_softmax(_logits_at(model, hidden, b.kl_row, b.lookup[b.kl_row]), -1)  # (F, V)
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl_f = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)  # KL(init || now) per fact
+            wd_f = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2
+            loss_f = nll_f + cfg.kl_factor * kl_f + wd_f  # (F,)
+            active &= loss_f.detach() >= cfg.loss_stop
+            if not bool(active.any()):
+                break
+            steps += active.long()
+            opt.zero_grad(set_to_none=True)
+            (loss_f * active).sum().backward()
+            before = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = before[~active]  # stopped facts stay where they stopped
+                scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    return delta.detach().float(), ResidualStats(nll_f.detach(), steps)
+
+
+def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
+                      prefixes: Sequence[str], cfg: EditConfig) -> tuple[torch.Tensor, ResidualStats]:
+    """(F, d_model) float32 residuals and per-fact optimisation stats."""
+    contexts = ["", *prefixes[: cfg.residual_prefixes]]
+    outs, nll, steps = [], [], []
+    bs = cfg.residual_batch_size
+    bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=None, leave=False)
+    for start in range(0, len(facts), bs):
+        chunk = facts[start : start + bs]
+        r, st = _optimise(model, tok, chunk, layer, contexts, cfg)
+        outs.append(r)
+        nll.append(st.nll)
+        steps.append(st.steps)
+        bar.update(len(chunk))
+        bar.set_postfix(nll=f"{float(st.nll.mean()):.3f}")
+    bar.close()
+    return torch.cat(outs), ResidualStats(torch.cat(nll), torch.cat(steps))

@@ -1,0 +1,49 @@
+"""Tokenisation helpers: prompts with a known subject span, right padding, exact target ids."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    subject_last: int  # index of the subject's last token in `ids`
+
+
+def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Target tokens as they follow a prompt: a leading space, no BOS (MEMIT/AlphaEdit)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return list(ids)
+
+
+def encode_with_subject(tok: PreTrainedTokenizerBase, prefix: str, template: str, subject: str,
+                        truncate_after_subject: bool = False) -> Encoded:
+    """Tokenise prefix + template.format(subject) and locate the subject's last token."""
+    before, _, after = template.partition("{}")
+    head = prefix + before
+    text = head + subject + ("" if truncate_after_subject else after)
+    subj_end = len(head) + len(subject)
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        last = max(i for i, (s, e) in enumerate(offsets) if e > s and s < subj_end)
+    else:  # MEMIT's rule: the length of the tokenised text up to the end of the subject
+        ids = tok(text)["input_ids"]
+        last = len(tok(text[:subj_end])["input_ids"]) - 1
+    return Encoded(list(ids), last)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to (B, T) input ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)

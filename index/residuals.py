@@ -1,0 +1,135 @@
+"""Residuals in fixed-size shards addressed by fact id: row `id % shard_size` of shard
+`id // shard_size`. Ids are allocated densely by the database, so no id->row map is needed;
+a shard is allocated when its first row is written and freed when its last row is removed.
+Shards live on a chosen device, in pinned CPU memory, or memory-mapped from a safetensors file."""
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .base import as_ids
+
+_ST_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16)}
+
+
+class ResidualTable:
+    def __init__(self, dim: int, shard_size: int = 4096, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, pin: bool = False) -> None:
+        if shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.dim, self.shard_size, self.dtype = dim, shard_size, dtype
+        self.device, self.pin = torch.device(device), pin
+        self.shards: dict[int, torch.Tensor] = {}
+        self._live: dict[int, np.ndarray] = {}  # shard -> bool row mask
+
+    def _shard(self, s: int) -> torch.Tensor:
+        if s not in self.shards:
+            t = torch.zeros(self.shard_size, self.dim, dtype=self.dtype, device=self.device)
+            self.shards[s] = t.pin_memory() if self.pin and torch.cuda.is_available() else t
+            self._live[s] = np.zeros(self.shard_size, bool)
+        return self.shards[s]
+
+    def put(self, ids: Any, rows: torch.Tensor) -> None:
+        ids = as_ids(ids)
+        if rows.shape != (len(ids), self.dim):
+            raise ValueError(f"residuals must be ({len(ids)}, {self.dim}), got {tuple(rows.shape)}")
+        for s in np.unique(ids // self.shard_size):
+            sel = np.nonzero(ids // self.shard_size == s)[0]
+            local = ids[sel] % self.shard_size
+            shard = self._shard(int(s))
+            if not getattr(shard, "_neuraldb_mmap", False):
+                shard[torch.from_numpy(local).to(shard.device)] = rows[torch.from_numpy(sel)].to(shard.device, shard.dtype)
+            else:  # copy-on-write: a memory-mapped shard becomes a RAM shard once edited
+                ram = shard.clone().to(self.device)
+                ram[torch.from_numpy(local)] = rows[torch.from_numpy(sel)].to(ram.dtype)
+                self.shards[int(s)] = ram
+            self._live[int(s)][local] = True
+
+    def remove(self, ids: Any) -> None:
+        ids = as_ids(ids)
+        for s in np.unique(ids // self.shard_size):
+            s = int(s)
+            if s not in self.shards:
+                continue
+            local = ids[ids // self.shard_size == s] % self.shard_size
+            self._live[s][local] = False
+            if not self._live[s].any():
+                del self.shards[s], self._live[s]
+
+    def gather(self, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """(n, dim) residual rows for `ids` (n,), on `device` (default: the ids' device)."""
+        device = device or ids.device
+        out = torch.zeros(ids.shape[0], self.dim, dtype=self.dtype, device=device)
+        if ids.numel() == 0:
+            return out
+        shard_of = ids // self.shard_size
+        for s in torch.unique(shard_of).tolist():
+            if s not in self.shards:
+                continue
+            sel = (shard_of == s).nonzero()[:, 0]
+            shard = self.shards[s]
+            local = (ids[sel] % self.shard_size).to(shard.device)
+            out[sel] = shard[local].to(device, self.dtype, non_blocking=True)
+        return out
+
+    def ids(self) -> np.ndarray:
+        parts = [s * self.shard_size + np.nonzero(m)[0] for s, m in sorted(self._live.items())]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    @property
+    def nbytes_per_shard(self) -> dict[int, int]:
+        return {s: t.nelement() * t.element_size() for s, t in sorted(self.shards.items())}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.nbytes_per_shard.values())
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"shard_{s}": t.contiguous().cpu() for s, t in self.shards.items()}
+        tensors.update({f"live_{s}": torch.from_numpy(m.copy()) for s, m in self._live.items()})
+        save_file(tensors, str(path), metadata={"format": "neuraldb-residuals-1", "dim": str(self.dim),
+                                                "shard_size": str(self.shard_size)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", mmap: bool = False,
+             pin: bool = False) -> "ResidualTable":
+        """Load a table; with `mmap=True` shards stay on disk and pages are read on demand."""
+        path = Path(path)
+        with open(path, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(hlen))
+        meta = header.pop("__metadata__", {})
+        if meta.get("format") != "neuraldb-residuals-1":
+            raise ValueError(f"{path}: not a neuraldb residual table")
+        dim, size = int(meta["dim"]), int(meta["shard_size"])
+        first = next((v for k, v in header.items() if k.startswith("shard_")), None)
+        np_dt, t_dt = _ST_DTYPES[first["dtype"]] if first else (np.float32, torch.float32)
+        table = cls(dim, size, device=device, dtype=t_dt, pin=pin)
+        base = 8 + hlen
+        for name, info in header.items():
+            s = int(name.split("_")[1])
+            start, end = info["data_offsets"]
+            if name.startswith("live_"):
+                with open(path, "rb") as fh:
+                    fh.seek(base + start)
+                    table._live[s] = np.frombuffer(fh.read(end - start), dtype=bool).copy()
+                continue
+            arr = np.memmap(path, dtype=np_dt, mode="r", offset=base + start, shape=tuple(info["shape"]))
+            if mmap:
+                with warnings.catch_warnings():  # the view is read-only; put() copies on write
+                    warnings.simplefilter("ignore", UserWarning)
+                    t = torch.from_numpy(arr)
+                t._neuraldb_mmap = True  # type: ignore[attr-defined]
+            else:
+                t = torch.from_numpy(np.array(arr)).to(device)
+                if pin and torch.cuda.is_available():
+                    t = t.pin_memory()
+            table.shards[s] = t
+        return table

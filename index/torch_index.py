@@ -1,0 +1,114 @@
+"""Exact search in torch: keys in one preallocated device tensor (capacity doubling, tombstone
+mask), matmul + max/argmax on the current stream with no host sync in `search`."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..kernels import l2_normalize, max_cosine
+from .base import KeyIndex, as_ids, register
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchIndex(KeyIndex):
+    compact_fraction = 0.25
+
+    def __init__(self, dim: int, dtype: str = "fp32", device: str | torch.device = "cpu",
+                 capacity: int = 1024) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"torch index: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.spec = "torch" if dtype == "fp32" else f"torch,{dtype}"
+        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        self._keys = torch.zeros(capacity, dim, dtype=_DTYPES[dtype], device=self.device)
+        self._ids = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
+        self._valid = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self._n = 0  # rows used (live + tombstoned)
+        self._slot: dict[int, int] = {}  # live id -> row
+
+    def _grow(self, need: int) -> None:
+        cap = self._keys.shape[0]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name, fill in (("_keys", 0), ("_ids", -1), ("_valid", False)):
+            old = getattr(self, name)
+            t = torch.full((new, *old.shape[1:]), fill, dtype=old.dtype, device=self.device)
+            t[:cap] = old
+            setattr(self, name, t)
+
+    def add(self, ids: Any, keys: torch.Tensor) -> None:
+        ids = as_ids(ids)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in one add() call")
+        if keys.shape != (len(ids), self.dim):
+            raise ValueError(f"keys must be ({len(ids)}, {self.dim}), got {tuple(keys.shape)}")
+        self.remove(ids[[int(i) in self._slot for i in ids]] if len(ids) else ids)
+        n = len(ids)
+        self._grow(self._n + n)
+        rows = slice(self._n, self._n + n)
+        self._keys[rows] = l2_normalize(keys.to(self.device)).to(self._keys.dtype)
+        self._ids[rows] = torch.from_numpy(ids).to(self.device)
+        self._valid[rows] = True
+        for k, i in enumerate(ids):
+            self._slot[int(i)] = self._n + k
+        self._n += n
+
+    def remove(self, ids: Any) -> int:
+        rows = [self._slot.pop(int(i)) for i in as_ids(ids) if int(i) in self._slot]
+        if rows:
+            self._valid[torch.tensor(rows, device=self.device)] = False
+        if self._n - len(self._slot) > self.compact_fraction * max(self._n, 1):
+            self.compact()
+        return len(rows)
+
+    def compact(self) -> None:
+        live = self._valid[: self._n]
+        keep = int(live.sum())
+        self._keys[:keep] = self._keys[: self._n][live].clone()
+        self._ids[:keep] = self._ids[: self._n][live].clone()
+        self._valid[:keep] = True
+        self._valid[keep:] = False
+        self._ids[keep:] = -1
+        self._n = keep
+        self._slot = {int(i): r for r, i in enumerate(self._ids[:keep].tolist())}
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = l2_normalize(queries.to(self.device))
+        best, arg = max_cosine(q, self._keys[: self._n], self._valid[: self._n])
+        ids = torch.where(arg >= 0, self._ids[: max(self._n, 1)][arg.clamp_min(0)], arg)
+        return best.float().to(queries.device), ids.to(queries.device)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self._slot)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._keys.nelement() * self._keys.element_size() + self._ids.nelement() * 8
+                   + self._valid.nelement())
+
+    def ids(self) -> np.ndarray:
+        return np.sort(np.fromiter(self._slot.keys(), np.int64, len(self._slot)))
+
+    def _state(self) -> dict[str, np.ndarray]:
+        n = self._n
+        keys = self._keys[:n].float().cpu().numpy() if self.dtype == "bf16" else self._keys[:n].cpu().numpy()
+        return {"keys": keys, "ids": self._ids[:n].cpu().numpy(), "valid": self._valid[:n].cpu().numpy()}
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        n = len(state["ids"])
+        self._grow(n)
+        self._keys[:n] = torch.from_numpy(state["keys"]).to(self.device, self._keys.dtype)
+        self._ids[:n] = torch.from_numpy(state["ids"]).to(self.device)
+        self._valid[:n] = torch.from_numpy(state["valid"]).to(self.device)
+        self._n = n
+        self._slot = {int(i): r for r, (i, v) in enumerate(zip(state["ids"], state["valid"])) if v}
+
+
+@register(r"torch(,(?P<dtype>fp32|fp16|bf16))?")
+def _torch(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
+    return TorchIndex(dim, dtype=m.group("dtype") or "fp32", device=options.get("device", "cpu"))
