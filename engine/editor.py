@@ -72,6 +72,7 @@ class NeuralDB:
         self.timings: dict[str, float] = {}
         self._gate: GatedFFNOut | None = None
         self._hooks: list[Any] = []
+        self.generate_hits: list[Hit] = []  # hits of every step of the last generate()
         if attach:
             self.attach()
 
@@ -119,7 +120,21 @@ class NeuralDB:
                 gate.enabled = bool(prev)
 
     def hits(self) -> list[Hit]:
+        """Where the gate opened in the last forward pass (`generate_hits` covers a whole generate)."""
         return self._gate.hits() if self._gate is not None else []
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[list[list[Hit]]]:
+        """Collect the hits of every forward pass inside the block, one list per pass."""
+        gate = self._gate
+        if gate is None:
+            yield []
+            return
+        gate.history = []
+        try:
+            yield gate.history
+        finally:
+            gate.history = None
 
     # ----- editing --------------------------------------------------------------------
     def _ensure_prefixes(self) -> list[str]:
@@ -192,8 +207,12 @@ class NeuralDB:
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 12) -> str:
         ids = self.tok(prompt, return_tensors="pt")["input_ids"].to(model_device(self.model))
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=self.tok.pad_token_id)
+        with self.record() as steps:
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tok.pad_token_id)
+        # positions of decode steps count from the prompt's end
+        self.generate_hits = [Hit(h.batch, h.position + (ids.shape[1] + k - 1 if k else 0), h.fact_id, h.similarity)
+                          for k, hs in enumerate(steps) for h in hs]
         return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     def fingerprint(self) -> dict[str, Any]:

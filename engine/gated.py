@@ -33,6 +33,7 @@ class GatedFFNOut(nn.Module):
         self.token_mask: torch.Tensor | None = None  # (B, T): tokens that may be gated
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sims, ids, open (B, T)
         self.timings: list[float] | None = None  # set to [] to record lookup seconds per call
+        self.history: list[list[Hit]] | None = None  # set to [] to keep every call's hits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -52,6 +53,8 @@ class GatedFFNOut(nn.Module):
                 torch.cuda.synchronize(q.device)
             self.timings.append(time.perf_counter() - t0)
         self.last = (sims.view(lead), ids.view(lead), open_.view(lead))
+        if self.history is not None:
+            self.history.append(self.hits())
         if rows.numel() == 0:
             return out
         res = torch.zeros(q.shape[0], d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)

@@ -102,8 +102,12 @@ class ResidualTable:
              pin: bool = False) -> "ResidualTable":
         """Load a table; with `mmap=True` shards stay on disk and pages are read on demand."""
         path = Path(path)
+        size = path.stat().st_size
         with open(path, "rb") as fh:
-            (hlen,) = struct.unpack("<Q", fh.read(8))
+            head = fh.read(8)
+            (hlen,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+            if hlen > size - 8:
+                raise ValueError(f"{path}: truncated or not a safetensors file")
             header = json.loads(fh.read(hlen))
         meta = header.pop("__metadata__", {})
         if meta.get("format") != "neuraldb-residuals-1":
