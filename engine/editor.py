@@ -143,6 +143,12 @@ class NeuralDB:
                 self.prefixes = generate_prefixes(self.model, self.tok, self.config)
         return self.prefixes
 
+    def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
+        """Keys (F, d_key) of facts on the unedited model."""
+        prefixes = self._ensure_prefixes()
+        with self.disabled():
+            return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config)
+
     def encode(self, facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (F, d_key) and residuals (F, d_res) of facts, computed on the unedited model."""
         prefixes = self._ensure_prefixes()

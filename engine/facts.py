@@ -40,6 +40,11 @@ class Fact:
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
+    def kind(self) -> str:
+        """"zsre" for zsRE-style facts (scored by token accuracy), else "counterfact"."""
+        return "zsre" if self.meta.get("format") == "zsre" else "counterfact"
+
+    @property
     def text(self) -> str:
         """The edited prompt with the subject filled in."""
         return self.prompt.format(self.subject)
@@ -202,6 +207,8 @@ def parse_records(records: Iterable[tuple[str, Any]], fmt: str = "auto") -> list
             raise FactError(f"{where}: field {exc} is missing") from None
         if fact.id is None:
             fact = replace(fact, id=str(len(facts)))
+        if kind != "jsonl":
+            fact = replace(fact, meta={**fact.meta, "format": kind})
         if fact.id in seen:
             raise FactError(f"{where}: duplicate id {fact.id!r} (first seen at {seen[fact.id]})")
         seen[fact.id] = where

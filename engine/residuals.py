@@ -83,7 +83,7 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
     return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(kl_row))
 
 
-def _logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """LM-head logits at selected (row, pos) only: (N, V) float32."""
     logits = model.get_output_embeddings()(hidden[rows, pos]).float()  # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -121,10 +121,10 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add_delta):
         for _ in range(cfg.steps):
             hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)[0]  # (R, T, d)
-            logp = F.log_softmax(_logits_at(model, hidden, b.tgt_row, b.tgt_pos), -1)  # (N, V)
+            logp = F.log_softmax(logits_at(model, hidden, b.tgt_row, b.tgt_pos), -1)  # (N, V)
             tok_nll = -logp.gather(1, b.tgt_tok[:, None])[:, 0] * b.tgt_weight  # (N,)
             nll_f = torch.zeros(n_facts, device=device).index_add(0, b.row_fact[b.tgt_row], tok_nll)
-            kl_logp = F.log_softmax(_logits_at(model, hidden, b.kl_row, b.lookup[b.kl_row]), -1)  # (F, V)
+            kl_logp = F.log_softmax(logits_at(model, hidden, b.kl_row, b.lookup[b.kl_row]), -1)  # (F, V)
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl_f = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)  # KL(init || now) per fact

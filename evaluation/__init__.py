@@ -1,0 +1,5 @@
+"""Evaluation: CounterFact / zsRE metrics, fluency, retention, and the synthetic fact generator."""
+from .metrics import Retention, Scores, counterfact_scores, fluency, ngram_entropy, retention, teacher_forced, zsre_scores
+
+__all__ = ["Retention", "Scores", "counterfact_scores", "fluency", "ngram_entropy", "retention",
+           "teacher_forced", "zsre_scores"]

@@ -1,0 +1,295 @@
+"""Editing quality, memory and latency as the database grows: the project's headline table.
+
+    python bench/scale.py                          # CPU default: SmolLM2, 48 CounterFact facts
+    python bench/scale.py --facts 100000 --data synthetic --device cuda --out results/scale-100k
+
+Keys and residuals are computed in chunks and cached under OUT/cache (an interrupted run goes
+on where it stopped). At each checkpoint m the first m facts are in the database, and a fixed
+sample of the first checkpoint's facts is scored, so every row measures the same facts."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from neuraldb import EditConfig, Fact, NeuralDB, load_facts, load_model
+from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.engine.config import load_yaml, to_mapping
+from neuraldb.engine.models import DEFAULT_MODEL
+from neuraldb.evaluation import counterfact_scores, fluency, retention, zsre_scores
+from neuraldb.evaluation.synthetic import synthetic_facts
+
+log = logging.getLogger("bench.scale")
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[list[Fact], list[Fact]]:
+    """(n facts to edit, `extra` held-out facts whose prompts are unrelated text)."""
+    if data == "synthetic":
+        facts = list(synthetic_facts(n + extra, seed=seed))
+        return facts[:n], facts[n:]
+    if data == "counterfact":
+        files = [SHARED / "counterfact" / "counterfact-edit.json", SHARED / "counterfact" / "counterfact-train.json"]
+    elif data == "zsre":
+        files = [SHARED / "zsre" / "zsre-1k.json"]
+    else:
+        files = [Path(data)]
+    facts: list[Fact] = []
+    for f in files:
+        facts += load_facts(f)
+        if len(facts) >= n + extra:
+            break
+    if len(facts) < n + 1:
+        raise SystemExit(f"--data {data}: only {len(facts)} facts available, asked for {n} (+ held-out text)")
+    return facts[:n], facts[n : n + extra] if len(facts) > n else []
+
+
+class ChunkCache:
+    """Keys and residuals of facts [k*size, (k+1)*size) in OUT/cache/chunk_k.safetensors."""
+
+    def __init__(self, root: Path, size: int, signature: dict[str, Any]) -> None:
+        self.root, self.size = root, size
+        root.mkdir(parents=True, exist_ok=True)
+        meta = root / "meta.json"
+        if meta.is_file():
+            old = json.loads(meta.read_text())
+            if old != signature:
+                raise SystemExit(f"{meta}: the cache was made with other settings; use another --out or delete it")
+        else:
+            meta.write_text(json.dumps(signature, indent=1))
+
+    def path(self, k: int) -> Path:
+        return self.root / f"chunk_{k:06d}.safetensors"
+
+    def fill(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
+        n_chunks = (len(facts) + self.size - 1) // self.size
+        todo = [k for k in range(n_chunks) if not self.path(k).is_file()]
+        bar = tqdm(total=len(facts), initial=len(facts) - sum(len(facts[k * self.size:(k + 1) * self.size]) for k in todo),
+                   desc="edits (keys+residuals)", unit="fact", disable=None)
+        for k in todo:
+            chunk = facts[k * self.size : (k + 1) * self.size]
+            keys, res = db.encode(chunk)
+            tmp = self.path(k).with_suffix(".tmp")
+            save_file({"keys": keys.cpu().contiguous(), "residuals": res.cpu().contiguous(),
+                       "nll": db.last_stats.nll.cpu(), "steps": db.last_stats.steps.cpu()}, str(tmp),
+                      metadata={k_: str(v) for k_, v in db.timings.items()})
+            tmp.rename(self.path(k))
+            bar.update(len(chunk))
+        bar.close()
+
+    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, res = [], []
+        for k in range(start // self.size, (stop + self.size - 1) // self.size):
+            t = load_file(str(self.path(k)))
+            lo, hi = max(start - k * self.size, 0), min(stop - k * self.size, self.size)
+            keys.append(t["keys"][lo:hi])
+            res.append(t["residuals"][lo:hi])
+        return torch.cat(keys), torch.cat(res)
+
+    def throughput(self, n: int) -> dict[str, float]:
+        from safetensors import safe_open
+
+        ks = rs = 0.0
+        for k in range((n + self.size - 1) // self.size):
+            with safe_open(str(self.path(k)), framework="pt") as fh:
+                meta = fh.metadata()
+            ks += float(meta["keys_s"])
+            rs += float(meta["residuals_s"])
+        return {"keys_per_s": n / ks if ks else float("nan"), "residuals_per_s": n / rs if rs else float("nan")}
+
+
+def default_checkpoints(n: int) -> list[int]:
+    ladder = [1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000, 1000000]
+    cps = [c for c in ladder if c < n] if n > 1000 else [max(1, n // 4), max(1, n // 2)]
+    return sorted(set(cps + [n]))
+
+
+@torch.no_grad()
+def latency(db: NeuralDB, texts: Sequence[str], batch: int, repeats: int) -> dict[str, float]:
+    """Lookup time inside the forward pass, and its share of it, for prefill and one decode step."""
+    model, tok, gate = db.model, db.tok, db.gate
+    enc = tok(list(texts[:batch]), return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    sync = torch.cuda.synchronize if enc["input_ids"].is_cuda else (lambda: None)
+    out: dict[str, float] = {"prefill_tokens": int(enc["input_ids"].numel()), "decode_tokens": enc["input_ids"].shape[0]}
+    for phase in ("prefill", "decode"):
+        look, full = [], []
+        for _ in range(repeats + 1):
+            if phase == "prefill":
+                gate.timings = []
+                sync(); t0 = time.perf_counter()
+                model(**enc, use_cache=False)
+            else:
+                pre = model(**enc, use_cache=True)
+                nxt = pre.logits[:, -1:].argmax(-1)
+                mask = torch.cat([enc["attention_mask"], torch.ones_like(nxt)], 1)
+                gate.timings = []
+                sync(); t0 = time.perf_counter()
+                model(input_ids=nxt, attention_mask=mask, past_key_values=pre.past_key_values, use_cache=True)
+            sync()
+            full.append(time.perf_counter() - t0)
+            look.append(sum(gate.timings))
+        look, full = look[1:], full[1:]  # the first is a warm-up
+        out[f"{phase}_lookup_ms_median"] = 1e3 * statistics.median(look)
+        out[f"{phase}_lookup_ms_p95"] = 1e3 * float(np.percentile(look, 95))
+        out[f"{phase}_forward_ms_median"] = 1e3 * statistics.median(full)
+        out[f"{phase}_lookup_share"] = statistics.median(l / f for l, f in zip(look, full))
+    gate.timings = None
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install neuraldb[plots])")
+        return []
+    m = [r["m"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("efficacy", "generalization", "specificity"):
+        ax.plot(m, [r[key] for r in rows], marker="o", label=key)
+    ax.set_xscale("log"); ax.set_xlabel("facts in the database (m)"); ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 101); ax.legend(); ax.grid(alpha=0.3); fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120); plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("prefill_lookup_ms_median", "decode_lookup_ms_median"):
+        ax.plot(m, [r[key] for r in rows], marker="o", label=key.replace("_ms_median", " (ms, median)"))
+    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("facts in the database (m)"); ax.set_ylabel("ms")
+    ax.legend(); ax.grid(alpha=0.3); fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=120); plt.close(fig)
+    return ["quality.png", "latency.png"]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--data", default="counterfact", help="counterfact | zsre | synthetic | PATH to a facts file")
+    g.add_argument("--facts", type=int, default=48)
+    g.add_argument("--seed", type=int, default=0)
+    e = ap.add_argument_group("editing")
+    e.add_argument("--config", help="EditConfig YAML (default: the model's defaults)")
+    e.add_argument("--layer", type=int)
+    e.add_argument("--gamma", type=float)
+    e.add_argument("--index", help="key index spec (Flat, torch, ...)")
+    e.add_argument("--chunk", type=int, default=16, help="facts per cached chunk")
+    v = ap.add_argument_group("evaluation")
+    v.add_argument("--checkpoints", help="comma-separated m values (default: a ladder up to --facts)")
+    v.add_argument("--eval-sample", type=int, default=48, help="facts scored at every checkpoint")
+    v.add_argument("--retention-texts", type=int, default=64)
+    v.add_argument("--fluency-tokens", type=int, default=40, help="0 skips fluency")
+    v.add_argument("--latency-batch", type=int, default=8)
+    v.add_argument("--latency-repeats", type=int, default=10)
+    r = ap.add_argument_group("run")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--out", default="results/scale")
+    r.add_argument("--profile", action="store_true", help="save a torch.profiler trace of a few forwards")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    model, tok = load_model(args.model, device=args.device)
+    cfg = load_yaml(EditConfig, args.config) if args.config else None
+    db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
+    facts, held_out = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts)
+    kind = facts[0].kind
+    checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else default_checkpoints(len(facts))
+    if checkpoints[-1] > len(facts):
+        raise SystemExit(f"--checkpoints: {checkpoints[-1]} is more than --facts {len(facts)}")
+    signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
+                 "chunk": args.chunk, "first_ids": [f.id for f in facts[:3]]}
+    cache = ChunkCache(out / "cache", args.chunk, signature)
+    cache.fill(db, facts)
+
+    rng = random.Random(args.seed)
+    first = facts[: checkpoints[0]]
+    sample = rng.sample(first, min(args.eval_sample, len(first)))
+    score = zsre_scores if kind == "zsre" else counterfact_scores
+    unrelated = [p for f in held_out for p in f.neighborhood][: args.retention_texts]
+    if not unrelated:
+        unrelated = [p for f in facts for p in f.neighborhood][: args.retention_texts]
+    with db.disabled():  # unrelated prompts + the unedited model's own continuations
+        texts = [p + db.generate(p, 12) for p in tqdm(unrelated, desc="held-out text", disable=None, leave=False)]
+        pre = score(model, tok, sample).as_dict()
+        flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))]
+        pre["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
+
+    rows, done = [], 0
+    for m in checkpoints:
+        keys, res = cache.rows(done, m)
+        db.insert(list(range(done, m)), facts[done:m], keys.to(args.device), res.to(args.device))
+        done = m
+        t0 = time.perf_counter()
+        post = score(model, tok, sample).as_dict()
+        post["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
+        ret = retention(db, texts).as_dict()
+        row = {"m": m, **{k: post[k] for k in ("efficacy", "generalization", "specificity", "fluency")},
+               "false_open": ret["false_open_rate"], "identical": ret["identical_rate"], "kl": ret["mean_kl"],
+               "ppl_before": ret["ppl_before"], "ppl_after": ret["ppl_after"],
+               "key_bytes": db.index.nbytes, "residual_bytes": db.table.nbytes,
+               "bytes_per_fact": (db.index.nbytes + db.table.nbytes) / m,
+               **cache.throughput(m), **latency(db, texts, args.latency_batch, args.latency_repeats),
+               **peak_memory(), "eval_s": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"m={m}: efficacy {row['efficacy']:.1f} generalization {row['generalization']:.1f} specificity "
+              f"{row['specificity']:.1f} false-open {row['false_open']:.4f} lookup(prefill) "
+              f"{row['prefill_lookup_ms_median']:.2f} ms", file=sys.stderr, flush=True)
+
+    trace = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        enc = tok(texts[: args.latency_batch], return_tensors="pt", padding=True).to(args.device)
+        with profile(activities=acts, record_shapes=True) as prof, torch.no_grad():
+            for _ in range(3):
+                model(**enc)
+        trace = out / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        (out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+    cols = ["m", "efficacy", "generalization", "specificity", "fluency", "false_open", "identical", "kl",
+            "bytes_per_fact", "keys_per_s", "residuals_per_s", "prefill_lookup_ms_median", "prefill_lookup_share",
+            "decode_lookup_ms_median", "decode_lookup_share", "peak_rss_gib"]
+    pre_row = {"m": "pre-edit", **{k: pre[k] for k in ("efficacy", "generalization", "specificity", "fluency")}}
+    table = markdown_table([pre_row] + rows, cols)
+    result = {"args": vars(args), "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
+              "data": {"kind": kind, "facts": len(facts), "eval_sample": len(sample), "retention_texts": len(texts)},
+              "pre": pre, "rows": rows, "trace": str(trace) if trace else None,
+              "wall_s": time.perf_counter() - t_start}
+    out.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot(rows, out)
+    write_json(out / "scale.json", result)
+    (out / "scale.md").write_text(f"# bench/scale.py: {args.model}, {args.data}, layer {db.layer}, gamma "
+                                  f"{db.config.gamma}, index {db.config.index}\n\n{table}\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()

@@ -1,0 +1,154 @@
+"""The `neuraldb` command: edit, ask, info, eval. Errors are one clear line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .engine import ConfigError, DatabaseError, EditConfig, FactError, NeuralDB, load_facts, load_model
+from .engine.arch import UnsupportedModelError
+from .engine.config import load_yaml
+from .engine.models import DEFAULT_MODEL, ModelLoadError
+from .evaluation import counterfact_scores, retention, zsre_scores
+from .index import IndexError_
+
+log = logging.getLogger("neuraldb")
+USER_ERRORS = (ConfigError, DatabaseError, FactError, ModelLoadError, UnsupportedModelError, IndexError_,
+               FileNotFoundError, KeyError)
+
+
+def _edit_config(args: argparse.Namespace) -> EditConfig | None:
+    return load_yaml(EditConfig, args.config) if args.config else None
+
+
+def _summary(db: NeuralDB, facts: Sequence, kind: str) -> dict:
+    score = zsre_scores if kind == "zsre" else counterfact_scores
+    with db.disabled():
+        pre = score(db.model, db.tok, facts).as_dict()
+    post = score(db.model, db.tok, facts).as_dict()
+    return {"pre": pre, "post": post}
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    model, tok = load_model(args.model)
+    facts = load_facts(args.facts, limit=args.limit)
+    db = NeuralDB(model, tok, _edit_config(args), layer=args.layer, gamma=args.gamma, index=args.index)
+    print(f"editing {len(facts)} facts into {args.model} at layer {db.layer} (gamma {db.config.gamma}, "
+          f"index {db.config.index})", file=sys.stderr)
+    t0 = time.perf_counter()
+    db.add(facts)
+    took = time.perf_counter() - t0
+    out = db.save(args.out)
+    kind = facts[0].kind
+    summary = {"facts": len(facts), "seconds": round(took, 1), "keys_per_s": round(len(facts) / db.timings["keys_s"], 2),
+               "residuals_per_s": round(len(facts) / db.timings["residuals_s"], 3), "db": str(out)}
+    if not args.no_eval:
+        summary.update(_summary(db, facts, kind))
+        hits = sum(db.generate(f.text, 8).strip().startswith(f.target_new) for f in facts)
+        summary["greedy_new_target"] = f"{hits}/{len(facts)}"
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _open_db(args: argparse.Namespace) -> NeuralDB:
+    meta_model = None
+    import yaml
+
+    cfg = Path(args.db) / "config.yaml"
+    if cfg.is_file():
+        meta_model = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("name")
+    model, tok = load_model(args.model or meta_model or DEFAULT_MODEL)
+    return NeuralDB.load(args.db, model, tok, index=getattr(args, "index", None))
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    db = _open_db(args)
+    answer = db.generate(args.prompt, args.max_new_tokens)
+    print(args.prompt + answer)
+    fired = {h.fact_id for h in db.generate_hits}
+    for fid in sorted(fired):
+        f = db.facts[fid]
+        sims = [h.similarity for h in db.generate_hits if h.fact_id == fid]
+        print(f"  fired: fact {fid} ({f.subject!r}: {f.text} -> {f.target_new}) cos={max(sims):.3f}", file=sys.stderr)
+    if not fired:
+        print("  fired: none (the unedited model answered)", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .engine.persistence import _read_meta
+
+    meta = _read_meta(Path(args.db))
+    info = {"facts": meta["num_facts"], "model": meta["model"], "config": meta["config"],
+            "files": {p.name: p.stat().st_size for p in sorted(Path(args.db).iterdir())}}
+    print(yaml.safe_dump(info, sort_keys=False))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    db = _open_db(args)
+    facts = load_facts(args.facts, limit=args.limit) if args.facts else list(db.facts.values())
+    kind = args.kind or facts[0].kind
+    result = _summary(db, facts, kind)
+    texts = [p for f in facts for p in f.neighborhood][: args.retention_texts]
+    if texts:
+        result["retention"] = retention(db, texts).as_dict()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neuraldb", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("edit", help="edit facts into a model and save the database")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--facts", required=True, help="CounterFact / zsRE / neuraldb JSONL file")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--out", required=True, help="database directory to write")
+    e.add_argument("--config", help="EditConfig YAML")
+    e.add_argument("--layer", type=int)
+    e.add_argument("--gamma", type=float)
+    e.add_argument("--index", help="key index spec, e.g. Flat, torch, HNSW32")
+    e.add_argument("--no-eval", action="store_true", help="skip the efficacy summary")
+    e.set_defaults(fn=cmd_edit)
+    a = sub.add_parser("ask", help="greedy answer from an edited model, and which fact fired")
+    a.add_argument("--db", required=True)
+    a.add_argument("--model", help="defaults to the model the database was built for")
+    a.add_argument("--max-new-tokens", type=int, default=16)
+    a.add_argument("prompt")
+    a.set_defaults(fn=cmd_ask)
+    i = sub.add_parser("info", help="describe a saved database")
+    i.add_argument("--db", required=True)
+    i.set_defaults(fn=cmd_info)
+    v = sub.add_parser("eval", help="CounterFact / zsRE metrics and retention of an edited model")
+    v.add_argument("--db", required=True)
+    v.add_argument("--model")
+    v.add_argument("--facts", help="facts to score (default: the database's own)")
+    v.add_argument("--limit", type=int)
+    v.add_argument("--kind", choices=["counterfact", "zsre"])
+    v.add_argument("--index")
+    v.add_argument("--retention-texts", type=int, default=200)
+    v.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"neuraldb {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

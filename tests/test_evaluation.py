@@ -1,0 +1,119 @@
+"""Metric functions on hand-computed cases, the synthetic generator, and a smoke run of
+bench/scale.py on a tiny model that checks every field of its JSON."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuraldb import Fact
+from neuraldb.evaluation import counterfact_scores, ngram_entropy, teacher_forced, zsre_scores
+from neuraldb.evaluation.metrics import _mean_per_record
+from neuraldb.evaluation.synthetic import RELATIONS, subject_name, synthetic_facts
+
+from conftest import make_model
+
+
+def test_ngram_entropy_by_hand() -> None:
+    # "a b a b": bigrams ab, ba, ab -> p = (2/3, 1/3); trigrams aba, bab -> p = (1/2, 1/2)
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    h3 = 1.0
+    assert ngram_entropy("a b a b") == pytest.approx(np.mean([2 / 3 * h2, 4 / 3 * h3]))
+    assert ngram_entropy("word") == 0.0
+
+
+def test_mean_per_record_averages_records_first() -> None:
+    # record 0 has scores (1, 0) -> 0.5; record 1 has (1) -> 1.0; mean 0.75 (not 2/3)
+    assert _mean_per_record(np.array([1.0, 0.0, 1.0]), [0, 0, 1], 2) == pytest.approx(75.0)
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' whose next-token distribution is a fixed table: logits[t] depend on token t."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.config = type("C", (), {"final_logit_softcapping": None})()
+        self.base_model = self
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> tuple[torch.Tensor]:
+        return (torch.nn.functional.one_hot(input_ids, self.table.shape[0]).float(),)
+
+    def get_output_embeddings(self):
+        table = self.table
+        return lambda h: h @ table
+
+
+class _Tok:
+    pad_token_id = 0
+    vocab = {"<pad>": 0, "q": 1, " A": 2, " B": 3, " C": 4}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [self.vocab[w] for w in re.findall(r" ?\S+", text)]}
+
+
+def test_teacher_forced_by_hand() -> None:
+    # after "q": p(A)=0.7, p(B)=0.2, p(C)=0.1 ; after " A": p(B)=0.9
+    probs = torch.full((5, 5), 1e-9)
+    probs[1, 2], probs[1, 3], probs[1, 4] = 0.7, 0.2, 0.1
+    probs[2, 3], probs[2, 2] = 0.9, 0.1
+    model, tok = _Fixed(probs.log()), _Tok()
+    nll, acc = teacher_forced(model, tok, ["q", "q"], ["A B", "C"])
+    assert nll[0] == pytest.approx((-math.log(0.7) - math.log(0.9)) / 2, rel=1e-4)
+    assert nll[1] == pytest.approx(-math.log(0.1), rel=1e-4)
+    assert acc == [1.0, 0.0]
+    f = Fact("q", "{}", "A", "C", neighborhood=("q",), locality_target="C", paraphrases=("q",))
+    s = counterfact_scores(model, tok, [f])
+    assert (s.efficacy, s.generalization, s.specificity) == (100.0, 100.0, 0.0)
+    z = zsre_scores(model, tok, [Fact("q", "{}", "C", "A", neighborhood=("q",), locality_target="A")])
+    assert (z.efficacy, z.specificity) == (0.0, 100.0)
+
+
+def test_synthetic_is_deterministic_and_valid() -> None:
+    a, b = list(synthetic_facts(300, seed=3)), list(synthetic_facts(300, seed=3))
+    assert a == b and a != list(synthetic_facts(300, seed=4))
+    assert len({f.subject for f in a}) == 300
+    for f in a:
+        assert f.subject in f.text and f.target_new != f.target_true
+        assert all(f.subject in p for p in f.paraphrases) and len(f.paraphrases) >= 2
+        assert all(f.subject not in p for p in f.neighborhood)
+        assert f.target_new in RELATIONS[f.meta["relation"]][2]
+    assert len({subject_name(i, 0) for i in range(50000)}) == 50000
+
+
+def test_scale_smoke(tokenizer, tmp_path: Path) -> None:
+    from neuraldb.bench import scale
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layer: 1\nn_prefixes: 1\nprefix_len: 3\nresidual_prefixes: 1\nsteps: 3\n")
+    argv = ["--model", str(model_dir), "--data", "synthetic", "--facts", "6", "--chunk", "4", "--checkpoints",
+            "3,6", "--eval-sample", "3", "--retention-texts", "4", "--fluency-tokens", "4", "--latency-repeats",
+            "2", "--latency-batch", "2", "--config", str(cfg), "--out", str(tmp_path / "out"), "--profile"]
+    scale.main(argv)
+    res = json.loads((tmp_path / "out" / "scale.json").read_text())
+    assert [r["m"] for r in res["rows"]] == [3, 6]
+    for r in res["rows"]:
+        for k in ("efficacy", "generalization", "specificity"):
+            assert 0.0 <= r[k] <= 100.0
+        assert 0.0 <= r["false_open"] <= 1.0 and 0.0 <= r["identical"] <= 1.0 and r["kl"] >= 0
+        assert r["key_bytes"] > 0 and r["residual_bytes"] > 0 and r["bytes_per_fact"] > 0
+        assert r["keys_per_s"] > 0 and r["residuals_per_s"] > 0 and r["peak_rss_gib"] > 0
+        for phase in ("prefill", "decode"):
+            assert r[f"{phase}_lookup_ms_median"] > 0 and r[f"{phase}_lookup_ms_p95"] >= r[f"{phase}_lookup_ms_median"]
+            assert 0 < r[f"{phase}_lookup_share"] < 1
+    assert res["machine"]["torch"] and res["pre"]["efficacy"] >= 0 and res["data"]["eval_sample"] == 3
+    assert (tmp_path / "out" / "scale.md").read_text().count("\n") >= 4
+    assert (tmp_path / "out" / "trace.json").is_file()
+    # resumable: a second run reuses every cached chunk and agrees on the edits
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").glob("chunk_*"))
+    scale.main(argv)
+    after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").glob("chunk_*"))
+    assert before == after
