@@ -62,7 +62,7 @@ class NeuralDB:
         self.layer = self.config.layer
         self.d_key, self.d_res = ffn_dims(model, self.layer)
         device = model_device(model)
-        self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device)
+        self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
         self.table = ResidualTable(self.d_res, device=device)
         self.key_table = ResidualTable(self.d_key, device="cpu")  # raw unit keys, to save and re-index
         self.facts: dict[int, Fact] = {}

@@ -115,7 +115,7 @@ def load_db(cls: type["NeuralDB"], directory: Path, model: "PreTrainedModel", to
         table = ResidualTable.load(directory / "residuals.safetensors", device=device, mmap=residual_mmap)
         same_index = index is None or index == meta["config"]["index"]
         if same_index:
-            db.index = KeyIndex.load(directory / "index.safetensors", device=device)
+            db.index = KeyIndex.load(directory / "index.safetensors", device=device, floor=cfg.gamma)
     except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise DatabaseError(f"{directory}: corrupted tensor file ({exc})") from exc
     ids, keys = kt["ids"].numpy(), kt["keys"]

@@ -8,7 +8,7 @@ import json
 import struct
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,18 +20,22 @@ _ST_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.floa
 
 
 class ResidualTable:
-    def __init__(self, dim: int, shard_size: int = 4096, device: str | torch.device = "cpu",
+    def __init__(self, dim: int, shard_size: int = 4096, device: str | torch.device | Sequence[Any] = "cpu",
                  dtype: torch.dtype = torch.float32, pin: bool = False) -> None:
+        """`device`: one device, or several (shard s lives on device s % len); `pin`: page-locked
+        CPU memory, for fast gathers into a GPU forward pass."""
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.dim, self.shard_size, self.dtype = dim, shard_size, dtype
-        self.device, self.pin = torch.device(device), pin
+        many = device if isinstance(device, (list, tuple)) else [device]
+        self.devices, self.pin = [torch.device(d) for d in many], pin
+        self.device = self.devices[0]
         self.shards: dict[int, torch.Tensor] = {}
         self._live: dict[int, np.ndarray] = {}  # shard -> bool row mask
 
     def _shard(self, s: int) -> torch.Tensor:
         if s not in self.shards:
-            t = torch.zeros(self.shard_size, self.dim, dtype=self.dtype, device=self.device)
+            t = torch.zeros(self.shard_size, self.dim, dtype=self.dtype, device=self.devices[s % len(self.devices)])
             self.shards[s] = t.pin_memory() if self.pin and torch.cuda.is_available() else t
             self._live[s] = np.zeros(self.shard_size, bool)
         return self.shards[s]
@@ -47,7 +51,7 @@ class ResidualTable:
             if not getattr(shard, "_neuraldb_mmap", False):
                 shard[torch.from_numpy(local).to(shard.device)] = rows[torch.from_numpy(sel)].to(shard.device, shard.dtype)
             else:  # copy-on-write: a memory-mapped shard becomes a RAM shard once edited
-                ram = shard.clone().to(self.device)
+                ram = shard.clone().to(self.devices[int(s) % len(self.devices)])
                 ram[torch.from_numpy(local)] = rows[torch.from_numpy(sel)].to(ram.dtype)
                 self.shards[int(s)] = ram
             self._live[int(s)][local] = True

@@ -117,3 +117,64 @@ def test_residual_table_shards_and_mmap(tmp_path: Path) -> None:
     m.put([2], torch.ones(1, 8))  # copy-on-write leaves the file alone
     assert torch.equal(ResidualTable.load(tmp_path / "r.safetensors").gather(torch.tensor([2])), rows[[2]])
     assert torch.equal(m.gather(torch.tensor([2])), torch.ones(1, 8))
+
+
+APPROX = ["IVF16,Flat", "IVF16,PQ8x4", "IVF16,SQ8", "HNSW16", "HNSW16,SQ8", "SQ8", "PQ8x4", "Int8"]
+
+
+@pytest.mark.parametrize("spec", APPROX)
+@pytest.mark.parametrize("clustered", [False, True])
+def test_approximate_specs_never_overstate(spec: str, clustered: bool) -> None:
+    """A returned similarity is a real cosine (<= the true max); the gate never opens where exact
+    search keeps it closed; near-duplicate recall meets the documented 0.95."""
+    keys, queries = data(2, 1200, 48, clustered)
+    ids = np.arange(5000, 6200, dtype=np.int64)
+    idx = make_index(spec, 48, shortlist=16, nprobe=4, train_size=600)
+    idx.add(ids[:700], keys[:700])  # trains on the first 700, then adds incrementally
+    idx.add(ids[700:], keys[700:])
+    sims, got = idx.search(queries)
+    ref_s, ref_i = brute(queries, keys, ids)
+    assert np.all(sims.numpy() <= ref_s + 1e-5)
+    true_of_got = (l2_normalize(queries.double()) @ l2_normalize(keys.double()).T).numpy()[
+        np.arange(len(got)), got.numpy() - 5000]
+    assert np.allclose(sims.numpy(), true_of_got, atol=1e-5)  # an exact re-score of a stored key
+    for gamma in (0.5, 0.65, 0.9):
+        assert not np.any((sims.numpy() > gamma) & ~(ref_s > gamma))
+    near = slice(0, 20)
+    recall = np.mean(got.numpy()[near] == ref_i[near])
+    assert recall >= 0.95, recall
+    if spec == "Int8":  # exact by construction
+        assert np.array_equal(got.numpy(), ref_i) and np.allclose(sims.numpy(), ref_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["IVF16,PQ8x4", "HNSW16", "Int8"])
+def test_approximate_remove_replace_save(spec: str, tmp_path: Path) -> None:
+    keys, _ = data(3, 800, 32, True)
+    idx = make_index(spec, 32, shortlist=16, train_size=400)
+    idx.add(np.arange(800), keys)
+    idx.remove(np.arange(0, 300))  # past the compaction threshold
+    idx.add([400], keys[401:402])  # replace 400 with a copy of 401's key
+    s, i = idx.search(keys[[5, 401, 600]])
+    assert i[0] >= 300 and i[1] in (400, 401) and i[2] == 600
+    assert idx.ntotal == 500 and 5 not in idx.ids()
+    idx.save(tmp_path / "a.safetensors")
+    back = KeyIndex.load(tmp_path / "a.safetensors", shortlist=16)
+    q = torch.randn(7, 32)
+    s1, i1 = idx.search(q)
+    s2, i2 = back.search(q)
+    assert torch.equal(i1, i2) and torch.allclose(s1, s2)
+
+
+def test_sharded_matches_single(tmp_path: Path) -> None:
+    keys, queries = data(4, 301, 24, True)
+    single, sharded = make_index("torch", 24), make_index("torch,shards", 24, devices=["cpu", "cpu", "cpu"])
+    for idx in (single, sharded):
+        idx.add(np.arange(301), keys)
+        idx.remove([4, 5, 6])
+    assert [s.ntotal for s in sharded.shards] == [100, 99, 99]  # id % 3 routes
+    s1, i1 = single.search(queries)
+    s2, i2 = sharded.search(queries)
+    assert torch.equal(i1, i2) and torch.allclose(s1, s2)
+    sharded.save(tmp_path / "s.safetensors")
+    two = KeyIndex.load(tmp_path / "s.safetensors", devices=["cpu", "cpu"])  # fewer devices: re-dealt
+    assert torch.equal(two.search(queries)[1], i1)
