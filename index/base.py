@@ -61,6 +61,15 @@ class KeyIndex(ABC):
     @abstractmethod
     def _set_state(self, state: dict[str, np.ndarray]) -> None: ...
 
+    def _check_add(self, ids: Any, keys: torch.Tensor) -> np.ndarray:
+        """Validate an add() call; returns the ids as int64."""
+        ids = as_ids(ids)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in one add() call")
+        if tuple(keys.shape) != (len(ids), self.dim):
+            raise ValueError(f"keys must be ({len(ids)}, {self.dim}), got {tuple(keys.shape)}")
+        return ids
+
     def __contains__(self, id_: int) -> bool:
         return bool(np.isin(id_, self.ids()))
 

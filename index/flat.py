@@ -53,11 +53,7 @@ class FaissIndex(KeyIndex):
         return np.isin(ids, stored) & ~np.isin(ids, np.fromiter(self._dead, np.int64, len(self._dead)))
 
     def add(self, ids: Any, keys: torch.Tensor) -> None:
-        ids = as_ids(ids)
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError("duplicate ids in one add() call")
-        if keys.shape != (len(ids), self.dim):
-            raise ValueError(f"keys must be ({len(ids)}, {self.dim}), got {tuple(keys.shape)}")
+        ids = self._check_add(ids, keys)
         present = ids[np.isin(ids, self.ids())]
         if present.size:
             self.remove(present)
@@ -130,6 +126,76 @@ class FlatIndex(FaissIndex):
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
 
 
-@register(r"(IDMap2?,)?Flat")
+class GpuFlatIndex(FaissIndex):
+    """GpuIndexFlatIP (optionally fp16 storage). GPU flat indexes take no ids and cannot remove,
+    so rows map to ids here, and remove() rebuilds the GPU table from the kept host copy
+    (one O(m) copy per remove call, not per fact)."""
+
+    def __init__(self, spec: str, dim: int, device: torch.device, fp16: bool = False) -> None:
+        self.gpu_id, self.fp16 = device.index or 0, fp16
+        self._res = faiss.StandardGpuResources()
+        self._host = np.zeros((0, dim), np.float32)
+        self._row_ids = np.zeros(0, np.int64)
+        super().__init__(spec, dim)
+
+    def _new(self) -> Any:
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device, cfg.useFloat16 = self.gpu_id, self.fp16
+        return faiss.GpuIndexFlatIP(self._res, self.dim, cfg)
+
+    def _add(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        self.index.add(keys)
+        self._host = np.concatenate([self._host, keys])
+        self._row_ids = np.concatenate([self._row_ids, ids])
+
+    def remove(self, ids: Any) -> int:
+        keep = ~np.isin(self._row_ids, as_ids(ids))
+        n = int((~keep).sum())
+        if n:
+            self._host, self._row_ids = self._host[keep], self._row_ids[keep]
+            self.index = self._new()
+            self.index.add(self._host)
+        return n
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with blas_always():
+            d, i = self.index.search(self._np(queries), 1)
+        rows = torch.from_numpy(i[:, 0])
+        ids = torch.where(rows >= 0, torch.from_numpy(self._row_ids)[rows.clamp_min(0)] if len(self._row_ids)
+                          else rows, rows)
+        sims = torch.from_numpy(d[:, 0]).masked_fill(rows < 0, float("-inf"))
+        return sims.to(queries.device), ids.to(queries.device)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self._row_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._row_ids) * (self.dim * (2 if self.fp16 else 4) + 8)
+
+    def ids(self) -> np.ndarray:
+        return np.sort(self._row_ids)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"keys": self._host, "ids": self._row_ids}
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        self._host, self._row_ids = np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        self.index = self._new()
+        if len(state["ids"]):
+            self._add(state["ids"], state["keys"])
+
+
+def faiss_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@register(r"(IDMap2?,)?Flat(?P<fp16>,fp16)?")
 def _flat(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
+    device = torch.device(options.get("device", "cpu"))
+    if device.type == "cuda" and faiss_gpus() > 0:
+        return GpuFlatIndex("Flat,fp16" if m.group("fp16") else "Flat", dim, device, fp16=bool(m.group("fp16")))
+    if m.group("fp16"):
+        log.warning("Flat,fp16 needs faiss-gpu and a CUDA device; using fp32 FAISS on the CPU")
     return FlatIndex("Flat", dim)

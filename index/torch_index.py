@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kernels import l2_normalize, max_cosine
+from ..kernels import l2_normalize, lookup
 from .base import KeyIndex, as_ids, register
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,11 +42,7 @@ class TorchIndex(KeyIndex):
             setattr(self, name, t)
 
     def add(self, ids: Any, keys: torch.Tensor) -> None:
-        ids = as_ids(ids)
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError("duplicate ids in one add() call")
-        if keys.shape != (len(ids), self.dim):
-            raise ValueError(f"keys must be ({len(ids)}, {self.dim}), got {tuple(keys.shape)}")
+        ids = self._check_add(ids, keys)
         self.remove(ids[[int(i) in self._slot for i in ids]] if len(ids) else ids)
         n = len(ids)
         self._grow(self._n + n)
@@ -81,7 +77,7 @@ class TorchIndex(KeyIndex):
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = l2_normalize(queries.to(self.device))
-        best, arg = max_cosine(q, self._keys[: self._n], self._valid[: self._n])
+        best, arg = lookup(q, self._keys[: self._n], self._valid[: self._n])
         ids = torch.where(arg >= 0, self._ids[: max(self._n, 1)][arg.clamp_min(0)], arg)
         return best.float().to(queries.device), ids.to(queries.device)
 

@@ -3,6 +3,13 @@ here (no hub access), and the shared data directory."""
 from __future__ import annotations
 
 import os
+import shutil
+
+# Triton kernels run in its interpreter where there is no GPU. Triton reads this when it is
+# first imported (torch and transformers may import it), so it is set before anything else.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
