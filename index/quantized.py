@@ -38,13 +38,19 @@ class Int8Index(KeyIndex):
         self._codes = torch.zeros(0, dim, dtype=torch.int8, device=self.device)
         self._scale = torch.zeros(0, device=self.device)
         self._err = torch.zeros(0, device=self.device)
-        self._version = self.exact.generation
+        self._version = self.exact.compactions
 
     def _sync_codes(self) -> None:
-        """Codes follow the exact store's rows (it appends, and compacts in place)."""
-        if self._version != self.exact.generation:
-            self._codes, self._scale, self._err = quantize_int8(self.exact._keys[: self.exact._n])
-            self._version = self.exact.generation
+        """Codes follow the exact store's rows: appended rows are quantised incrementally; after
+        a compaction (rows moved) everything is requantised once."""
+        n = self.exact._n
+        if self._version != self.exact.compactions or self._codes.shape[0] > n:
+            self._codes, self._scale, self._err = quantize_int8(self.exact._keys[:n])
+            self._version = self.exact.compactions
+        elif self._codes.shape[0] < n:
+            c, s, e = quantize_int8(self.exact._keys[self._codes.shape[0] : n])
+            self._codes = torch.cat([self._codes, c])
+            self._scale, self._err = torch.cat([self._scale, s]), torch.cat([self._err, e])
 
     def add(self, ids: Any, keys: torch.Tensor) -> None:
         self.exact.add(as_ids(ids), keys)  # requantised lazily on the next search

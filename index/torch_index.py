@@ -28,7 +28,7 @@ class TorchIndex(KeyIndex):
         self._valid = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         self._n = 0  # rows used (live + tombstoned)
         self._slot: dict[int, int] = {}  # live id -> row
-        self.generation = 0  # bumped whenever rows are written or moved
+        self.compactions = 0  # bumped whenever rows move (compaction, load)
 
     def _grow(self, need: int) -> None:
         cap = self._keys.shape[0]
@@ -53,7 +53,6 @@ class TorchIndex(KeyIndex):
         for k, i in enumerate(ids):
             self._slot[int(i)] = self._n + k
         self._n += n
-        self.generation += 1
 
     def remove(self, ids: Any) -> int:
         rows = [self._slot.pop(int(i)) for i in as_ids(ids) if int(i) in self._slot]
@@ -73,7 +72,7 @@ class TorchIndex(KeyIndex):
         self._ids[keep:] = -1
         self._n = keep
         self._slot = {int(i): r for r, i in enumerate(self._ids[:keep].tolist())}
-        self.generation += 1
+        self.compactions += 1
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = l2_normalize(queries.to(self.device))
@@ -106,7 +105,7 @@ class TorchIndex(KeyIndex):
         self._valid[:n] = torch.from_numpy(state["valid"]).to(self.device)
         self._n = n
         self._slot = {int(i): r for r, (i, v) in enumerate(zip(state["ids"], state["valid"])) if v}
-        self.generation += 1
+        self.compactions += 1
 
 
 @register(r"torch(,(?P<dtype>fp32|fp16|bf16))?")

@@ -178,3 +178,22 @@ def test_duplicate_ids_and_unknown_fields(tmp_path: Path) -> None:
         load_facts(path)
     with pytest.raises(FactError, match="not found"):
         load_facts(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("spec", ["torch", "Int8", "HNSW16", "torch,shards"])
+def test_gated_layer_takes_any_index_spec(spec: str, tokenizer) -> None:
+    """The same edits through another index spec open the same gates and give the same logits."""
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=3))
+    ids = db.add(FACTS)
+    keys = db.key_table.gather(torch.tensor(ids))
+    res = db.table.gather(torch.tensor(ids))
+    probe = [f.text for f in FACTS] + UNRELATED
+    want = logits(model, tokenizer, probe)
+    want_open = db.gate.last[2].clone()
+    db.detach()
+    other = NeuralDB(model, tokenizer, CFG.replace(steps=3, index=spec))
+    other.insert(ids, FACTS, keys, res)
+    got = logits(model, tokenizer, probe)
+    assert torch.equal(other.gate.last[2], want_open)
+    assert torch.allclose(got, want, atol=1e-5)
