@@ -69,7 +69,6 @@ def copy_bandwidth(device: torch.device) -> float:
     x = torch.empty(2**28, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     t = min(timed(lambda: y.copy_(x), device, 5))
-    del x, y
     return 2 * 2**30 / t  # read + write
 
 
@@ -78,7 +77,7 @@ def run_one(spec: str, keys: torch.Tensor, qs: dict[str, torch.Tensor], ref: dic
     m, d = keys.shape
     ids = np.arange(m, dtype=np.int64)
     idx = make_index(spec, d, device=device, shortlist=args.shortlist, nprobe=args.nprobe, efSearch=args.ef_search,
-                     floor=args.gamma)
+                     floor=args.gamma, train_size=m - 1000)  # IVF/PQ train on the first build
     t0 = time.perf_counter()
     idx.add(ids[: m - 1000], keys[: m - 1000])
     build = time.perf_counter() - t0
@@ -86,10 +85,11 @@ def run_one(spec: str, keys: torch.Tensor, qs: dict[str, torch.Tensor], ref: dic
     idx.add(ids[m - 1000 :], keys[m - 1000 :])
     add_1k = time.perf_counter() - t0
     row: dict[str, Any] = {"spec": spec, "m": m, "d": d, "build_s": build, "add_1k_s": add_1k,
+                           "trained": bool(getattr(getattr(idx, "index", None), "is_trained", True)),
                            "bytes_per_fact": idx.nbytes / m}
     for batch in args.batches:
         q = qs["near"][:batch]
-        t = timed(lambda: idx.search(q), device, args.repeats)
+        t = timed(lambda q=q: idx.search(q), device, args.repeats)
         row[f"B{batch}_ms_median"] = 1e3 * statistics.median(t)
         row[f"B{batch}_ms_p95"] = 1e3 * float(np.percentile(t, 95))
         if args.floor_bw:
@@ -103,8 +103,6 @@ def run_one(spec: str, keys: torch.Tensor, qs: dict[str, torch.Tensor], ref: dic
     t0 = time.perf_counter()
     idx.remove(ids[:1000])
     row["remove_1k_s"] = time.perf_counter() - t0
-    del idx
-    gc.collect()
     return row
 
 
@@ -156,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{row[f'B{args.batches[-1]}_ms_median']:.2f} ms, near argmax {row['near_same_argmax']:.3f} "
                       f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
                 rows.append(row)
+                gc.collect()
             del keys
             gc.collect()
     cols = ["spec", "m", "d", "bytes_per_fact", "build_s", "add_1k_s", "remove_1k_s"] + \

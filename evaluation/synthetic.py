@@ -91,7 +91,7 @@ def synthetic_facts(n: int, seed: int = 0, neighbours: int = 2) -> Iterator[Fact
         true, new = rng.sample(pool, 2)
         subj = subject_name(i, seed)
         neigh, loc = [], None
-        for k in range(neighbours):
+        for _ in range(neighbours):
             other = n + rng.randrange(10 * n + 1000)
             neigh.append(tmpl.format(subject_name(other, seed)))
             loc = loc or random.Random(f"{seed}:{other}:{i % len(RELATIONS)}").choice([o for o in pool if o != new])

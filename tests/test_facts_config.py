@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
@@ -76,8 +76,8 @@ def test_config_rejects_unknown_keys_and_converts(tmp_path: Path) -> None:
         from_mapping(EditConfig, {"steps": "many"})
     with pytest.raises(ConfigError, match="invalid value for \\['gamma'\\]"):
         EditConfig(gamma=3.0)
-    with pytest.raises(Exception):
-        cfg.layer = 3  # frozen
+    with pytest.raises(FrozenInstanceError):
+        cfg.layer = 3  # type: ignore[misc]
 
 
 def test_model_defaults() -> None:

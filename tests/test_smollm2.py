@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
 from neuraldb import NeuralDB, load_facts, load_model
 
 pytestmark = pytest.mark.slow
