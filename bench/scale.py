@@ -251,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "false_open": ret["false_open_rate"], "identical": ret["identical_rate"], "kl": ret["mean_kl"],
                "ppl_before": ret["ppl_before"], "ppl_after": ret["ppl_after"],
                "key_bytes": db.index.nbytes, "residual_bytes": db.table.nbytes,
-               "bytes_per_fact": (db.index.nbytes + db.table.nbytes) / m,
+               "bytes_per_fact": (db.index.nbytes + db.table.nbytes) / m,  # allocated (whole shards)
+               "payload_bytes_per_fact": 4 * (db.d_key + db.d_res),  # one fp32 key + residual
                **cache.throughput(m), **latency(db, texts, args.latency_batch, args.latency_repeats),
                **peak_memory(), "eval_s": time.perf_counter() - t0}
         rows.append(row)
