@@ -49,9 +49,10 @@ def teacher_forced(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts
         nll = -logp.gather(1, t_[:, None])[:, 0]
         hit = (logp.argmax(-1) == t_).float()
         o = torch.tensor(owner, device=device)
-        n = torch.zeros(len(seqs), device=device).index_add(0, o, torch.ones_like(nll))
-        nll_out += (torch.zeros(len(seqs), device=device).index_add(0, o, nll) / n).tolist()
-        acc_out += (torch.zeros(len(seqs), device=device).index_add(0, o, hit) / n).tolist()
+        per_seq = lambda x: torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, o, x.double())  # noqa: E731
+        n = per_seq(torch.ones_like(nll))
+        nll_out += (per_seq(nll) / n).tolist()
+        acc_out += (per_seq(hit) / n).tolist()
     return nll_out, acc_out
 
 
