@@ -72,12 +72,25 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 2**30 / t  # read + write
 
 
+def build_gflop(spec: str, m: int, d: int, nlist: int) -> float:
+    """Rough work to build an index: k-means for IVF (10 iterations over 40*nlist points), PQ
+    codebooks (256 centroids, 25 iterations over <= 65536 points), HNSW inserts."""
+    work = 0.0
+    if spec.startswith("IVF"):
+        work += 2 * 10 * min(m, 40 * nlist) * nlist * d
+    if "PQ" in spec:
+        work += 2 * 25 * min(m, 65536) * 256 * d
+    if "HNSW" in spec:
+        work += 2 * m * d * 40 * 40  # efConstruction x neighbours visited per insert
+    return work / 1e9
+
+
 def run_one(spec: str, keys: torch.Tensor, qs: dict[str, torch.Tensor], ref: dict[str, tuple], args: argparse.Namespace,
             device: torch.device) -> dict[str, Any]:
     m, d = keys.shape
     ids = np.arange(m, dtype=np.int64)
     idx = make_index(spec, d, device=device, shortlist=args.shortlist, nprobe=args.nprobe, efSearch=args.ef_search,
-                     floor=args.gamma, train_size=m - 1000)  # IVF/PQ train on the first build
+                     floor=args.gamma, train_size=min(m - 1000, 40 * int(m**0.5)))  # IVF/PQ: first build
     t0 = time.perf_counter()
     idx.add(ids[: m - 1000], keys[: m - 1000])
     build = time.perf_counter() - t0
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("grid")
     g.add_argument("--spec", action="append", help=f"index spec, repeatable (default: {DEFAULT_SPECS}); "
-                                                   "{nlist} and {pq} are filled per m and d")
+                                                   "{nlist} = sqrt(m) and {pq} = d/16 are filled per m and d")
     g.add_argument("--m", default="10000,100000")
     g.add_argument("--d", default="576,1536,3072")
     g.add_argument("--batch", default="1,32,512")
@@ -123,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r.add_argument("--device", default="cpu")
     r.add_argument("--repeats", type=int, default=5)
     r.add_argument("--mem-gib", type=float, default=6.0, help="skip (m, d) whose fp32 keys exceed this")
-    r.add_argument("--max-gflop", type=float, default=200.0, help="skip builds/searches above this much work")
+    r.add_argument("--max-gflop", type=float, default=300.0, help="skip specs whose build is estimated above "
+                                                               "this much work (IVF/PQ training, HNSW inserts)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="results/index")
     args = ap.parse_args(argv)
@@ -140,11 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             qs = queries_for(keys, max(args.batches), args.seed)
             ref = {k: tuple(t.cpu() for t in max_cosine(q, keys)) for k, q in qs.items()}
             for spec_t in args.spec or DEFAULT_SPECS:
-                nlist = int(4 * m**0.5)
+                nlist = int(m**0.5)
                 spec = spec_t.format(nlist=nlist, pq=d // 16)
-                work = 2 * max(args.batches) * m * d / 1e9
-                if "HNSW" in spec:
-                    work = m * d * 40 * 40 * 2 / 1e9  # efConstruction x neighbours visited per insert
+                work = build_gflop(spec, m, d, nlist)
                 if work > args.max_gflop:
                     skipped.append({"spec": spec, "m": m, "d": d, "why": f"~{work:.0f} GFLOP > --max-gflop"})
                     continue
