@@ -13,6 +13,7 @@ from .engine import ConfigError, DatabaseError, EditConfig, FactError, NeuralDB,
 from .engine.arch import UnsupportedModelError
 from .engine.config import load_yaml
 from .engine.models import DEFAULT_MODEL, ModelLoadError
+from .engine.persistence import read_meta
 from .evaluation import counterfact_scores, retention, zsre_scores
 from .index import IndexError_
 
@@ -55,13 +56,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _open_db(args: argparse.Namespace) -> NeuralDB:
-    meta_model = None
-    import yaml
-
-    cfg = Path(args.db) / "config.yaml"
-    if cfg.is_file():
-        meta_model = (yaml.safe_load(cfg.read_text()) or {}).get("model", {}).get("name")
-    model, tok = load_model(args.model or meta_model or DEFAULT_MODEL)
+    meta = read_meta(Path(args.db))  # fails early, naming a missing or corrupted file
+    model, tok = load_model(args.model or meta["model"].get("name") or DEFAULT_MODEL)
     return NeuralDB.load(args.db, model, tok, index=getattr(args, "index", None))
 
 
@@ -82,9 +78,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import yaml
 
-    from .engine.persistence import _read_meta
-
-    meta = _read_meta(Path(args.db))
+    meta = read_meta(Path(args.db))
     info = {"facts": meta["num_facts"], "model": meta["model"], "config": meta["config"],
             "files": {p.name: p.stat().st_size for p in sorted(Path(args.db).iterdir())}}
     print(yaml.safe_dump(info, sort_keys=False))

@@ -65,12 +65,8 @@ class GatedFFNOut(nn.Module):
         """Tokens where the gate opened in the last forward pass."""
         if self.last is None:
             return []
-        sims, ids, open_ = self.last
-        flat = open_.reshape(open_.shape[0], -1) if open_.dim() > 1 else open_[None]
-        out = []
-        for b, t in flat.nonzero().tolist():
-            out.append(Hit(b, t, int(ids.reshape(flat.shape)[b, t]), float(sims.reshape(flat.shape)[b, t])))
-        return out
+        sims, ids, open_ = (t.reshape(-1, t.shape[-1]) for t in self.last)  # (B, T)
+        return [Hit(b, t, int(ids[b, t]), float(sims[b, t])) for b, t in open_.nonzero().tolist()]
 
 
 def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:

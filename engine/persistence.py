@@ -71,7 +71,7 @@ def save_db(db: "NeuralDB", directory: Path) -> Path:
     return directory
 
 
-def _read_meta(directory: Path) -> dict[str, Any]:
+def read_meta(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise DatabaseError(f"{directory}: database directory not found")
     for f in FILES:
@@ -100,7 +100,7 @@ def check_model(meta: dict[str, Any], fp: dict[str, Any], directory: Path) -> No
 
 def load_db(cls: type["NeuralDB"], directory: Path, model: "PreTrainedModel", tok: "PreTrainedTokenizerBase",
             index: str | None = None, residual_mmap: bool = False) -> "NeuralDB":
-    meta = _read_meta(directory)
+    meta = read_meta(directory)
     cfg = from_mapping(EditConfig, meta["config"], str(directory / "config.yaml"))
     db = cls(model, tok, cfg.replace(index=index), attach=False)
     check_model(meta, db.fingerprint(), directory)

@@ -25,6 +25,11 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(s, min(n, s + size))
 
 
+def _sum_by(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) float64 sums of `values` grouped by `owner`."""
+    return torch.zeros(n, dtype=torch.float64, device=values.device).index_add(0, owner, values.double())
+
+
 @torch.no_grad()
 def teacher_forced(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],
                    targets: Sequence[str], batch_size: int = 32) -> tuple[list[float], list[float]]:
@@ -49,10 +54,9 @@ def teacher_forced(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts
         nll = -logp.gather(1, t_[:, None])[:, 0]
         hit = (logp.argmax(-1) == t_).float()
         o = torch.tensor(owner, device=device)
-        per_seq = lambda x: torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, o, x.double())  # noqa: E731
-        n = per_seq(torch.ones_like(nll))
-        nll_out += (per_seq(nll) / n).tolist()
-        acc_out += (per_seq(hit) / n).tolist()
+        n = _sum_by(torch.ones_like(nll), o, len(seqs))
+        nll_out += (_sum_by(nll, o, len(seqs)) / n).tolist()
+        acc_out += (_sum_by(hit, o, len(seqs)) / n).tolist()
     return nll_out, acc_out
 
 
