@@ -4,7 +4,6 @@ All indexes hold L2-normalised keys under stable int64 ids, answer top-1 inner-p
 (= cosine) queries, and support remove/replace without rebuilding per fact."""
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -110,7 +109,3 @@ def make_index(spec: str, dim: int, **options: Any) -> KeyIndex:
         if m:
             return builder(m, dim, **options)
     raise IndexError_(f"unknown index spec {spec!r}; known forms: {[p.pattern for p, _ in _REGISTRY]}")
-
-
-def spec_json(index: KeyIndex) -> str:
-    return json.dumps({"spec": index.spec, "dim": index.dim, "ntotal": index.ntotal})

@@ -48,10 +48,6 @@ class FaissIndex(KeyIndex):
     def _np(keys: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(l2_normalize(keys.detach()).cpu().numpy(), dtype=np.float32)
 
-    def _live_mask(self, ids: np.ndarray) -> np.ndarray:
-        stored = faiss.vector_to_array(self.index.id_map)
-        return np.isin(ids, stored) & ~np.isin(ids, np.fromiter(self._dead, np.int64, len(self._dead)))
-
     def add(self, ids: Any, keys: torch.Tensor) -> None:
         ids = self._check_add(ids, keys)
         present = ids[np.isin(ids, self.ids())]
@@ -68,7 +64,7 @@ class FaissIndex(KeyIndex):
 
     def remove(self, ids: Any) -> int:
         ids = as_ids(ids)
-        live = ids[self._live_mask(ids)]
+        live = ids[np.isin(ids, self.ids())]
         self._dead.update(int(i) for i in live)
         if len(self._dead) > self.compact_fraction * max(self.index.ntotal, 1):
             self.compact()
