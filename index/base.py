@@ -1,7 +1,13 @@
 """One interface for every key index, chosen by a spec string (FAISS index_factory style).
 
 All indexes hold L2-normalised keys under stable int64 ids, answer top-1 inner-product
-(= cosine) queries, and support remove/replace without rebuilding per fact."""
+(= cosine) queries, and support remove/replace without rebuilding per fact: each id owns a
+slot (a row), replacing a key rewrites its row, removing one zeroes it (its bytes are gone from
+memory and from every later save), and tombstoned rows are compacted once they pass a quarter.
+
+On disk every spec writes the same canonical table, the live ids and their fp32 unit keys in
+slot order (approximate specs add their trained FAISS structure), so a file written on a GPU
+loads on a CPU and the other way round."""
 from __future__ import annotations
 
 import re
@@ -12,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+
+from ..kernels import l2_normalize
 
 
 class IndexError_(ValueError):
@@ -30,8 +38,9 @@ class KeyIndex(ABC):
     dim: int
 
     @abstractmethod
-    def add(self, ids: Any, keys: torch.Tensor) -> None:
-        """Store `keys` (n, dim) under `ids` (n,); an id already present is replaced."""
+    def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
+        """Store `keys` (n, dim) under `ids` (n,); an id already present is replaced.
+        `unit=True`: the keys are already L2-normalised (stored as given, bit for bit)."""
 
     @abstractmethod
     def remove(self, ids: Any) -> int:
@@ -55,10 +64,21 @@ class KeyIndex(ABC):
         """The live ids, ascending."""
 
     @abstractmethod
-    def _state(self) -> dict[str, np.ndarray]: ...
+    def export(self) -> tuple[np.ndarray, torch.Tensor]:
+        """The live ids (n,) and their unit keys (n, dim) float32 on the CPU, in slot order."""
 
-    @abstractmethod
-    def _set_state(self, state: dict[str, np.ndarray]) -> None: ...
+    def to(self, device: torch.device | str) -> "KeyIndex":
+        """Move the index's tensors to `device` (a no-op for host-only FAISS indexes)."""
+        return self
+
+    def _state(self) -> dict[str, np.ndarray]:
+        ids, keys = self.export()
+        return {"ids": ids, "keys": np.ascontiguousarray(keys.numpy(), dtype=np.float32)}
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        check_state(state, self.dim)
+        if len(state["ids"]):
+            self.add(state["ids"], torch.from_numpy(state["keys"]), unit=True)
 
     def _check_add(self, ids: Any, keys: torch.Tensor) -> np.ndarray:
         """Validate an add() call; returns the ids as int64."""
@@ -73,20 +93,43 @@ class KeyIndex(ABC):
         return bool(np.isin(id_, self.ids()))
 
     def save(self, path: str | Path) -> None:
-        save_file(self._state(), str(path), metadata={"spec": self.spec, "dim": str(self.dim),
-                                                      "format": "neuraldb-index-1"})
+        save_file(self._state(), str(path), metadata={"spec": self.spec, "dim": str(self.dim), "format": FORMAT})
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> "KeyIndex":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="np") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("format") != "neuraldb-index-1":
-            raise IndexError_(f"{path}: not a neuraldb index file")
-        idx = make_index(meta["spec"], int(meta["dim"]), **options)
-        idx._set_state(load_file(str(path)))
+        try:
+            with safe_open(str(path), framework="np") as fh:
+                meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise IndexError_(f"{path}: not a {FORMAT} index file")
+            idx = make_index(meta["spec"], int(meta["dim"]), **options)
+            idx._set_state(load_file(str(path)))
+        except (SafetensorError, KeyError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, IndexError_):
+                raise
+            raise IndexError_(f"{path}: corrupted index file ({exc})") from exc
         return idx
+
+
+FORMAT = "neuraldb-index-2"
+
+
+def unit_rows(keys: torch.Tensor, unit: bool) -> torch.Tensor:
+    """float32 unit rows: normalised unless the caller says they already are."""
+    return keys.detach().float() if unit else l2_normalize(keys.detach())
+
+
+def check_state(state: dict[str, np.ndarray], dim: int) -> None:
+    """The canonical table: unique non-negative int64 ids (n,) and float32 keys (n, dim)."""
+    ids, keys = state.get("ids"), state.get("keys")
+    if ids is None or keys is None:
+        raise IndexError_("index state lacks 'ids' or 'keys'")
+    if ids.dtype != np.int64 or ids.ndim != 1 or keys.shape != (len(ids), dim):
+        raise IndexError_(f"index state: ids {ids.dtype}{ids.shape} and keys {keys.shape} do not fit dim {dim}")
+    if len(ids) and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
+        raise IndexError_("index state: ids must be unique and non-negative")
 
 
 # spec grammar: a regex per index kind; the builder gets the match and options

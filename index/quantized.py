@@ -52,11 +52,32 @@ class Int8Index(KeyIndex):
             self._codes = torch.cat([self._codes, c])
             self._scale, self._err = torch.cat([self._scale, s]), torch.cat([self._err, e])
 
-    def add(self, ids: Any, keys: torch.Tensor) -> None:
-        self.exact.add(as_ids(ids), keys)  # requantised lazily on the next search
+    def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
+        """New rows are quantised lazily on the next search; replaced rows are requantised now."""
+        ids = self._check_add(ids, keys)
+        self._sync_codes()
+        self.exact.add(ids, keys, unit=unit)
+        rows = torch.from_numpy(self.exact.slots_of(ids)).to(self.device)
+        rows = rows[rows < self._codes.shape[0]]
+        if rows.numel():
+            self._codes[rows], self._scale[rows], self._err[rows] = quantize_int8(self.exact._keys[rows])
 
     def remove(self, ids: Any) -> int:
+        ids = as_ids(ids)
+        self._sync_codes()
+        rows = [self.exact._slot[int(i)] for i in ids if int(i) in self.exact._slot]
+        if rows:
+            self._codes[torch.tensor(rows, device=self.device)] = 0
         return self.exact.remove(ids)
+
+    def export(self) -> tuple[np.ndarray, torch.Tensor]:
+        return self.exact.export()
+
+    def to(self, device: torch.device | str) -> "Int8Index":
+        self.exact.to(device)
+        self.device = self.exact.device
+        self._codes, self._scale, self._err = (t.to(self.device) for t in (self._codes, self._scale, self._err))
+        return self
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._sync_codes()
@@ -111,12 +132,6 @@ class Int8Index(KeyIndex):
 
     def ids(self) -> np.ndarray:
         return self.exact.ids()
-
-    def _state(self) -> dict[str, np.ndarray]:
-        return self.exact._state()
-
-    def _set_state(self, state: dict[str, np.ndarray]) -> None:
-        self.exact._set_state(state)
 
 
 @register(r"Int8")

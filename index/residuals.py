@@ -40,6 +40,14 @@ class ResidualTable:
             self._live[s] = np.zeros(self.shard_size, bool)
         return self.shards[s]
 
+    def _writable(self, s: int) -> torch.Tensor:
+        """Shard `s`, copied into RAM first if it is memory-mapped (the file is never written)."""
+        shard = self._shard(s)
+        if getattr(shard, "_neuraldb_mmap", False):
+            shard = shard.clone().to(self.devices[s % len(self.devices)])
+            self.shards[s] = shard
+        return shard
+
     def put(self, ids: Any, rows: torch.Tensor) -> None:
         ids = as_ids(ids)
         if rows.shape != (len(ids), self.dim):
@@ -47,16 +55,13 @@ class ResidualTable:
         for s in np.unique(ids // self.shard_size):
             sel = np.nonzero(ids // self.shard_size == s)[0]
             local = ids[sel] % self.shard_size
-            shard = self._shard(int(s))
-            if not getattr(shard, "_neuraldb_mmap", False):
-                shard[torch.from_numpy(local).to(shard.device)] = rows[torch.from_numpy(sel)].to(shard.device, shard.dtype)
-            else:  # copy-on-write: a memory-mapped shard becomes a RAM shard once edited
-                ram = shard.clone().to(self.devices[int(s) % len(self.devices)])
-                ram[torch.from_numpy(local)] = rows[torch.from_numpy(sel)].to(ram.dtype)
-                self.shards[int(s)] = ram
+            shard = self._writable(int(s))
+            shard[torch.from_numpy(local).to(shard.device)] = rows[torch.from_numpy(sel)].to(shard.device, shard.dtype)
             self._live[int(s)][local] = True
 
     def remove(self, ids: Any) -> None:
+        """Drop rows: their bytes are zeroed (gone from memory and from every later save), and a
+        shard whose last row goes is freed."""
         ids = as_ids(ids)
         for s in np.unique(ids // self.shard_size):
             s = int(s)
@@ -66,6 +71,16 @@ class ResidualTable:
             self._live[s][local] = False
             if not self._live[s].any():
                 del self.shards[s], self._live[s]
+            else:
+                shard = self._writable(s)
+                shard[torch.from_numpy(local).to(shard.device)] = 0
+
+    def to(self, device: torch.device | str) -> "ResidualTable":
+        """Move every shard to one device (memory-mapped shards are read into it)."""
+        self.devices = [torch.device(device)]
+        self.device = self.devices[0]
+        self.shards = {s: t.to(self.device) for s, t in self.shards.items()}
+        return self
 
     def gather(self, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """(n, dim) residual rows for `ids` (n,), on `device` (default: the ids' device)."""
@@ -106,11 +121,11 @@ class ResidualTable:
              pin: bool = False) -> "ResidualTable":
         """Load a table; with `mmap=True` shards stay on disk and pages are read on demand."""
         path = Path(path)
-        size = path.stat().st_size
+        size_on_disk = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
-            (hlen,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-            if hlen > size - 8:
+            (hlen,) = struct.unpack("<Q", head) if len(head) == 8 else (size_on_disk,)
+            if hlen > size_on_disk - 8:
                 raise ValueError(f"{path}: truncated or not a safetensors file")
             header = json.loads(fh.read(hlen))
         meta = header.pop("__metadata__", {})
@@ -118,12 +133,20 @@ class ResidualTable:
             raise ValueError(f"{path}: not a neuraldb residual table")
         dim, size = int(meta["dim"]), int(meta["shard_size"])
         first = next((v for k, v in header.items() if k.startswith("shard_")), None)
+        if first is not None and first.get("dtype") not in _ST_DTYPES:
+            raise ValueError(f"{path}: unsupported residual dtype {first.get('dtype')!r}")
         np_dt, t_dt = _ST_DTYPES[first["dtype"]] if first else (np.float32, torch.float32)
         table = cls(dim, size, device=device, dtype=t_dt, pin=pin)
         base = 8 + hlen
         for name, info in header.items():
-            s = int(name.split("_")[1])
+            kind, _, num = name.partition("_")
             start, end = info["data_offsets"]
+            want = (size, dim) if kind == "shard" else (size,)
+            nbytes = size * (dim * np.dtype(np_dt).itemsize if kind == "shard" else 1)
+            if kind not in ("shard", "live") or not num.isdigit() or tuple(info["shape"]) != want \
+                    or end - start != nbytes or not 0 <= start <= end <= size_on_disk - base:
+                raise ValueError(f"{path}: bad tensor {name!r} {info.get('shape')} in the header")
+            s = int(num)
             if name.startswith("live_"):
                 with open(path, "rb") as fh:
                     fh.seek(base + start)
@@ -140,4 +163,6 @@ class ResidualTable:
                 if pin and torch.cuda.is_available():
                     t = t.pin_memory()
             table.shards[s] = t
+        if sorted(table.shards) != sorted(table._live):
+            raise ValueError(f"{path}: shards {sorted(table.shards)} and live masks {sorted(table._live)} differ")
         return table

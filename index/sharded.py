@@ -32,11 +32,11 @@ class ShardedIndex(KeyIndex):
     def _route(self, ids: np.ndarray) -> list[np.ndarray]:
         return [np.nonzero(ids % len(self.shards) == s)[0] for s in range(len(self.shards))]
 
-    def add(self, ids: Any, keys: torch.Tensor) -> None:
-        ids = as_ids(ids)
+    def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
+        ids = self._check_add(ids, keys)
         for shard, sel in zip(self.shards, self._route(ids)):
             if sel.size:
-                shard.add(ids[sel], keys[torch.from_numpy(sel).to(keys.device)])
+                shard.add(ids[sel], keys[torch.from_numpy(sel).to(keys.device)], unit=unit)
 
     def remove(self, ids: Any) -> int:
         ids = as_ids(ids)
@@ -61,22 +61,12 @@ class ShardedIndex(KeyIndex):
     def ids(self) -> np.ndarray:
         return np.sort(np.concatenate([s.ids() for s in self.shards]))
 
-    def _state(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {"n_shards": np.asarray([len(self.shards)])}
-        for k, s in enumerate(self.shards):
-            out.update({f"{k}.{name}": v for name, v in s._state().items()})
-        return out
-
-    def _set_state(self, state: dict[str, np.ndarray]) -> None:
-        n = int(state["n_shards"][0])
-        if n != len(self.shards):  # re-deal the keys over the devices of this machine
-            keys = [(state[f"{k}.ids"][state[f"{k}.valid"]], state[f"{k}.keys"][state[f"{k}.valid"]]) for k in range(n)]
-            for ids, k in keys:
-                if len(ids):
-                    self.add(ids, torch.from_numpy(k).float())
-            return
-        for k, s in enumerate(self.shards):
-            s._set_state({name.split(".", 1)[1]: v for name, v in state.items() if name.startswith(f"{k}.")})
+    def export(self) -> tuple[np.ndarray, torch.Tensor]:
+        """All shards' live rows, by id (a file re-deals them over whatever devices load it)."""
+        parts = [s.export() for s in self.shards]
+        ids = np.concatenate([p[0] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        return ids[order], torch.cat([p[1] for p in parts])[torch.from_numpy(order)]
 
 
 @register(r"torch(,(?P<dtype>fp32|fp16|bf16))?,shards")

@@ -1,5 +1,5 @@
 """Exact search in torch: keys in one preallocated device tensor (capacity doubling, tombstone
-mask), matmul + max/argmax on the current stream with no host sync in `search`."""
+mask, zeroed dead rows), matmul + max/argmax on the current stream with no host sync in `search`."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..kernels import l2_normalize, lookup
-from .base import KeyIndex, as_ids, register
+from .base import KeyIndex, as_ids, register, unit_rows
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,23 +41,38 @@ class TorchIndex(KeyIndex):
             t[:cap] = old
             setattr(self, name, t)
 
-    def add(self, ids: Any, keys: torch.Tensor) -> None:
+    def slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of `ids` (all must be live)."""
+        return np.fromiter((self._slot[int(i)] for i in ids), np.int64, len(ids))
+
+    def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
+        """New ids are appended; an id already present has its row rewritten in place (O(d))."""
         ids = self._check_add(ids, keys)
-        self.remove(ids[[int(i) in self._slot for i in ids]] if len(ids) else ids)
-        n = len(ids)
-        self._grow(self._n + n)
-        rows = slice(self._n, self._n + n)
-        self._keys[rows] = l2_normalize(keys.to(self.device)).to(self._keys.dtype)
-        self._ids[rows] = torch.from_numpy(ids).to(self.device)
-        self._valid[rows] = True
-        for k, i in enumerate(ids):
-            self._slot[int(i)] = self._n + k
-        self._n += n
+        unit = unit_rows(keys.to(self.device), unit).to(self._keys.dtype)  # (n, dim)
+        present = np.fromiter((int(i) in self._slot for i in ids), bool, len(ids))
+        if present.any():
+            rows = torch.from_numpy(self.slots_of(ids[present])).to(self.device)
+            self._keys[rows] = unit[torch.from_numpy(present).to(self.device)]
+        new = ~present
+        n = int(new.sum())
+        if n:
+            self._grow(self._n + n)
+            rows = slice(self._n, self._n + n)
+            self._keys[rows] = unit[torch.from_numpy(new).to(self.device)]
+            self._ids[rows] = torch.from_numpy(ids[new]).to(self.device)
+            self._valid[rows] = True
+            for k, i in enumerate(ids[new]):
+                self._slot[int(i)] = self._n + k
+            self._n += n
 
     def remove(self, ids: Any) -> int:
+        """Tombstone and zero the rows of `ids`; compact past a quarter of dead rows."""
         rows = [self._slot.pop(int(i)) for i in as_ids(ids) if int(i) in self._slot]
         if rows:
-            self._valid[torch.tensor(rows, device=self.device)] = False
+            r = torch.tensor(rows, device=self.device)
+            self._valid[r] = False
+            self._keys[r] = 0
+            self._ids[r] = -1
         if self._n - len(self._slot) > self.compact_fraction * max(self._n, 1):
             self.compact()
         return len(rows)
@@ -69,10 +84,16 @@ class TorchIndex(KeyIndex):
         self._ids[:keep] = self._ids[: self._n][live].clone()
         self._valid[:keep] = True
         self._valid[keep:] = False
+        self._keys[keep : self._n] = 0
         self._ids[keep:] = -1
         self._n = keep
         self._slot = {int(i): r for r, i in enumerate(self._ids[:keep].tolist())}
         self.compactions += 1
+
+    def to(self, device: torch.device | str) -> "TorchIndex":
+        self.device = torch.device(device)
+        self._keys, self._ids, self._valid = (t.to(self.device) for t in (self._keys, self._ids, self._valid))
+        return self
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = l2_normalize(queries.to(self.device))
@@ -92,20 +113,10 @@ class TorchIndex(KeyIndex):
     def ids(self) -> np.ndarray:
         return np.sort(np.fromiter(self._slot.keys(), np.int64, len(self._slot)))
 
-    def _state(self) -> dict[str, np.ndarray]:
-        n = self._n
-        keys = self._keys[:n].float().cpu().numpy() if self.dtype == "bf16" else self._keys[:n].cpu().numpy()
-        return {"keys": keys, "ids": self._ids[:n].cpu().numpy(), "valid": self._valid[:n].cpu().numpy()}
-
-    def _set_state(self, state: dict[str, np.ndarray]) -> None:
-        n = len(state["ids"])
-        self._grow(n)
-        self._keys[:n] = torch.from_numpy(state["keys"]).to(self.device, self._keys.dtype)
-        self._ids[:n] = torch.from_numpy(state["ids"]).to(self.device)
-        self._valid[:n] = torch.from_numpy(state["valid"]).to(self.device)
-        self._n = n
-        self._slot = {int(i): r for r, (i, v) in enumerate(zip(state["ids"], state["valid"])) if v}
-        self.compactions += 1
+    def export(self) -> tuple[np.ndarray, torch.Tensor]:
+        live = self._valid[: self._n]
+        return (self._ids[: self._n][live].cpu().numpy().astype(np.int64),
+                self._keys[: self._n][live].float().cpu())
 
 
 @register(r"torch(,(?P<dtype>fp32|fp16|bf16))?")
