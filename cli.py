@@ -13,7 +13,7 @@ from .engine import ConfigError, DatabaseError, EditConfig, FactError, NeuralDB,
 from .engine.arch import UnsupportedModelError
 from .engine.config import load_yaml
 from .engine.models import DEFAULT_MODEL, ModelLoadError
-from .engine.persistence import read_meta
+from .engine.persistence import read_db, read_meta
 from .evaluation import counterfact_scores, retention, zsre_scores
 from .index import IndexError_
 
@@ -56,7 +56,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def _open_db(args: argparse.Namespace) -> NeuralDB:
-    meta = read_meta(Path(args.db))  # fails early, naming a missing or corrupted file
+    meta = read_meta(Path(args.db), verify_files=False)  # fails early, naming a missing or damaged config
     model, tok = load_model(args.model or meta["model"].get("name") or DEFAULT_MODEL)
     return NeuralDB.load(args.db, model, tok, index=getattr(args, "index", None))
 
@@ -76,11 +76,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """Verify every file (checksums, headers, shapes, ids) without loading a model, then describe."""
     import yaml
 
-    meta = read_meta(Path(args.db))
-    info = {"facts": meta["num_facts"], "model": meta["model"], "config": meta["config"],
-            "files": {p.name: p.stat().st_size for p in sorted(Path(args.db).iterdir())}}
+    stored = read_db(Path(args.db))
+    meta = stored.meta
+    ids = sorted(stored.facts)
+    info = {"verified": "ok: checksums, tensor headers, dims and ids of every file agree",
+            "facts": len(ids), "ids": f"{ids[0]}..{ids[-1]}" if ids else "none", "next_id": stored.next_id,
+            "index": stored.index.spec, "model": meta["model"], "config": meta["config"],
+            "files": {name: entry["bytes"] for name, entry in meta["files"].items()}}
     print(yaml.safe_dump(info, sort_keys=False))
     return 0
 

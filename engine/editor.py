@@ -14,7 +14,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..index import KeyIndex, ResidualTable, make_index
-from ..kernels import l2_normalize
 from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_module
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
@@ -64,7 +63,6 @@ class NeuralDB:
         device = model_device(model)
         self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
         self.table = ResidualTable(self.d_res, device=device)
-        self.key_table = ResidualTable(self.d_key, device="cpu")  # raw unit keys, to save and re-index
         self.facts: dict[int, Fact] = {}
         self.prefixes: list[str] | None = None
         self.next_id = 0
@@ -93,7 +91,9 @@ class NeuralDB:
             raise RuntimeError(f"{self.path} is already gated by another NeuralDB; detach it first")
         self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma)
         set_module(self.model, self.path, self._gate)
-        self._hooks.append(self.model.register_forward_pre_hook(
+        # On the decoder, not the LM wrapper: every path (model(...), generate, model.base_model(...)
+        # as the metrics call it) passes through it, so the mask is never stale.
+        self._hooks.append(self.model.base_model.register_forward_pre_hook(
             gate_mask_hook(self._gate, self.config.gate_first_token), with_kwargs=True))
 
     def detach(self) -> None:
@@ -181,7 +181,6 @@ class NeuralDB:
         arr = np.asarray(ids, dtype=np.int64)
         self.index.add(arr, keys)
         self.table.put(arr, residuals)
-        self.key_table.put(arr, l2_normalize(keys).cpu())
         for i, f in zip(ids, facts):
             self.facts[int(i)] = f
         self.next_id = max(self.next_id, int(arr.max()) + 1)
@@ -194,7 +193,6 @@ class NeuralDB:
         arr = np.asarray(ids, dtype=np.int64)
         n = self.index.remove(arr)
         self.table.remove(arr)
-        self.key_table.remove(arr)
         for i in ids:
             del self.facts[i]
         return n
@@ -227,6 +225,7 @@ class NeuralDB:
                 "d_res": self.d_res, "layer_sha256": layer_fingerprint(self.model, self.layer)}
 
     def save(self, directory: str | Path) -> Path:
+        """Write the database (atomic, crash-safe; refuses a path that holds anything else)."""
         from .persistence import save_db
 
         return save_db(self, Path(directory))

@@ -136,7 +136,8 @@ def _zsre(rec: dict[str, Any], where: str) -> Fact:
     )
 
 
-def _native(rec: dict[str, Any], where: str) -> Fact:
+def fact_from_json(rec: dict[str, Any], where: str) -> Fact:
+    """A fact from its documented JSON form (`Fact.to_json`); errors name `where`."""
     allowed = {"id", "subject", "prompt", "target_new", "target_true", "paraphrases", "neighborhood",
                "locality_target", "generation_prompts", "meta"}
     unknown = sorted(set(rec) - allowed)
@@ -158,7 +159,7 @@ FORMATS = {
     "counterfact-memit": _counterfact_memit,
     "counterfact": _counterfact_easyedit,
     "zsre": _zsre,
-    "jsonl": _native,
+    "jsonl": fact_from_json,
 }
 
 

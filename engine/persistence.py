@@ -1,29 +1,43 @@
-"""Saving and loading a database: config.yaml + facts.jsonl + keys/residuals/index safetensors.
+"""Saving and loading a database directory: config.yaml + facts.jsonl + residuals + index.
 
-save() writes everything into a fresh temporary directory beside the target and renames it
-into place, so a crash mid-save leaves the previous database untouched. load() checks the
-format, the model (type, layer count, a hash of the gated layer's weights), layer and dims."""
+What a save guarantees
+- It never deletes what is not a database: a path that exists and is neither empty nor a
+  neuraldb database is refused, and nothing there is touched.
+- It survives SIGKILL at any instant. The new database is written and fsynced in a sibling
+  `.NAME.neuraldb-tmp-*`; the old one is renamed to `.NAME.neuraldb-old`, the new one renamed
+  into place, the old one deleted, and the parent directory fsynced after each rename. Whoever
+  next opens or saves the path (under an flock on `.NAME.neuraldb-lock`) finishes or undoes an
+  interrupted save: the old copy comes back if the new one never reached the path, and
+  leftovers are deleted only if they hold nothing but database files.
+- Removed facts are gone: only live rows are written (removed rows are zeroed in memory too).
+
+What a load checks, before any model is touched (`read_db`, also `neuraldb info`)
+- config.yaml ends with a sha256 of itself, lists every other file with its size and sha256,
+  and holds every required key with the right type; each file must match.
+- Tensor headers, shapes and dims; facts, residuals and index hold exactly the same ids.
+- Then, against the model: model_type, layer count, layer, dims, and a hash of the gated
+  layer's weights. Every failure is one `DatabaseError` line that names the file."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ..index import KeyIndex, ResidualTable
-from .config import EditConfig, from_mapping, to_mapping
-from .facts import FactError, parse_records, save_facts_jsonl
-from .arch import model_device
+from ..index import IndexError_, KeyIndex, ResidualTable, make_index
+from .config import ConfigError, EditConfig, from_mapping, to_mapping
+from .facts import Fact, FactError, fact_from_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,59 +45,290 @@ if TYPE_CHECKING:
     from .editor import NeuralDB
 
 log = logging.getLogger(__name__)
-FORMAT = "neuraldb-db-1"
-FILES = ("config.yaml", "facts.jsonl", "keys.safetensors", "residuals.safetensors", "index.safetensors")
+FORMAT = "neuraldb-db-2"
+DATA_FILES = ("facts.jsonl", "residuals.safetensors", "index.safetensors")
+FILES = ("config.yaml", *DATA_FILES)
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format": str, "model": dict, "next_id": int, "prefixes": (list, type(None)), "config": dict,
+    "num_facts": int, "files": dict}
+MODEL_KEYS = ("name", "model_type", "num_layers", "layer", "d_key", "d_res", "layer_sha256")
+CHECKSUM_PREFIX = "# sha256 "
 
 
 class DatabaseError(RuntimeError):
-    """A database directory that is missing, corrupted, or built for another model."""
+    """A database directory that is missing, damaged, or built for another model."""
 
 
-def save_db(db: "NeuralDB", directory: Path) -> Path:
-    directory = directory.resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+# ----- the directory protocol ----------------------------------------------------------------
+def _siblings(directory: Path) -> tuple[list[Path], Path, Path]:
+    """(temporary dirs, the old copy, the lock file) that a save of `directory` uses."""
+    parent, name = directory.parent, directory.name
+    tmps = sorted(parent.glob(f".{name}.neuraldb-tmp-*")) if parent.is_dir() else []
+    return tmps, parent / f".{name}.neuraldb-old", parent / f".{name}.neuraldb-lock"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        ids = np.asarray(sorted(db.facts), dtype=np.int64)
-        meta = {"format": FORMAT, "model": db.fingerprint(), "next_id": db.next_id,
-                "prefixes": db.prefixes, "config": to_mapping(db.config), "num_facts": len(ids)}
-        (tmp / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
-        save_facts_jsonl([replace(db.facts[int(i)], id=str(int(i))) for i in ids], tmp / "facts.jsonl")
-        keys = db.key_table.gather(torch.from_numpy(ids), device=torch.device("cpu"))
-        save_file({"ids": torch.from_numpy(ids), "keys": keys.cpu().contiguous()}, str(tmp / "keys.safetensors"))
-        db.table.save(tmp / "residuals.safetensors")
-        db.index.save(tmp / "index.safetensors")
-        for f in FILES:  # flush to disk before the rename makes them visible
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.rmdir(old)
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("saved %d facts to %s", len(db.facts), directory)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _only_db_files(path: Path) -> bool:
+    return path.is_dir() and all(p.is_file() and p.name in FILES for p in path.iterdir())
+
+
+def is_database(path: Path) -> bool:
+    """A directory whose config.yaml says it is a neuraldb database (any format version)."""
+    cfg = path / "config.yaml"
+    if not cfg.is_file():
+        return False
+    with open(cfg, "rb") as fh:
+        head = fh.read(256)
+    return b"format: neuraldb-db-" in head
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    _, _, lock = _siblings(directory)
+    try:
+        fh = open(lock, "a+b")
+    except OSError as exc:
+        raise DatabaseError(f"{lock}: cannot open the lock file ({exc.strerror})") from exc
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _recover_locked(directory: Path) -> None:
+    tmps, old, _ = _siblings(directory)
+    if old.exists():
+        if directory.exists():  # the new database reached the path: the old copy is garbage
+            _remove_leftover(old)
+        else:  # killed between the two renames: bring the old database back
+            os.rename(old, directory)
+            log.warning("%s: restored the previous database after an interrupted save", directory)
+        _fsync_dir(directory.parent)
+    for t in tmps:  # a save that never reached its renames
+        _remove_leftover(t)
+
+
+def _remove_leftover(path: Path) -> None:
+    if _only_db_files(path):
+        shutil.rmtree(path)
+    else:
+        log.warning("%s: left in place (it holds files that a neuraldb save does not write)", path)
+
+
+def recover(directory: Path) -> None:
+    """Finish or undo an interrupted save of `directory` (a no-op when there is none)."""
+    tmps, old, _ = _siblings(directory)
+    if tmps or old.exists():
+        with _locked(directory):
+            _recover_locked(directory)
+
+
+# ----- writing -------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sealed_yaml(meta: dict[str, Any]) -> str:
+    """YAML followed by a line holding the sha256 of everything above it."""
+    body = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return body + CHECKSUM_PREFIX + hashlib.sha256(body.encode()).hexdigest() + "\n"
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _refuse_foreign(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise DatabaseError(f"{directory}: exists and is not a directory; refusing to replace it")
+    if directory.is_dir() and any(directory.iterdir()) and not is_database(directory):
+        raise DatabaseError(f"{directory}: exists and is not a neuraldb database; refusing to overwrite it "
+                            f"(choose an empty or new directory)")
+
+
+def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, Fact]], table: ResidualTable,
+             index: KeyIndex, fault: Callable[[str], None] | None = None) -> Path:
+    """Write a database to `directory`, atomically replacing a database already there.
+    `fault(stage)` is called between the steps (tests inject crashes there)."""
+    fault = fault or (lambda stage: None)
+    directory = Path(os.path.abspath(directory))
+    _refuse_foreign(directory)  # before anything is created beside it
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(directory):
+        _recover_locked(directory)
+        _refuse_foreign(directory)
+        _, old, _ = _siblings(directory)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.neuraldb-tmp-", dir=directory.parent))
+        try:
+            with open(tmp / "facts.jsonl", "w", encoding="utf-8") as fh:
+                for i, f in facts:
+                    fh.write(json.dumps({"db_id": int(i), "fact": f.to_json()}, ensure_ascii=False) + "\n")
+            fault("facts")
+            table.save(tmp / "residuals.safetensors")
+            fault("residuals")
+            index.save(tmp / "index.safetensors")
+            fault("index")
+            for f in DATA_FILES:  # flush to disk before the renames make them visible
+                with open(tmp / f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in DATA_FILES}
+            _write_durable(tmp / "config.yaml", _sealed_yaml({**meta, "files": files}))
+            _fsync_dir(tmp)
+            fault("written")
+            if directory.exists():
+                if is_database(directory):
+                    os.rename(directory, old)
+                else:
+                    directory.rmdir()  # an empty directory (anything else was refused above)
+                _fsync_dir(directory.parent)
+            fault("old-moved")
+            os.rename(tmp, directory)
+            _fsync_dir(directory.parent)
+            fault("new-in-place")
+            if old.exists():
+                shutil.rmtree(old)
+                _fsync_dir(directory.parent)
+            fault("done")
+        except BaseException:
+            if not directory.exists() and old.exists():  # an in-process failure: undo at once
+                os.rename(old, directory)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("saved %d facts to %s", len(facts), directory)
     return directory
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+def save_db(db: "NeuralDB", directory: Path, fault: Callable[[str], None] | None = None) -> Path:
+    ids = np.asarray(sorted(db.facts), dtype=np.int64)
+    meta = {"format": FORMAT, "model": db.fingerprint(), "next_id": db.next_id, "prefixes": db.prefixes,
+            "config": to_mapping(db.config), "num_facts": len(ids)}
+    return write_db(directory, meta, [(int(i), db.facts[int(i)]) for i in ids], db.table, db.index, fault)
+
+
+# ----- reading -------------------------------------------------------------------------------
+def read_meta(directory: Path, verify_files: bool = True) -> dict[str, Any]:
+    """config.yaml, its checksum and its keys verified; with `verify_files`, every data file's
+    size and sha256 too."""
+    directory = Path(directory)
+    recover(directory)
     if not directory.is_dir():
         raise DatabaseError(f"{directory}: database directory not found")
+    cfg = directory / "config.yaml"
     for f in FILES:
         if not (directory / f).is_file():
             raise DatabaseError(f"{directory / f}: missing database file")
+    raw = cfg.read_bytes()
+    body, sep, tail = raw.rpartition(CHECKSUM_PREFIX.encode())
+    if not sep or tail != hashlib.sha256(body).hexdigest().encode() + b"\n":
+        raise DatabaseError(f"{cfg}: checksum mismatch (the file is damaged or was edited by hand)")
     try:
-        meta = yaml.safe_load((directory / "config.yaml").read_text())
-    except yaml.YAMLError as exc:
-        raise DatabaseError(f"{directory / 'config.yaml'}: corrupted ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DatabaseError(f"{directory / 'config.yaml'}: not a {FORMAT} database config")
+        meta = yaml.safe_load(body.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DatabaseError(f"{cfg}: not valid YAML ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DatabaseError(f"{cfg}: expected a mapping")
+    for key, tp in META_TYPES.items():
+        if key not in meta:
+            raise DatabaseError(f"{cfg}: key '{key}' is missing")
+        if not isinstance(meta[key], tp) or isinstance(meta[key], bool):
+            raise DatabaseError(f"{cfg}: key '{key}' has the wrong type ({type(meta[key]).__name__})")
+    if meta["format"] != FORMAT:
+        raise DatabaseError(f"{cfg}: format {meta['format']!r} is not {FORMAT!r}")
+    missing = [k for k in MODEL_KEYS if k not in meta["model"]]
+    if missing:
+        raise DatabaseError(f"{cfg}: key 'model' lacks {missing}")
+    for f in DATA_FILES if verify_files else ():
+        entry = meta["files"].get(f)
+        if not isinstance(entry, dict) or "bytes" not in entry or "sha256" not in entry:
+            raise DatabaseError(f"{cfg}: key 'files' has no size and sha256 for {f}")
+        path = directory / f
+        if path.stat().st_size != entry["bytes"]:
+            raise DatabaseError(f"{path}: {path.stat().st_size} bytes, expected {entry['bytes']} (truncated or damaged)")
+        if _sha256(path) != entry["sha256"]:
+            raise DatabaseError(f"{path}: checksum mismatch (the file is damaged)")
     return meta
+
+
+@dataclass
+class Stored:
+    """A verified database read from disk, with no model involved."""
+
+    meta: dict[str, Any]
+    config: EditConfig
+    facts: dict[int, Fact]
+    table: ResidualTable
+    index: KeyIndex
+    next_id: int
+
+
+def _read_facts(path: Path) -> dict[int, Fact]:
+    facts: dict[int, Fact] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("db_id"), int) or not isinstance(row.get("fact"), dict):
+                raise DatabaseError(f"{where}: expected {{'db_id': int, 'fact': {{...}}}}")
+            fact = fact_from_json(row["fact"], where)
+        except (json.JSONDecodeError, FactError, KeyError) as exc:
+            raise DatabaseError(f"{where}: damaged fact record ({exc})") from exc
+        if row["db_id"] in facts:
+            raise DatabaseError(f"{where}: duplicate db_id {row['db_id']}")
+        facts[row["db_id"]] = fact
+    return facts
+
+
+def read_db(directory: Path, device: str | torch.device = "cpu", residual_mmap: bool = False,
+            index_options: dict[str, Any] | None = None) -> Stored:
+    """Read and cross-check every file of a database (see the module docstring)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    cfg_path = directory / "config.yaml"
+    try:
+        config = from_mapping(EditConfig, meta["config"], f"{cfg_path}: key 'config'")
+    except ConfigError as exc:
+        raise DatabaseError(str(exc)) from exc
+    facts = _read_facts(directory / "facts.jsonl")
+    d_key, d_res = meta["model"]["d_key"], meta["model"]["d_res"]
+    path = directory / "residuals.safetensors"
+    try:
+        table = ResidualTable.load(path, device=device, mmap=residual_mmap)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatabaseError(f"{path}: damaged residual table ({exc})") from exc
+    if table.dim != d_res:
+        raise DatabaseError(f"{path}: residual dim {table.dim}, config says d_res={d_res}")
+    path = directory / "index.safetensors"
+    try:
+        index = KeyIndex.load(path, device=device, floor=config.gamma, **(index_options or {}))
+    except (IndexError_, OSError) as exc:
+        raise DatabaseError(f"{path}: damaged key index ({exc})") from exc
+    if index.dim != d_key:
+        raise DatabaseError(f"{path}: key dim {index.dim}, config says d_key={d_key}")
+    ids = np.fromiter(sorted(facts), np.int64, len(facts))
+    if len(ids) != meta["num_facts"]:
+        raise DatabaseError(f"{directory / 'facts.jsonl'}: {len(ids)} facts, config says {meta['num_facts']}")
+    for name, other in (("residuals.safetensors", table.ids()), ("index.safetensors", index.ids())):
+        if not np.array_equal(np.sort(other), ids):
+            raise DatabaseError(f"{directory / name}: ids do not match facts.jsonl "
+                                f"({len(other)} vs {len(ids)} ids, {len(np.setxor1d(other, ids))} differ)")
+    next_id = max(meta["next_id"], int(ids.max()) + 1 if len(ids) else 0)
+    return Stored(meta, config, facts, table, index, next_id)
 
 
 def check_model(meta: dict[str, Any], fp: dict[str, Any], directory: Path) -> None:
@@ -100,36 +345,20 @@ def check_model(meta: dict[str, Any], fp: dict[str, Any], directory: Path) -> No
 
 def load_db(cls: type["NeuralDB"], directory: Path, model: "PreTrainedModel", tok: "PreTrainedTokenizerBase",
             index: str | None = None, residual_mmap: bool = False) -> "NeuralDB":
-    meta = read_meta(directory)
-    cfg = from_mapping(EditConfig, meta["config"], str(directory / "config.yaml"))
-    db = cls(model, tok, cfg.replace(index=index), attach=False)
-    check_model(meta, db.fingerprint(), directory)
-    try:
-        facts = parse_records(((f"{directory / 'facts.jsonl'}:{n}", json.loads(line)) for n, line in
-                               enumerate((directory / "facts.jsonl").read_text().splitlines(), 1)), "jsonl")
-    except (FactError, json.JSONDecodeError) as exc:
-        raise DatabaseError(f"{directory / 'facts.jsonl'}: corrupted ({exc})") from exc
+    from .arch import model_device
+
     device = model_device(model)
-    try:
-        kt = load_file(str(directory / "keys.safetensors"))
-        table = ResidualTable.load(directory / "residuals.safetensors", device=device, mmap=residual_mmap)
-        same_index = index is None or index == meta["config"]["index"]
-        if same_index:
-            db.index = KeyIndex.load(directory / "index.safetensors", device=device, floor=cfg.gamma)
-    except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise DatabaseError(f"{directory}: corrupted tensor file ({exc})") from exc
-    ids, keys = kt["ids"].numpy(), kt["keys"]
-    if keys.shape[1:] != (db.d_key,) or table.dim != db.d_res or len(ids) != len(facts):
-        raise DatabaseError(f"{directory}: tensor shapes do not match the config "
-                            f"(keys {tuple(keys.shape)}, residual dim {table.dim}, {len(facts)} facts)")
-    if not np.array_equal(np.sort(table.ids()), ids):
-        raise DatabaseError(f"{directory / 'residuals.safetensors'}: ids do not match keys.safetensors")
-    db.table = table
-    if not same_index and len(ids):
-        db.index.add(ids, keys.to(device))  # a different index spec: rebuild it from the keys
-    if len(ids):
-        db.key_table.put(ids, keys)
-    db.facts = {int(i): f for i, f in zip(ids, facts)}
-    db.next_id, db.prefixes = int(meta["next_id"]), meta["prefixes"]
+    stored = read_db(directory, device=device, residual_mmap=residual_mmap)
+    db = cls(model, tok, stored.config.replace(index=index), attach=False)
+    check_model(stored.meta, db.fingerprint(), directory)
+    if index is not None and index != stored.index.spec:  # another spec: re-index the stored keys
+        ids, keys = stored.index.export()
+        db.index = make_index(index, db.d_key, device=device, floor=db.config.gamma)
+        if len(ids):
+            db.index.add(ids, keys.to(device), unit=True)
+    else:
+        db.index = stored.index
+    db.table, db.facts, db.next_id = stored.table, stored.facts, stored.next_id
+    db.prefixes = stored.meta["prefixes"]
     db.attach()
     return db

@@ -84,3 +84,12 @@ def arch(request: pytest.FixtureRequest) -> str:
 def data_dir() -> Path:
     root = Path(os.environ.get("NEURALDB_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
     return root.resolve()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved with its tokenizer, loadable by path (as the CLI does)."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
