@@ -31,7 +31,7 @@ def token_matches(db: NeuralDB, texts: list[str]) -> list[tuple[np.ndarray, np.n
         enc = db.tok(t, return_tensors="pt")
         db.model(**enc)
         sims, ids, _ = gate.last
-        keep = gate.token_mask[0]
+        keep = gate.last_mask[0]
         out.append((sims[0][keep].numpy(), ids[0][keep].numpy()))
     return out
 

@@ -30,23 +30,38 @@ class GatedFFNOut(nn.Module):
         self.base_layer = base_layer
         self.index, self.table, self.gamma = index, table, gamma
         self.enabled = True
-        self.token_mask: torch.Tensor | None = None  # (B, T): tokens that may be gated
+        self.token_mask: torch.Tensor | None = None  # (B, T): tokens the next forward may gate
+        self.last_mask: torch.Tensor | None = None  # (B, T): the mask the last forward used
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sims, ids, open (B, T)
         self.timings: list[float] | None = None  # set to [] to record lookup seconds per call
         self.history: list[list[Hit]] | None = None  # set to [] to keep every call's hits
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "GatedFFNOut":
+        """`model.to(device)` moves the key index and residual table along with the weights."""
+        super()._apply(fn, recurse)
+        w = next(self.base_layer.parameters(), None)
+        if w is not None and w.device != self.table.device:
+            self.index.to(w.device)
+            self.table.to(w.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        mask, self.token_mask = self.token_mask, None  # consumed: a mask never outlives its forward
+        self.last_mask = mask
         if not self.enabled or self.index.ntotal == 0:
             self.last = None
             return out
         lead, d_out = x.shape[:-1], out.shape[-1]
+        if mask is not None and mask.shape != lead:
+            raise RuntimeError(f"gate mask {tuple(mask.shape)} does not fit the layer input {tuple(lead)}; "
+                               f"the decoder's pre-hook and this layer saw different batches")
         t0 = time.perf_counter() if self.timings is not None else 0.0
         q = x.reshape(-1, x.shape[-1])  # (B*T, d_ff)
         sims, ids = self.index.search(q)  # (B*T,), (B*T,)
         open_ = (ids >= 0) & (sims > self.gamma)
-        if self.token_mask is not None and self.token_mask.shape == lead:
-            open_ &= self.token_mask.reshape(-1).to(open_.device)
+        if mask is not None:
+            open_ &= mask.reshape(-1).to(open_.device)
         rows = open_.nonzero()[:, 0]
         if self.timings is not None:
             if q.device.type == "cuda":
@@ -70,7 +85,7 @@ class GatedFFNOut(nn.Module):
 
 
 def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
-    """A forward pre-hook for the whole model: marks which input tokens may be gated. Pads never
+    """A forward pre-hook for the decoder (`model.base_model`): marks which input tokens may be gated. Pads never
     are, and neither is the first real token of a sequence started from scratch (it acts as an
     attention sink whose activations resemble many keys) unless `gate_first_token`."""
 

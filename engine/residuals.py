@@ -40,8 +40,9 @@ class _Batch:
     tgt_row: torch.Tensor  # (N,) row of each scored target token
     tgt_pos: torch.Tensor  # (N,) position whose logits predict it
     tgt_tok: torch.Tensor  # (N,) the token
-    tgt_weight: torch.Tensor  # (N,) 1 / (n_target * n_contexts): sums to 1 per fact
+    tgt_weight: torch.Tensor  # (N,) 1 / (n_target * n_rows): sums to 1 per fact
     kl_row: torch.Tensor  # (F,) row of each fact's KL prompt
+    norm_row: torch.Tensor  # (F,) row whose z = block output at the subject sets the clamp scale
 
 
 @contextmanager
@@ -58,12 +59,24 @@ def frozen_params(model: torch.nn.Module) -> Iterator[None]:
 
 def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequence[str],
            cfg: EditConfig, device: torch.device) -> _Batch:
+    """Rows of every fact: one per context (teacher-forced target) and one KL row.
+
+    The gate never opens at position 0 (the attention sink), so a row whose subject ends at
+    position 0 would train the residual where inference never adds it: such rows are left out
+    (the bare prompt of a one-token subject), and a KL prompt starting with such a subject gets
+    the first generated prefix. The norm that scales the clamp and weight decay is read at a
+    prefixed row, never at position 0 (as keys.py does)."""
     seqs, lookup, row_fact = [], [], []
-    tr, tp, tt, tw, kl_row = [], [], [], [], []
+    tr, tp, tt, tw, kl_row, norm_row = [], [], [], [], [], []
+    prefixed = [c for c in contexts if c]
     for fi, fact in enumerate(facts):
         tgt = target_ids(tok, fact.target_new)
-        for ctx in contexts:
-            enc = encode_with_subject(tok, ctx, fact.prompt, fact.subject)
+        encs = [encode_with_subject(tok, ctx, fact.prompt, fact.subject) for ctx in contexts]
+        usable = [e for e in encs if e.subject_last > 0] or encs  # nothing else to train on: keep all
+        if len(usable) < len(encs):
+            log.debug("fact %r: %d row(s) with the subject at position 0 left out", fact.subject, len(encs) - len(usable))
+        first = len(seqs)
+        for enc in usable:
             row = len(seqs)
             seqs.append(enc.ids + tgt[:-1])  # teacher forcing: prompt + target minus its last token
             lookup.append(enc.subject_last)
@@ -72,15 +85,25 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
                 tr.append(row)
                 tp.append(len(enc.ids) - 1 + j)
                 tt.append(t)
-                tw.append(1.0 / (len(tgt) * len(contexts)))
+                tw.append(1.0 / (len(tgt) * len(usable)))
+        prefixed_rows = [first + k for k, e in enumerate(usable) if e is not encs[0]]
+        norm_row.append(prefixed_rows[0] if prefixed_rows else first)
         enc = encode_with_subject(tok, "", cfg.kl_prompt, fact.subject)
+        if enc.subject_last == 0 and prefixed:
+            enc = encode_with_subject(tok, prefixed[0], cfg.kl_prompt, fact.subject)
         kl_row.append(len(seqs))
         seqs.append(enc.ids)
         lookup.append(enc.subject_last)
         row_fact.append(fi)
     ids, mask = pad_right(seqs, tok.pad_token_id, device)
     t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
-    return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(kl_row))
+    return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(kl_row),
+                  t(norm_row))
+
+
+def kl_now_init(init_logp: torch.Tensor, now_logp: torch.Tensor) -> torch.Tensor:
+    """KL(now || init) per row, as MEMIT's `kl_div(init, now, log_target=True)`: (F, V) -> (F,)."""
+    return (now_logp.exp() * (now_logp - init_logp)).sum(-1)
 
 
 def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -101,8 +124,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
         model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
     hidden_in = tr.input.detach()  # (R, T, d_model)
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
-    first_rows = torch.tensor([fi * (len(contexts) + 1) for fi in range(n_facts)], device=device)
-    z_norm = first_hidden(tr.output)[first_rows, b.lookup[first_rows]].float().norm(dim=-1)  # (F,)
+    z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)  # (F,)
 
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_facts, d_model, device=device, requires_grad=True)
@@ -127,7 +149,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             kl_logp = F.log_softmax(logits_at(model, hidden, b.kl_row, b.lookup[b.kl_row]), -1)  # (F, V)
             if kl_init is None:
                 kl_init = kl_logp.detach()
-            kl_f = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)  # KL(init || now) per fact
+            kl_f = kl_now_init(kl_init, kl_logp)  # (F,)
             wd_f = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2
             loss_f = nll_f + cfg.kl_factor * kl_f + wd_f  # (F,)
             active &= loss_f.detach() >= cfg.loss_stop

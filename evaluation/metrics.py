@@ -194,8 +194,8 @@ def retention(db, texts: Sequence[str], batch_size: int = 16) -> Retention:
         edited = model(**enc).logits.float()
         if db.gate is not None and db.gate.last is not None:
             opened += int(db.gate.last[2].sum())
-        if db.gate is not None and db.gate.token_mask is not None:
-            gateable += int(db.gate.token_mask.sum())
+        if db.gate is not None and db.gate.last_mask is not None:
+            gateable += int(db.gate.last_mask.sum())
         m = enc["attention_mask"].bool()  # (B, T)
         same += int((base == edited).all(-1)[m].sum())
         n_tok += int(m.sum())

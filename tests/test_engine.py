@@ -10,6 +10,7 @@ import torch
 
 from neuraldb import DatabaseError, EditConfig, Fact, FactError, NeuralDB, load_facts
 from neuraldb.engine.arch import get_module
+from neuraldb.engine.hooks import Trace
 from neuraldb.index import ResidualTable
 
 from conftest import make_model
@@ -42,15 +43,40 @@ def first_target_token(tok, fact: Fact) -> int:
     return tok(" " + fact.target_new, add_special_tokens=False)["input_ids"][0]
 
 
-def test_empty_and_closed_gate_are_bit_identical(arch: str, tokenizer) -> None:
+def ffn_outputs(model: torch.nn.Module, path: str, enc: dict) -> torch.Tensor:
+    with Trace(model, path, retain_input=False, retain_output=True) as tr, torch.no_grad():
+        model(**enc)
+    return tr.output.detach().clone()
+
+
+def test_closed_tokens_are_bit_identical_beside_open_ones(arch: str, tokenizer) -> None:
+    """One padded batch in which some tokens open the gate and others do not: at every closed
+    token the gated layer's output has exactly the unedited bits, at every open one it differs;
+    and logits before the first open token of each row are bit-identical too."""
     model = make_model(arch, tokenizer)
-    before = logits(model, tokenizer, UNRELATED)
     db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
-    assert torch.equal(logits(model, tokenizer, UNRELATED), before)  # no facts
+    enc = tokenizer([FACTS[0].text, UNRELATED[0], FACTS[1].text + " and more"], return_tensors="pt", padding=True)
+    with db.disabled():
+        base_out = ffn_outputs(model, db.path, enc)  # (B, T, d_model)
+        base_logits = model(**enc).logits
+    assert torch.equal(ffn_outputs(model, db.path, enc), base_out)  # no facts yet
     db.add(FACTS)
-    db.gate.gamma = 1.0  # every gate closed: cos can never exceed 1
-    assert torch.equal(logits(model, tokenizer, UNRELATED), before)
-    assert db.hits() == []
+    ffn_outputs(model, db.path, enc)
+    sims = db.gate.last[0]
+    gateable = db.gate.last_mask & enc["attention_mask"].bool()
+    # gamma in the middle of the observed similarities: guarantees both kinds in one batch
+    db.gate.gamma = float(sims[gateable].median())
+    out = ffn_outputs(model, db.path, enc)
+    opened = db.gate.last[2]
+    assert opened.any() and (gateable & ~opened).any()
+    closed = ~opened
+    assert torch.equal(out[closed].view(torch.int32), base_out[closed].view(torch.int32))
+    assert not torch.equal(out[opened], base_out[opened])
+    with torch.no_grad():
+        edited = model(**enc).logits
+    for b in range(opened.shape[0]):
+        first = int(opened[b].nonzero()[0]) if opened[b].any() else opened.shape[1]
+        assert torch.equal(edited[b, :first], base_logits[b, :first])
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2"])  # Linear and Conv1D projections
@@ -125,10 +151,10 @@ def test_wrong_model_and_corrupt_files(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(DatabaseError, match="model_type"):
         NeuralDB.load(tmp_path / "db", make_model("gpt2", tokenizer), tokenizer)
     (tmp_path / "db" / "residuals.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(DatabaseError, match="residuals|corrupted"):
+    with pytest.raises(DatabaseError, match="residuals.safetensors: .*truncated"):
         NeuralDB.load(tmp_path / "db", model, tokenizer)
-    (tmp_path / "db" / "keys.safetensors").unlink()
-    with pytest.raises(DatabaseError, match="keys.safetensors: missing"):
+    (tmp_path / "db" / "index.safetensors").unlink()
+    with pytest.raises(DatabaseError, match="index.safetensors: missing"):
         NeuralDB.load(tmp_path / "db", model, tokenizer)
     with pytest.raises(DatabaseError, match="not found"):
         NeuralDB.load(tmp_path / "nothing", model, tokenizer)
@@ -148,7 +174,7 @@ def test_crash_during_save_keeps_previous_database(tokenizer, tmp_path: Path, mo
     with pytest.raises(OSError, match="disk full"):
         db.save(tmp_path / "db")
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]  # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".db.neuraldb-lock", "db"]  # no temp dirs left behind
     db.detach()
     again = NeuralDB.load(tmp_path / "db", model, tokenizer)
     assert len(again) == 1
@@ -186,7 +212,8 @@ def test_gated_layer_takes_any_index_spec(spec: str, tokenizer) -> None:
     model = make_model("llama", tokenizer)
     db = NeuralDB(model, tokenizer, CFG.replace(steps=3))
     ids = db.add(FACTS)
-    keys = db.key_table.gather(torch.tensor(ids))
+    key_ids, keys = db.index.export()
+    assert key_ids.tolist() == ids
     res = db.table.gather(torch.tensor(ids))
     probe = [f.text for f in FACTS] + UNRELATED
     want = logits(model, tokenizer, probe)
@@ -197,3 +224,98 @@ def test_gated_layer_takes_any_index_spec(spec: str, tokenizer) -> None:
     got = logits(model, tokenizer, probe)
     assert torch.equal(other.gate.last[2], want_open)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_every_metric_path_gates_as_inference(tokenizer) -> None:
+    """The metrics run the decoder (`model.base_model`) and the LM head at scored positions; the
+    gate must see the same mask there as in `model(...)` and `generate` (first real token and
+    pads never gated). gamma = -1 opens every token that may be gated, so a missing or stale
+    mask shows at once."""
+    from neuraldb.engine.residuals import logits_at
+    from neuraldb.engine.tokens import pad_right
+    from neuraldb.evaluation import teacher_forced
+
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
+    db.add(FACTS)
+    db.gate.gamma = -1.0
+    texts = [f.text for f in FACTS] + UNRELATED
+    seqs = [tokenizer(t)["input_ids"] for t in texts]
+    ids, mask = pad_right(seqs, tokenizer.pad_token_id, torch.device("cpu"))  # as teacher_forced pads
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        open_full = db.gate.last[2].clone()
+        model(input_ids=ids[:1, :2])  # a different shape in between: nothing may leak into the next call
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        open_metric = db.gate.last[2].clone()
+    assert torch.equal(open_metric, open_full)
+    assert not open_full[:, 0].any() and torch.equal(open_full[:, 1:], mask[:, 1:].bool())
+    rows, pos = mask.nonzero(as_tuple=True)
+    assert torch.allclose(logits_at(model, hidden, rows, pos), full[rows, pos], atol=1e-6, rtol=0)
+    # teacher_forced's NLL equals the NLL read off model(...) logits
+    target = FACTS[0].target_new
+    nll, _ = teacher_forced(model, tokenizer, [texts[0]], [target])
+    tid = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    seq = torch.tensor([seqs[0] + tid[:-1]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+    want = -sum(float(lp[len(seqs[0]) - 1 + j, t]) for j, t in enumerate(tid)) / len(tid)
+    assert nll[0] == pytest.approx(want, abs=1e-5)
+    # generate's first step sees the same logits as model(...) on the same prompt
+    one = torch.tensor([seqs[1]])
+    with torch.no_grad():
+        gen = model.generate(one, attention_mask=torch.ones_like(one), max_new_tokens=1, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        ref = model(input_ids=one).logits[0, -1]
+    assert torch.allclose(gen.logits[0][0], ref, atol=1e-6, rtol=0)
+
+
+def test_model_to_moves_the_database(tokenizer) -> None:
+    """dtype: the gate works in bf16 and closed tokens match the unedited bf16 model bit for bit;
+    device: `model.to(...)` carries the key index and residual table along."""
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=10, index="torch"))
+    db.add(FACTS)
+    model.to(torch.bfloat16)
+    enc = tokenizer([UNRELATED[0], FACTS[0].text], return_tensors="pt", padding=True)
+    with db.disabled():
+        base = ffn_outputs(model, db.path, enc)
+    out = ffn_outputs(model, db.path, enc)
+    opened = db.gate.last[2]
+    assert out.dtype == torch.bfloat16 and opened.any()
+    assert torch.equal(out[~opened].view(torch.int16), base[~opened].view(torch.int16))
+    model.to("meta")
+    assert db.table.device.type == "meta" and db.index.device.type == "meta"
+    assert all(t.device.type == "meta" for t in db.table.shards.values())
+
+
+def test_residual_rows_never_train_position_zero(tokenizer) -> None:
+    """A subject that is one token at the start of the prompt: its bare row would train the
+    residual at position 0, where the gate never opens; it is left out, the KL prompt gets a
+    prefix, and the reference norm is read at a prefixed row."""
+    from neuraldb.engine.residuals import _build
+
+    subject = next(w for w in ("Paris", "French", "Apple", "Berlin", "It") if len(tokenizer(w)["input_ids"]) == 1)
+    fact = Fact(subject, "{} is the home of", "Toyota")
+    contexts = ["", "Because of this. ", "I think. "]
+    b = _build(tokenizer, [fact], contexts, CFG, torch.device("cpu"))
+    assert (b.lookup > 0).all()
+    assert len(b.ids) == 3  # two prefixed target rows + the (prefixed) KL row
+    assert b.norm_row.tolist() == [0] and b.lookup[b.kl_row].item() > 0
+    assert torch.allclose(b.tgt_weight.sum(), torch.tensor(1.0))
+    later = Fact("Danielle Darrieux", "The mother tongue of {} is", "English")  # subject not at 0: all rows kept
+    b2 = _build(tokenizer, [later], contexts, CFG, torch.device("cpu"))
+    assert len(b2.ids) == 4 and b2.norm_row.tolist() == [1]
+
+
+def test_kl_term_is_memit_direction() -> None:
+    """MEMIT: kl_div(init, now, log_target=True) = KL(now || init)."""
+    from neuraldb.engine.residuals import kl_now_init
+
+    g = torch.Generator().manual_seed(0)
+    init = torch.log_softmax(torch.randn(4, 11, generator=g), -1)
+    now = torch.log_softmax(torch.randn(4, 11, generator=g), -1)
+    want = torch.nn.functional.kl_div(init, now, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl_now_init(init, now), want, atol=1e-6)
+    reverse = (init.exp() * (init - now)).sum(-1)
+    assert not torch.allclose(kl_now_init(init, now), reverse, atol=1e-3)
