@@ -2,12 +2,13 @@
 last token, averaged over the bare prompt and a few short generated prefixes (MEMIT compute_ks)."""
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import get_arch, model_device
 from .config import EditConfig
@@ -49,28 +50,96 @@ def key_inputs(tok: PreTrainedTokenizerBase, fact: Fact, prefixes: Sequence[str]
     return out
 
 
+def _bucketed(n: int, lengths: Sequence[int], batch: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (sorted), so padding stays small."""
+    order = sorted(range(n), key=lambda i: lengths[i])
+    return [order[s : s + batch] for s in range(0, n, batch)]
+
+
+def _run_to_key(model: PreTrainedModel, path: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                cache: Any = None) -> torch.Tensor:
+    """The down/out projection's input at one position per row: (B, d_ff) float32."""
+    with Trace(model, path, stop=True) as tr:
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+    return tr.input[torch.arange(ids.shape[0], device=ids.device), pos].float()
+
+
+def _plain_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: Sequence[tuple[list[int], int]],
+                path: str, batch: int, bar: Any) -> torch.Tensor:
+    """Each row run in full (rows bucketed by length): (R, d_ff)."""
+    device = model_device(model)
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for group in _bucketed(len(rows), [len(r[0]) for r in rows], batch):
+        ids, mask = pad_right([rows[i][0] for i in group], tok.pad_token_id, device)  # (B, T)
+        pos = torch.tensor([rows[i][1] for i in group], device=device)
+        for i, k in zip(group, _run_to_key(model, path, ids, mask, pos)):
+            out[i] = k
+        bar.update(len(group))
+    return torch.stack(out) if rows else torch.zeros(0)  # type: ignore[arg-type]
+
+
+def _shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) -> int:
+    """Tokens that every row starts with, as tokenised alone, and that lie before every
+    subject-last position (a prefix's last token may merge with the prompt's first)."""
+    n = len(prefix_ids)
+    for ids, last in rows:
+        k = 0
+        while k < min(n, len(ids)) and ids[k] == prefix_ids[k]:
+            k += 1
+        n = min(n, k, last)
+    return n
+
+
+def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: str,
+                 rows: Sequence[tuple[list[int], int]], path: str, batch: int, bar: Any) -> torch.Tensor:
+    """Rows that share a generated prefix: the prefix runs once, its KV cache serves every row,
+    and only each row's own tokens run. Exact under causal attention (equal to `_plain_keys`
+    up to float rounding)."""
+    device = model_device(model)
+    shared = _shared_len(tok(prefix)["input_ids"], rows)
+    if shared == 0:
+        return _plain_keys(model, tok, rows, path, batch, bar)
+    head = torch.tensor([rows[0][0][:shared]], device=device)  # (1, S)
+    with Trace(model, path, stop=True):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=head, attention_mask=torch.ones_like(head), past_key_values=cache, use_cache=True)
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for group in _bucketed(len(rows), [len(r[0]) for r in rows], batch):
+        ids, mask = pad_right([rows[i][0][shared:] for i in group], tok.pad_token_id, device)  # (B, T - S)
+        mask = torch.cat([torch.ones(len(group), shared, dtype=mask.dtype, device=device), mask], 1)  # (B, T)
+        pos = torch.tensor([rows[i][1] - shared for i in group], device=device)
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(len(group))
+        for i, k in zip(group, _run_to_key(model, path, ids, mask, pos, c)):
+            out[i] = k
+        bar.update(len(group))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact],
-                 layer: int, prefixes: Sequence[str], cfg: EditConfig) -> torch.Tensor:
+                 layer: int, prefixes: Sequence[str], cfg: EditConfig, reuse_prefix_cache: bool = True) -> torch.Tensor:
     """(F, d_ff) float32 keys. The key is mean(bare key, mean of prefixed keys); where the bare
-    subject token is the sequence's first token (an attention sink) only prefixed keys count."""
-    arch = get_arch(model)
+    subject token is the sequence's first token (an attention sink) only prefixed keys count.
+
+    With `reuse_prefix_cache` each generated prefix is encoded once and its KV cache reused
+    for every fact (the reference path, False, runs every row in full)."""
+    path = get_arch(model).ffn_out.format(layer)
     device = model_device(model)
-    per_fact = 1 + len(prefixes)
-    rows = [r for f in facts for r in key_inputs(tok, f, prefixes)]
-    keys = []
+    per_fact = [key_inputs(tok, f, prefixes) for f in facts]  # F x (1 + P) rows
     bs = max(1, cfg.key_batch_size)
-    for start in tqdm(range(0, len(rows), bs), desc="keys", unit="batch", disable=None, leave=False):
-        chunk = rows[start : start + bs]
-        ids, mask = pad_right([r[0] for r in chunk], tok.pad_token_id, device)  # (B, T)
-        with Trace(model, arch.ffn_out.format(layer), stop=True) as tr:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        idx = torch.tensor([r[1] for r in chunk], device=device)
-        keys.append(tr.input[torch.arange(len(chunk), device=device), idx].float())  # (B, d_ff)
-    k = torch.cat(keys).view(len(facts), per_fact, -1)  # (F, 1+P, d_ff)
-    bare, ctx = k[:, 0], k[:, 1:]
+    bar = tqdm(total=len(facts) * (1 + len(prefixes)), desc="keys", unit="row", disable=None, leave=False)
+    cols = [[r[c] for r in per_fact] for c in range(1 + len(prefixes))]  # (1 + P) x F
+    if reuse_prefix_cache and prefixes:
+        parts = [_plain_keys(model, tok, cols[0], path, bs, bar)]
+        parts += [_cached_keys(model, tok, p, cols[1 + k], path, bs, bar) for k, p in enumerate(prefixes)]
+    else:
+        flat = _plain_keys(model, tok, [r for col in cols for r in col], path, bs, bar)  # ((1+P) F, d_ff)
+        parts = list(flat.view(1 + len(prefixes), len(facts), -1))
+    bar.close()
+    bare = parts[0]  # (F, d_ff)
     if not prefixes:
         return bare
-    bare_ok = torch.tensor([rows[i * per_fact][1] > 0 for i in range(len(facts))], device=device)
-    ctx_mean = ctx.mean(1)  # (F, d_ff)
+    ctx_mean = torch.stack(parts[1:], 1).mean(1)  # (F, P, d_ff) -> (F, d_ff)
+    bare_ok = torch.tensor([rows[0][1] > 0 for rows in per_fact], device=device)
     return torch.where(bare_ok[:, None], (bare + ctx_mean) / 2, ctx_mean)

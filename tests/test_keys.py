@@ -1,0 +1,48 @@
+"""Keys: the prefix-cache path equals the reference recipe (every row run in full)."""
+from __future__ import annotations
+
+import torch
+
+from neuraldb import EditConfig, Fact
+from neuraldb.engine.keys import _shared_len, compute_keys, generate_prefixes, key_inputs
+
+from conftest import make_model
+
+FACTS = [Fact("Danielle Darrieux", "The mother tongue of {} is", "English"), Fact("Paris", "{} is the capital of", "Italy"),
+         Fact("Apple A5", "The maker of {}", "Toyota"), Fact("Toko Yasuda", "{} plays the", "piano"),
+         Fact("Michel Rocard", "Where is {} from? It is", "Rome")]
+CFG = EditConfig(layer=1, n_prefixes=3, prefix_len=4, key_batch_size=3)  # batches of 3: odd sizes, buckets
+
+
+def test_prefix_cache_keys_equal_reference(arch: str, tokenizer) -> None:
+    model = make_model(arch, tokenizer)
+    prefixes = generate_prefixes(model, tokenizer, CFG)
+    for k, p in enumerate(prefixes):  # the cache really is used: some tokens are shared
+        rows = [key_inputs(tokenizer, f, prefixes)[1 + k] for f in FACTS]
+        assert _shared_len(tokenizer(p)["input_ids"], rows) > 0
+    ref = compute_keys(model, tokenizer, FACTS, 1, prefixes, CFG, reuse_prefix_cache=False)
+    fast = compute_keys(model, tokenizer, FACTS, 1, prefixes, CFG)
+    assert fast.shape == ref.shape == (len(FACTS), model.config.intermediate_size if hasattr(
+        model.config, "intermediate_size") else ref.shape[1])
+    assert (fast - ref).abs().max() <= 1e-5
+    assert not torch.equal(ref[0], ref[1])
+
+
+def test_suffix_residuals_match_full_rows(arch: str, tokenizer) -> None:
+    """Residual steps that run only the tokens from the subject on (earlier tokens' keys and
+    values cached) optimise the same function as steps over whole rows."""
+    from neuraldb.engine.arch import get_arch
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model(arch, tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=6, lr=0.5, weight_decay=0.1, residual_batch_size=3,
+                      loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    full, s_full = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_suffix=False))
+    fast, s_fast = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    assert torch.equal(s_full.steps, s_fast.steps)
+    assert torch.allclose(fast, full, atol=1e-4, rtol=1e-3), (fast - full).abs().max()
+    assert torch.allclose(s_fast.nll, s_full.nll, atol=1e-4)
+    assert full.norm(dim=1).min() > 0  # the optimisation moved every residual
+    if get_arch(model).suffix_cache:  # the suffix path really ran (bit-identical would mean it did not)
+        assert not torch.equal(fast, full)
