@@ -12,6 +12,7 @@ class Arch:
     layers: str  # the ModuleList of decoder blocks
     ffn_out: str  # the FFN's down/out projection of layer {}; its input is the key
     conv1d: bool = False  # GPT-2 style Conv1D: weight is (in, out)
+    suffix_cache: bool = True  # residual steps may serve earlier tokens from a KV cache (not with sliding windows)
 
 
 ARCHITECTURES: dict[str, Arch] = {
@@ -23,9 +24,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen2": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
     "qwen3": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
     "gemma": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "gemma2": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "gemma3_text": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "gemma3": Arch("model.language_model.layers", "model.language_model.layers.{}.mlp.down_proj"),
+    "gemma2": Arch("model.layers", "model.layers.{}.mlp.down_proj", suffix_cache=False),
+    "gemma3_text": Arch("model.layers", "model.layers.{}.mlp.down_proj", suffix_cache=False),
+    "gemma3": Arch("model.language_model.layers", "model.language_model.layers.{}.mlp.down_proj", suffix_cache=False),
     "phi3": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
 }
 

@@ -108,6 +108,7 @@ class EditConfig:
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
     residual_batch_size: int = 16
+    residual_suffix: bool = True  # steps run only the tokens from the subject on (False: whole rows)
 
     def __post_init__(self) -> None:
         checks = {

@@ -3,7 +3,9 @@ model emits the new object; MEMIT `compute_z` (Adam; target NLL + KL on "{subjec
 weight decay; norm clamp; early stop), batched across facts with each fact its own vector.
 
 Hidden states entering layer l* are computed once per batch; every optimisation step reruns
-only the blocks from l* up, and the LM head only at the positions that are scored."""
+only the blocks from l* up, only for each row's tokens from the subject's last token on (the
+keys and values of earlier tokens are constants, cached once), and the LM head only at the
+positions that are scored."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import get_arch, model_device
 from .config import EditConfig
@@ -113,6 +115,57 @@ def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, 
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+@dataclass
+class _Steps:
+    """What every optimisation step runs from block l* up: token ids (R, S), the attention mask,
+    the hidden states entering block l* (R, S, d), where the delta is added (R,), where targets
+    and the KL distribution are read (N,), (F,); and, on the suffix path, position ids and the
+    constant keys/values of the tokens before each row's subject (one (K, V) per layer)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    hidden: torch.Tensor
+    delta_pos: torch.Tensor
+    tgt_pos: torch.Tensor
+    kl_pos: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def run(self, model: PreTrainedModel) -> torch.Tensor:
+        cache = DynamicCache(ddp_cache_data=self.past, config=model.config) if self.past is not None else None
+        return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
+                                past_key_values=cache, use_cache=cache is not None)[0]  # (R, S, d)
+
+
+def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> _Steps:
+    """Every row in full, every step (the reference path)."""
+    return _Steps(b.ids, b.mask, hidden_in, b.lookup, b.tgt_pos, b.lookup[b.kl_row])
+
+
+@torch.no_grad()
+def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hidden_in: torch.Tensor,
+                  tuple_len: int) -> _Steps:
+    """Only each row's tokens from its subject's last token on: the tokens before it never see
+    the delta (causal attention), so their keys and values at blocks >= l* are computed once
+    here and served from a cache at every step; positions keep their true values."""
+    device = b.ids.device
+    R, T = b.ids.shape
+    start, lengths = b.lookup, b.mask.sum(1)  # (R,), (R,)
+    P, S = int(start.max()), int((lengths - start).max())
+    with start_at_layer(model, layers, layer, hidden_in, tuple_len):
+        cache = DynamicCache(config=model.config)
+        model.base_model(input_ids=b.ids, attention_mask=b.mask, past_key_values=cache, use_cache=True)
+    live = [(lay.keys[:, :, :P], lay.values[:, :, :P]) for lay in cache.layers[layer:]]
+    past = [live[0]] * layer + live  # blocks below l* are skipped; their slots only carry the length P
+    pos = start[:, None] + torch.arange(S, device=device)  # (R, S) true positions
+    valid = pos < lengths[:, None]
+    pos = pos.clamp(max=T - 1)
+    mask = torch.cat([torch.arange(P, device=device)[None] < start[:, None], valid], 1).long()  # (R, P + S)
+    rows = torch.arange(R, device=device)
+    return _Steps(b.ids.gather(1, pos), mask, hidden_in[rows[:, None], pos], torch.zeros_like(start),
+                  b.tgt_pos - start[b.tgt_row], torch.zeros_like(b.kl_row), pos, past)
+
+
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
               contexts: Sequence[str], cfg: EditConfig) -> tuple[torch.Tensor, ResidualStats]:
     arch = get_arch(model)
@@ -126,27 +179,30 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
     z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)  # (F,)
 
+    suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0
+    st = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len) if suffix else _full_steps(b, hidden_in)
+
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_facts, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     max_norm = cfg.clamp_norm * z_norm  # (F,)
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        return out.index_put((arange_r, b.lookup), delta[b.row_fact].to(out.dtype), accumulate=True)
+        return out.index_put((arange_r, st.delta_pos), delta[b.row_fact].to(out.dtype), accumulate=True)
 
     kl_init = None
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     steps = torch.zeros(n_facts, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)
     with frozen_params(model), torch.enable_grad(), \
-            start_at_layer(model, arch.layers, layer, hidden_in, tuple_len), \
+            start_at_layer(model, arch.layers, layer, st.hidden, tuple_len), \
             Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add_delta):
         for _ in range(cfg.steps):
-            hidden = model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)[0]  # (R, T, d)
-            logp = F.log_softmax(logits_at(model, hidden, b.tgt_row, b.tgt_pos), -1)  # (N, V)
+            hidden = st.run(model)  # (R, S, d)
+            logp = F.log_softmax(logits_at(model, hidden, b.tgt_row, st.tgt_pos), -1)  # (N, V)
             tok_nll = -logp.gather(1, b.tgt_tok[:, None])[:, 0] * b.tgt_weight  # (N,)
             nll_f = torch.zeros(n_facts, device=device).index_add(0, b.row_fact[b.tgt_row], tok_nll)
-            kl_logp = F.log_softmax(logits_at(model, hidden, b.kl_row, b.lookup[b.kl_row]), -1)  # (F, V)
+            kl_logp = F.log_softmax(logits_at(model, hidden, b.kl_row, st.kl_pos), -1)  # (F, V)
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl_f = kl_now_init(kl_init, kl_logp)  # (F,)
