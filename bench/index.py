@@ -113,6 +113,11 @@ def run_one(spec: str, keys: torch.Tensor, qs: dict[str, torch.Tensor], ref: dic
         row[f"{kind}_same_argmax"] = float((i.cpu() == ri).float().mean())
         row[f"{kind}_same_gate"] = float(((s.cpu() > args.gamma) == (rs > args.gamma)).float().mean())
         row[f"{kind}_over_true_max"] = int((s.cpu() > rs + 1e-4).sum())
+    fresh = keys[torch.randperm(m, generator=torch.Generator().manual_seed(1))[:1000]]
+    t0 = time.perf_counter()
+    for k in range(1000):  # 1000 single-fact replacements: what NeuralDB.update() does to the index
+        idx.add(ids[1000 + k : 1001 + k], fresh[k : k + 1])
+    row["update_1k_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     idx.remove(ids[:1000])
     row["remove_1k_s"] = time.perf_counter() - t0
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gc.collect()
             del keys
             gc.collect()
-    cols = ["spec", "m", "d", "bytes_per_fact", "build_s", "add_1k_s", "remove_1k_s"] + \
+    cols = ["spec", "m", "d", "bytes_per_fact", "build_s", "add_1k_s", "update_1k_s", "remove_1k_s"] + \
         [f"B{b}_ms_median" for b in args.batches] + [f"B{args.batches[-1]}_ms_p95", "near_same_argmax",
                                                       "near_same_gate", "unrelated_same_gate", "near_over_true_max"]
     if args.floor_bw:

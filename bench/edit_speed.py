@@ -1,0 +1,67 @@
+"""Edit throughput on one machine, in one run: keys by the reference recipe (every row run in
+full) and with the prefix KV cache, and residuals; the keys of both paths compared.
+
+    python3 bench/edit_speed.py --facts 256 --residual-facts 16
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from neuraldb import NeuralDB, load_facts, load_model
+from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.engine.keys import compute_keys
+from neuraldb.engine.models import DEFAULT_MODEL
+from neuraldb.engine.residuals import compute_residuals
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--data", default=str(SHARED / "counterfact" / "counterfact-edit.json"))
+    g.add_argument("--facts", type=int, default=256, help="facts whose keys are timed")
+    g.add_argument("--residual-facts", type=int, default=16, help="facts whose residuals are timed (0: skip)")
+    r = ap.add_argument_group("run")
+    r.add_argument("--key-batch", type=int, default=None, help="rows per key batch (default: the config's)")
+    r.add_argument("--out", default="results/edit_speed")
+    args = ap.parse_args()
+    model, tok = load_model(args.model)
+    db = NeuralDB(model, tok, attach=False)
+    cfg = db.config.replace(key_batch_size=args.key_batch)
+    facts = load_facts(args.data, limit=args.facts)
+    prefixes = db._ensure_prefixes()
+    rows, keys = [], {}
+    for name, reuse in (("keys, reference (rows in full)", False), ("keys, prefix KV cache", True)):
+        t0 = time.perf_counter()
+        keys[reuse] = compute_keys(model, tok, facts, db.layer, prefixes, cfg, reuse_prefix_cache=reuse)
+        dt = time.perf_counter() - t0
+        rows.append({"what": name, "facts": len(facts), "seconds": dt, "facts_per_s": len(facts) / dt})
+    diff = float((keys[True] - keys[False]).abs().max())
+    res = {}
+    for name, suffix in (("residuals, whole rows every step", False), ("residuals, suffix + KV cache", True)):
+        if not args.residual_facts:
+            break
+        sub = facts[: args.residual_facts]
+        t0 = time.perf_counter()
+        res[suffix], stats = compute_residuals(model, tok, sub, db.layer, prefixes, cfg.replace(residual_suffix=suffix))
+        dt = time.perf_counter() - t0
+        rows.append({"what": name, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
+                     "mean_final_nll": float(stats.nll.mean()), "max_final_nll": float(stats.nll.max()),
+                     "mean_steps": float(stats.steps.float().mean())})
+    table = markdown_table(rows, ["what", "facts", "seconds", "facts_per_s", "mean_final_nll", "max_final_nll",
+                                  "mean_steps"])
+    print(table)
+    print(f"max |key(cache) - key(reference)| = {diff:.3g}")
+    if len(res) == 2:
+        rel = float(((res[True] - res[False]).norm(dim=1) / res[False].norm(dim=1)).max())
+        print(f"max relative |residual(suffix) - residual(whole rows)| = {rel:.3g}")
+    write_json(Path(args.out) / "edit_speed.json", {"args": vars(args), "machine": machine(), "rows": rows,
+                                                     "key_max_abs_diff": diff, "config": cfg.__dict__})
+
+
+if __name__ == "__main__":
+    main()
