@@ -90,9 +90,10 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
                 tw.append(1.0 / (len(tgt) * len(usable)))
         prefixed_rows = [first + k for k, e in enumerate(usable) if e is not encs[0]]
         norm_row.append(prefixed_rows[0] if prefixed_rows else first)
-        enc = encode_with_subject(tok, "", cfg.kl_prompt, fact.subject)
+        # the KL distribution is read at the subject's last token: what follows it never matters
+        enc = encode_with_subject(tok, "", cfg.kl_prompt, fact.subject, truncate_after_subject=True)
         if enc.subject_last == 0 and prefixed:
-            enc = encode_with_subject(tok, prefixed[0], cfg.kl_prompt, fact.subject)
+            enc = encode_with_subject(tok, prefixed[0], cfg.kl_prompt, fact.subject, truncate_after_subject=True)
         kl_row.append(len(seqs))
         seqs.append(enc.ids)
         lookup.append(enc.subject_last)
@@ -171,7 +172,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
-    n_facts, arange_r = len(facts), torch.arange(len(b.ids), device=device)
+    n_facts, arange_r = len(facts), torch.arange(len(b.ids), device=device)  # (R,)
     # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
     with torch.no_grad(), Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
         model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
