@@ -76,7 +76,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _only_db_files(path: Path) -> bool:
-    return path.is_dir() and all(p.is_file() and p.name in FILES for p in path.iterdir())
+    """Nothing but what a save writes: the database files, and the `.tmp*` files through which
+    safetensors writes them (left behind when a save is killed mid-write)."""
+    return path.is_dir() and all(p.is_file() and (p.name in FILES or p.name.startswith(".tmp"))
+                                 for p in path.iterdir())
 
 
 def is_database(path: Path) -> bool:
@@ -216,6 +219,10 @@ def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, F
 
 def save_db(db: "NeuralDB", directory: Path, fault: Callable[[str], None] | None = None) -> Path:
     ids = np.asarray(sorted(db.facts), dtype=np.int64)
+    for name, other in (("residual table", db.table.ids()), ("key index", db.index.ids())):
+        if not np.array_equal(np.sort(other), ids):
+            raise DatabaseError(f"{directory}: not saved: the {name} holds {len(other)} ids for {len(ids)} facts "
+                                f"(facts inserted without residuals?)")
     meta = {"format": FORMAT, "model": db.fingerprint(), "next_id": db.next_id, "prefixes": db.prefixes,
             "config": to_mapping(db.config), "num_facts": len(ids)}
     return write_db(directory, meta, [(int(i), db.facts[int(i)]) for i in ids], db.table, db.index, fault)

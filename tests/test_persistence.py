@@ -290,3 +290,19 @@ def test_old_format_is_refused_clearly(saved: Path) -> None:
     cfg.write_text(_sealed_yaml(meta))
     with pytest.raises(DatabaseError, match="format 'neuraldb-db-1' is not 'neuraldb-db-2'"):
         read_db(saved)
+
+
+def test_recovery_removes_only_what_a_save_writes(tmp_path: Path) -> None:
+    """A save killed inside safetensors' own temp-file write leaves `.tmpXXXX` in our temp dir:
+    recovery removes it; a look-alike directory holding anything else is left alone."""
+    db = tmp_path / "db"
+    dbstate.save(db, 0)
+    ours = tmp_path / ".db.neuraldb-tmp-abc"
+    ours.mkdir()
+    (ours / "facts.jsonl").write_text("{}")
+    (ours / ".tmpQ1w2e3").write_bytes(b"")
+    theirs = tmp_path / ".db.neuraldb-tmp-xyz"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    assert dbstate.which(db) == 0  # opening the path recovers
+    assert not ours.exists() and (theirs / "notes.txt").read_text() == "keep me"
