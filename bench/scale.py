@@ -29,6 +29,7 @@ from neuraldb.bench.common import machine, markdown_table, write_json
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.evaluation import counterfact_scores, fluency, retention, zsre_scores
+from neuraldb.evaluation.lazy import until_no_new_facts
 from neuraldb.evaluation.synthetic import synthetic_facts
 
 log = logging.getLogger("bench.scale")
@@ -57,7 +58,9 @@ def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[list[Fact], lis
 
 
 class ChunkCache:
-    """Keys and residuals of facts [k*size, (k+1)*size) in OUT/cache/chunk_k.safetensors."""
+    """Keys and residuals of facts [k*size, (k+1)*size) in OUT/cache/keys_k.safetensors and
+    res_k.safetensors. Residuals are computed per whole chunk, eagerly or on demand: the same
+    chunking either way, so lazy and eager evaluation see bit-identical residuals."""
 
     def __init__(self, root: Path, size: int, signature: dict[str, Any]) -> None:
         self.root, self.size = root, size
@@ -70,44 +73,91 @@ class ChunkCache:
         else:
             meta.write_text(json.dumps(signature, indent=1))
 
-    def path(self, k: int) -> Path:
-        return self.root / f"chunk_{k:06d}.safetensors"
+    def path(self, kind: str, k: int) -> Path:
+        return self.root / f"{kind}_{k:06d}.safetensors"
 
-    def fill(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
-        n_chunks = (len(facts) + self.size - 1) // self.size
-        todo = [k for k in range(n_chunks) if not self.path(k).is_file()]
-        bar = tqdm(total=len(facts), initial=len(facts) - sum(len(facts[k * self.size:(k + 1) * self.size]) for k in todo),
-                   desc="edits (keys+residuals)", unit="fact", disable=None)
-        for k in todo:
+    def _chunks(self, n: int) -> range:
+        return range((n + self.size - 1) // self.size)
+
+    def _write(self, kind: str, k: int, tensors: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
+        tmp = self.path(kind, k).with_suffix(".tmp")
+        save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(tmp),
+                  metadata={name: str(v) for name, v in timings.items()})
+        tmp.rename(self.path(kind, k))
+
+    def fill_keys(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
+        todo = [k for k in self._chunks(len(facts)) if not self.path("keys", k).is_file()]
+        bar = tqdm(total=len(todo), desc="key chunks", unit="chunk", disable=None)
+        for n, k in enumerate(todo):
             chunk = facts[k * self.size : (k + 1) * self.size]
-            keys, res = db.encode(chunk)
-            tmp = self.path(k).with_suffix(".tmp")
-            save_file({"keys": keys.cpu().contiguous(), "residuals": res.cpu().contiguous(),
-                       "nll": db.last_stats.nll.cpu(), "steps": db.last_stats.steps.cpu()}, str(tmp),
-                      metadata={k_: str(v) for k_, v in db.timings.items()})
-            tmp.rename(self.path(k))
-            bar.update(len(chunk))
+            t0 = time.perf_counter()
+            keys = db.encode_keys(chunk)
+            self._write("keys", k, {"keys": keys}, {"keys_s": time.perf_counter() - t0, "facts": len(chunk)})
+            bar.update(1)
+            if not bar.disable or (n + 1) % 50 == 0 or n + 1 == len(todo):  # a line per 50 chunks off a terminal
+                log.info("keys: %d/%d chunks", n + 1, len(todo))
         bar.close()
 
-    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, res = [], []
+    def fill_residuals(self, db: NeuralDB, facts: Sequence[Fact], chunks: Sequence[int]) -> None:
+        todo = [k for k in chunks if not self.path("res", k).is_file()]
+        for k in tqdm(todo, desc="residual chunks", unit="chunk", disable=None, leave=False):
+            res = db.encode_residuals(facts[k * self.size : (k + 1) * self.size])
+            self._write("res", k, {"residuals": res, "nll": db.last_stats.nll, "steps": db.last_stats.steps},
+                        db.timings)
+
+    def keys(self, start: int, stop: int) -> torch.Tensor:
+        parts = []
         for k in range(start // self.size, (stop + self.size - 1) // self.size):
-            t = load_file(str(self.path(k)))
-            lo, hi = max(start - k * self.size, 0), min(stop - k * self.size, self.size)
-            keys.append(t["keys"][lo:hi])
-            res.append(t["residuals"][lo:hi])
-        return torch.cat(keys), torch.cat(res)
+            t = load_file(str(self.path("keys", k)))["keys"]
+            parts.append(t[max(start - k * self.size, 0) : min(stop - k * self.size, self.size)])
+        return torch.cat(parts)
+
+    def residuals(self, k: int) -> torch.Tensor:
+        return load_file(str(self.path("res", k)))["residuals"]
+
+    def computed(self) -> list[int]:
+        """Chunks whose residuals exist."""
+        return sorted(int(p.stem.split("_")[1]) for p in self.root.glob("res_*.safetensors"))
 
     def throughput(self, n: int) -> dict[str, float]:
         from safetensors import safe_open
 
-        ks = rs = 0.0
-        for k in range((n + self.size - 1) // self.size):
-            with safe_open(str(self.path(k)), framework="pt") as fh:
-                meta = fh.metadata()
-            ks += float(meta["keys_s"])
-            rs += float(meta["residuals_s"])
-        return {"keys_per_s": n / ks if ks else float("nan"), "residuals_per_s": n / rs if rs else float("nan")}
+        totals = {"keys": [0.0, 0], "res": [0.0, 0]}
+        for kind, field in (("keys", "keys_s"), ("res", "residuals_s")):
+            for k in self._chunks(n):
+                if self.path(kind, k).is_file():
+                    with safe_open(str(self.path(kind, k)), framework="pt") as fh:
+                        meta = fh.metadata()
+                    totals[kind][0] += float(meta[field])
+                    totals[kind][1] += int(float(meta["facts"]))
+        (ks, kn), (rs, rn) = totals["keys"], totals["res"]
+        return {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan")}
+
+
+class Residuals:
+    """Puts cached residual chunks into the database: all of them (eager), or on demand for the
+    facts whose gates open (lazy); counts what was computed."""
+
+    def __init__(self, db: NeuralDB, cache: ChunkCache, facts: Sequence[Fact]) -> None:
+        self.db, self.cache, self.facts = db, cache, facts
+        self.loaded: set[int] = set()
+
+    def load(self, ids: set[int]) -> int:
+        """Residuals of every fact in `ids` (and the rest of its chunk) that are not loaded yet."""
+        want = sorted({i // self.cache.size for i in ids} - self.loaded)
+        self.cache.fill_residuals(self.db, self.facts, want)
+        for k in want:
+            lo = k * self.cache.size
+            res = self.cache.residuals(k)
+            in_db = [i for i in range(lo, lo + len(res)) if i in self.db.facts]
+            self.db.table.put(in_db, res[[i - lo for i in in_db]].to(self.db.table.device))
+            self.loaded.add(k)
+        return len(want)
+
+    def refresh(self) -> None:
+        """After more facts entered the database: their rows of already loaded chunks too."""
+        loaded, self.loaded = self.loaded, set()
+        self.load({k * self.cache.size for k in loaded})
 
 
 def default_checkpoints(n: int) -> list[int]:
@@ -193,7 +243,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
     e.add_argument("--index", help="key index spec (Flat, torch, ...)")
-    e.add_argument("--chunk", type=int, default=16, help="facts per cached chunk")
+    e.add_argument("--chunk", type=int, default=16, help="facts per cached chunk (and per residual batch)")
+    e.add_argument("--lazy-residuals", choices=["auto", "on", "off"], default="auto",
+                   help="compute residuals only for facts whose gates open on evaluated tokens (exact; "
+                        "auto: above 5000 facts)")
     v = ap.add_argument_group("evaluation")
     v.add_argument("--checkpoints", help="comma-separated m values (default: a ladder up to --facts)")
     v.add_argument("--eval-sample", type=int, default=48, help="facts scored at every checkpoint")
@@ -223,7 +276,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
                  "chunk": args.chunk, "first_ids": [f.id for f in facts[:3]]}
     cache = ChunkCache(out / "cache", args.chunk, signature)
-    cache.fill(db, facts)
+    lazy = args.lazy_residuals == "on" or (args.lazy_residuals == "auto" and len(facts) > 5000)
+    cache.fill_keys(db, facts)
+    if not lazy:
+        cache.fill_residuals(db, facts, cache._chunks(len(facts)))
+    resid = Residuals(db, cache, facts)
 
     rng = random.Random(args.seed)
     first = facts[: checkpoints[0]]
@@ -238,15 +295,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))]
         pre["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
 
+    def measure(fn: Any) -> Any:  # lazily: repeat until no evaluated token opens a fact without its residual
+        return until_no_new_facts(db, fn, resid.load) if lazy else fn()
+
     rows, done = [], 0
     for m in checkpoints:
-        keys, res = cache.rows(done, m)
-        db.insert(list(range(done, m)), facts[done:m], keys.to(args.device), res.to(args.device))
+        db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
         done = m
+        resid.refresh()
+        if not lazy:
+            resid.load(set(range(m)))
         t0 = time.perf_counter()
-        post = score(model, tok, sample).as_dict()
-        post["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
-        ret = retention(db, texts).as_dict()
+        post = measure(lambda: score(model, tok, sample).as_dict())
+        post["fluency"] = measure(lambda: fluency(model, tok, flu_prompts, args.fluency_tokens)) \
+            if args.fluency_tokens else float("nan")
+        ret = measure(lambda: retention(db, texts).as_dict())
         row = {"m": m, **{k: post[k] for k in ("efficacy", "generalization", "specificity", "fluency")},
                "false_open": ret["false_open_rate"], "identical": ret["identical_rate"], "kl": ret["mean_kl"],
                "ppl_before": ret["ppl_before"], "ppl_after": ret["ppl_after"],
@@ -254,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "bytes_per_fact": (db.index.nbytes + db.table.nbytes) / m,  # allocated (whole shards)
                "payload_bytes_per_fact": 4 * (db.d_key + db.d_res),  # one fp32 key + residual
                **cache.throughput(m), **latency(db, texts, args.latency_batch, args.latency_repeats),
-               **peak_memory(), "eval_s": time.perf_counter() - t0}
+               **peak_memory(), "eval_s": time.perf_counter() - t0,
+               "residuals_in_db": len(db.table.ids()), "residual_chunks_computed": len(cache.computed())}
         rows.append(row)
         print(f"m={m}: efficacy {row['efficacy']:.1f} generalization {row['generalization']:.1f} specificity "
               f"{row['specificity']:.1f} false-open {row['false_open']:.4f} lookup(prefill) "
@@ -280,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = markdown_table([pre_row] + rows, cols)
     result = {"args": vars(args), "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
               "data": {"kind": kind, "facts": len(facts), "eval_sample": len(sample), "retention_texts": len(texts)},
+              "lazy_residuals": lazy,
               "pre": pre, "rows": rows, "trace": str(trace) if trace else None,
               "wall_s": time.perf_counter() - t_start}
     out.mkdir(parents=True, exist_ok=True)

@@ -149,16 +149,22 @@ class NeuralDB:
         with self.disabled():
             return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config)
 
-    def encode(self, facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (F, d_key) and residuals (F, d_res) of facts, computed on the unedited model."""
+    def encode_residuals(self, facts: Sequence[Fact]) -> torch.Tensor:
+        """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`)."""
         prefixes = self._ensure_prefixes()
         with self.disabled():
             t0 = time.perf_counter()
-            keys = compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config)
-            t1 = time.perf_counter()
             res, self.last_stats = compute_residuals(self.model, self.tok, facts, self.layer, prefixes, self.config)
-            t2 = time.perf_counter()
-        self.timings = {"keys_s": t1 - t0, "residuals_s": t2 - t1, "facts": float(len(facts))}
+        self.timings = {"residuals_s": time.perf_counter() - t0, "facts": float(len(facts))}
+        return res
+
+    def encode(self, facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (F, d_key) and residuals (F, d_res) of facts, computed on the unedited model."""
+        t0 = time.perf_counter()
+        keys = self.encode_keys(facts)
+        keys_s = time.perf_counter() - t0
+        res = self.encode_residuals(facts)
+        self.timings["keys_s"] = keys_s
         return keys, res
 
     def add(self, facts: Fact | Iterable[Fact]) -> list[int]:
@@ -171,16 +177,21 @@ class NeuralDB:
         self.insert(ids, facts, keys, res)
         return ids
 
-    def insert(self, ids: Sequence[int], facts: Sequence[Fact], keys: torch.Tensor, residuals: torch.Tensor) -> None:
-        """Store precomputed rows (e.g. from a cache) under `ids`."""
-        if not (len(ids) == len(facts) == keys.shape[0] == residuals.shape[0]):
+    def insert(self, ids: Sequence[int], facts: Sequence[Fact], keys: torch.Tensor,
+               residuals: torch.Tensor | None) -> None:
+        """Store precomputed rows (e.g. from a cache) under `ids`. `residuals=None` stores keys
+        only (an evaluation strategy: the residuals of the facts whose gates open are put into
+        `table` later; until then such a fact adds nothing); such a database is not saved."""
+        n_res = len(ids) if residuals is None else residuals.shape[0]
+        if not (len(ids) == len(facts) == keys.shape[0] == n_res):
             raise ValueError("ids, facts, keys and residuals must have the same length")
-        if keys.shape[1] != self.d_key or residuals.shape[1] != self.d_res:
+        if keys.shape[1] != self.d_key or (residuals is not None and residuals.shape[1] != self.d_res):
             raise ValueError(f"keys must have dim {self.d_key} and residuals {self.d_res}, got "
-                             f"{keys.shape[1]} and {residuals.shape[1]}")
+                             f"{keys.shape[1]} and {None if residuals is None else residuals.shape[1]}")
         arr = np.asarray(ids, dtype=np.int64)
         self.index.add(arr, keys)
-        self.table.put(arr, residuals)
+        if residuals is not None:
+            self.table.put(arr, residuals)
         for i, f in zip(ids, facts):
             self.facts[int(i)] = f
         self.next_id = max(self.next_id, int(arr.max()) + 1)

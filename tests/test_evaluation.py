@@ -113,7 +113,60 @@ def test_scale_smoke(tokenizer, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "scale.md").read_text().count("\n") >= 4
     assert (tmp_path / "out" / "trace.json").is_file()
     # resumable: a second run reuses every cached chunk and agrees on the edits
-    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").glob("chunk_*"))
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").glob("*.safetensors"))
     scale.main(argv)
-    after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").glob("chunk_*"))
+    after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").glob("*.safetensors"))
     assert before == after
+
+
+def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path) -> None:
+    """Keys for every fact and residuals only where a gate opens give the same logits, bit for
+    bit, as the database with every residual; and bench/scale.py's metrics agree both ways."""
+    import torch
+
+    from neuraldb import EditConfig, NeuralDB
+    from neuraldb.bench import scale
+    from neuraldb.evaluation.lazy import until_no_new_facts
+    from neuraldb.evaluation.synthetic import synthetic_facts
+
+    cfg = EditConfig(layer=1, n_prefixes=1, prefix_len=3, residual_prefixes=1, steps=3, gamma=0.9)
+    facts = list(synthetic_facts(12, seed=0))
+    probe = [facts[1].text, facts[7].text, facts[7].paraphrases[0], "Where is it? Who made it?"]
+    enc = tokenizer(probe, return_tensors="pt", padding=True)
+    logits = {}
+    computed = {}
+    for lazy in (False, True):
+        model = make_model("llama", tokenizer)
+        db = NeuralDB(model, tokenizer, cfg)
+        cache = scale.ChunkCache(tmp_path / f"cache-{lazy}", 3, {"lazy": lazy})
+        cache.fill_keys(db, facts)
+        db.insert(list(range(len(facts))), facts, cache.keys(0, len(facts)), None)
+        resid = scale.Residuals(db, cache, facts)
+        run = lambda: model(**enc).logits  # noqa: E731
+        with torch.no_grad():
+            if lazy:
+                logits[lazy] = until_no_new_facts(db, run, resid.load)
+            else:
+                cache.fill_residuals(db, facts, range(4))
+                resid.load(set(range(len(facts))))
+                logits[lazy] = run()
+        computed[lazy] = len(cache.computed())
+    assert torch.equal(logits[True], logits[False])
+    assert computed[False] == 4 and 1 <= computed[True] < 4  # lazily, not every chunk was needed
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "cfg.yaml").write_text("layer: 1\nn_prefixes: 1\nprefix_len: 3\nresidual_prefixes: 1\nsteps: 3\n"
+                                       "gamma: 0.9\n")
+    rows = {}
+    for mode in ("off", "on"):
+        scale.main(["--model", str(model_dir), "--data", "synthetic", "--facts", "12", "--chunk", "3",
+                    "--checkpoints", "6,12", "--eval-sample", "3", "--retention-texts", "4", "--fluency-tokens", "6",
+                    "--latency-repeats", "1", "--latency-batch", "2", "--config", str(tmp_path / "cfg.yaml"),
+                    "--lazy-residuals", mode, "--out", str(tmp_path / f"out-{mode}")])
+        rows[mode] = json.loads((tmp_path / f"out-{mode}" / "scale.json").read_text())["rows"]
+    metrics = ("efficacy", "generalization", "specificity", "fluency", "false_open", "identical", "kl", "ppl_after")
+    for eager, lazy in zip(rows["off"], rows["on"]):
+        assert {k: eager[k] for k in metrics} == {k: lazy[k] for k in metrics}
+        assert lazy["residual_chunks_computed"] <= eager["residual_chunks_computed"]
