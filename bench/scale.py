@@ -58,12 +58,13 @@ def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[list[Fact], lis
 
 
 class ChunkCache:
-    """Keys and residuals of facts [k*size, (k+1)*size) in OUT/cache/keys_k.safetensors and
-    res_k.safetensors. Residuals are computed per whole chunk, eagerly or on demand: the same
-    chunking either way, so lazy and eager evaluation see bit-identical residuals."""
+    """Keys of facts [k*key_size, (k+1)*key_size) in OUT/cache/keys_k.safetensors, residuals of
+    facts [k*size, (k+1)*size) in res_k.safetensors. Residuals are computed per whole chunk,
+    eagerly or on demand: the same chunking either way, so lazy and eager evaluation see
+    bit-identical residuals (small chunks waste little when computed on demand)."""
 
-    def __init__(self, root: Path, size: int, signature: dict[str, Any]) -> None:
-        self.root, self.size = root, size
+    def __init__(self, root: Path, size: int, signature: dict[str, Any], key_size: int | None = None) -> None:
+        self.root, self.size, self.key_size = root, size, key_size or size
         root.mkdir(parents=True, exist_ok=True)
         meta = root / "meta.json"
         if meta.is_file():
@@ -76,8 +77,9 @@ class ChunkCache:
     def path(self, kind: str, k: int) -> Path:
         return self.root / f"{kind}_{k:06d}.safetensors"
 
-    def _chunks(self, n: int) -> range:
-        return range((n + self.size - 1) // self.size)
+    def _chunks(self, n: int, size: int | None = None) -> range:
+        size = size or self.size
+        return range((n + size - 1) // size)
 
     def _write(self, kind: str, k: int, tensors: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
         tmp = self.path(kind, k).with_suffix(".tmp")
@@ -86,10 +88,10 @@ class ChunkCache:
         tmp.rename(self.path(kind, k))
 
     def fill_keys(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
-        todo = [k for k in self._chunks(len(facts)) if not self.path("keys", k).is_file()]
+        todo = [k for k in self._chunks(len(facts), self.key_size) if not self.path("keys", k).is_file()]
         bar = tqdm(total=len(todo), desc="key chunks", unit="chunk", disable=None)
         for n, k in enumerate(todo):
-            chunk = facts[k * self.size : (k + 1) * self.size]
+            chunk = facts[k * self.key_size : (k + 1) * self.key_size]
             t0 = time.perf_counter()
             keys = db.encode_keys(chunk)
             self._write("keys", k, {"keys": keys}, {"keys_s": time.perf_counter() - t0, "facts": len(chunk)})
@@ -107,9 +109,10 @@ class ChunkCache:
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
         parts = []
-        for k in range(start // self.size, (stop + self.size - 1) // self.size):
+        size = self.key_size
+        for k in range(start // size, (stop + size - 1) // size):
             t = load_file(str(self.path("keys", k)))["keys"]
-            parts.append(t[max(start - k * self.size, 0) : min(stop - k * self.size, self.size)])
+            parts.append(t[max(start - k * size, 0) : min(stop - k * size, size)])
         return torch.cat(parts)
 
     def residuals(self, k: int) -> torch.Tensor:
@@ -123,8 +126,8 @@ class ChunkCache:
         from safetensors import safe_open
 
         totals = {"keys": [0.0, 0], "res": [0.0, 0]}
-        for kind, field in (("keys", "keys_s"), ("res", "residuals_s")):
-            for k in self._chunks(n):
+        for kind, field, size in (("keys", "keys_s", self.key_size), ("res", "residuals_s", self.size)):
+            for k in self._chunks(n, size):
                 if self.path(kind, k).is_file():
                     with safe_open(str(self.path(kind, k)), framework="pt") as fh:
                         meta = fh.metadata()
@@ -243,7 +246,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
     e.add_argument("--index", help="key index spec (Flat, torch, ...)")
-    e.add_argument("--chunk", type=int, default=16, help="facts per cached chunk (and per residual batch)")
+    e.add_argument("--chunk", type=int, default=16, help="facts per residual chunk (one optimisation batch)")
+    e.add_argument("--key-chunk", type=int, default=256, help="facts per cached key file")
     e.add_argument("--lazy-residuals", choices=["auto", "on", "off"], default="auto",
                    help="compute residuals only for facts whose gates open on evaluated tokens (exact; "
                         "auto: above 5000 facts)")
@@ -274,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if checkpoints[-1] > len(facts):
         raise SystemExit(f"--checkpoints: {checkpoints[-1]} is more than --facts {len(facts)}")
     signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
-                 "chunk": args.chunk, "first_ids": [f.id for f in facts[:3]]}
-    cache = ChunkCache(out / "cache", args.chunk, signature)
+                 "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]]}
+    cache = ChunkCache(out / "cache", args.chunk, signature, key_size=args.key_chunk)
     lazy = args.lazy_residuals == "on" or (args.lazy_residuals == "auto" and len(facts) > 5000)
     cache.fill_keys(db, facts)
     if not lazy:
