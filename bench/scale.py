@@ -30,6 +30,7 @@ from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.evaluation import counterfact_scores, fluency, retention, zsre_scores
 from neuraldb.evaluation.lazy import until_no_new_facts
+from neuraldb.evaluation.texts import wikitext_passages
 from neuraldb.evaluation.synthetic import synthetic_facts
 
 log = logging.getLogger("bench.scale")
@@ -255,6 +256,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     v.add_argument("--checkpoints", help="comma-separated m values (default: a ladder up to --facts)")
     v.add_argument("--eval-sample", type=int, default=48, help="facts scored at every checkpoint")
     v.add_argument("--retention-texts", type=int, default=64)
+    v.add_argument("--retention-data", default="held-out",
+                   help="held-out (neighbourhood prompts of unedited facts + the model's continuations) | "
+                        "wikitext (WikiText-2 test paragraphs from the shared data) | PATH to a WikiText raw file")
     v.add_argument("--fluency-tokens", type=int, default=40, help="0 skips fluency")
     v.add_argument("--latency-batch", type=int, default=8)
     v.add_argument("--latency-repeats", type=int, default=10)
@@ -293,8 +297,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unrelated = [p for f in held_out for p in f.neighborhood][: args.retention_texts]
     if not unrelated:
         unrelated = [p for f in facts for p in f.neighborhood][: args.retention_texts]
-    with db.disabled():  # unrelated prompts + the unedited model's own continuations
-        texts = [p + db.generate(p, 12) for p in tqdm(unrelated, desc="held-out text", disable=None, leave=False)]
+    with db.disabled():  # unrelated prompts + the unedited model's own continuations, or Wikipedia text
+        if args.retention_data == "held-out":
+            texts = [p + db.generate(p, 12) for p in tqdm(unrelated, desc="held-out text", disable=None, leave=False)]
+        else:
+            src = SHARED / "wikitext" / "wiki.test.raw" if args.retention_data == "wikitext" else args.retention_data
+            texts = wikitext_passages(src, args.retention_texts)
         pre = score(model, tok, sample).as_dict()
         flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))]
         pre["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")

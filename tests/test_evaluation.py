@@ -119,7 +119,7 @@ def test_scale_smoke(tokenizer, tmp_path: Path) -> None:
     assert before == after
 
 
-def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path) -> None:
+def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -> None:
     """Keys for every fact and residuals only where a gate opens give the same logits, bit for
     bit, as the database with every residual; and bench/scale.py's metrics agree both ways."""
     import torch
@@ -160,13 +160,30 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path) -> None:
     (tmp_path / "cfg.yaml").write_text("layer: 1\nn_prefixes: 1\nprefix_len: 3\nresidual_prefixes: 1\nsteps: 3\n"
                                        "gamma: 0.9\n")
     rows = {}
+    wiki = ["--retention-data", "wikitext"] if (data_dir / "wikitext" / "wiki.test.raw").is_file() else []
     for mode in ("off", "on"):
         scale.main(["--model", str(model_dir), "--data", "synthetic", "--facts", "12", "--chunk", "3",
                     "--checkpoints", "6,12", "--eval-sample", "3", "--retention-texts", "4", "--fluency-tokens", "6",
                     "--latency-repeats", "1", "--latency-batch", "2", "--config", str(tmp_path / "cfg.yaml"),
-                    "--lazy-residuals", mode, "--out", str(tmp_path / f"out-{mode}")])
+                    "--lazy-residuals", mode, "--out", str(tmp_path / f"out-{mode}"), *wiki])
         rows[mode] = json.loads((tmp_path / f"out-{mode}" / "scale.json").read_text())["rows"]
     metrics = ("efficacy", "generalization", "specificity", "fluency", "false_open", "identical", "kl", "ppl_after")
     for eager, lazy in zip(rows["off"], rows["on"]):
         assert {k: eager[k] for k in metrics} == {k: lazy[k] for k in metrics}
         assert lazy["residual_chunks_computed"] <= eager["residual_chunks_computed"]
+
+
+def test_wikitext_passages(tmp_path: Path, data_dir: Path) -> None:
+    from neuraldb.evaluation.texts import wikitext_passages
+
+    raw = tmp_path / "wiki.raw"
+    raw.write_text(" = Title = \n\n" + " ".join(f"w{i}" for i in range(50)) + " \n short line \n"
+                   + " ".join(f"v{i}" for i in range(200)) + " \n")
+    got = wikitext_passages(raw, 2, max_words=100)
+    assert got[0] == " ".join(f"w{i}" for i in range(50)) and len(got[1].split()) == 100
+    with pytest.raises(ValueError, match="only 2 paragraphs"):
+        wikitext_passages(raw, 3)
+    real = data_dir / "wikitext" / "wiki.test.raw"
+    if real.is_file():
+        texts = wikitext_passages(real, 64)
+        assert len(texts) == 64 and texts[0].startswith("Robert Boulter is an English film")
