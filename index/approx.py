@@ -63,8 +63,7 @@ class RescoredIndex(KeyIndex):
         self._retired: set[int] = set()  # labels still inside FAISS whose codes are zeroed
 
     def _new(self) -> Any:
-        index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
-        return index
+        return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
 
     def _ivf(self) -> Any:
         sub = faiss.downcast_index(self.index)
@@ -130,10 +129,10 @@ class RescoredIndex(KeyIndex):
         ids = self._check_add(ids, keys)
         self._faiss_retire(ids)  # replaced ids get new labels
         self.exact.add(ids, keys, unit=unit)
-        if self.index.is_trained and (self.index.ntotal or not self.needs_training):
+        if self.index.is_trained:
             self._faiss_add(ids)
         else:
-            self._maybe_train()
+            self._maybe_train()  # trains once enough keys are in, then indexes all of them
 
     def remove(self, ids: Any) -> int:
         ids = as_ids(ids)

@@ -218,3 +218,18 @@ def test_update_one_fact_touches_only_its_row(spec: str) -> None:
     s_, i_ = idx.search(new)
     assert int(i_[0]) == ids[10]
     assert idx.ntotal == 600
+
+
+@pytest.mark.parametrize("spec", ["IVF8,Flat", "PQ4", "HNSW16"])
+def test_emptied_index_keeps_indexing(spec: str) -> None:
+    """Removing every key and adding new ones: the candidate index takes them again (it does not
+    fall back to exhaustive search for good)."""
+    keys, _ = data(6, 400, 16, True)
+    idx = make_index(spec, 16, train_size=300, shortlist=16)
+    idx.add(np.arange(400), keys)
+    idx.remove(np.arange(400))
+    assert idx.ntotal == 0
+    idx.add(np.arange(1000, 1050), keys[:50])
+    assert idx.index.ntotal >= 50 and idx.ntotal == 50
+    s, i = idx.search(keys[:5])
+    assert i.tolist() == list(range(1000, 1005))
