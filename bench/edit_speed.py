@@ -33,7 +33,7 @@ def main() -> None:
     db = NeuralDB(model, tok, attach=False)
     cfg = db.config.replace(key_batch_size=args.key_batch)
     facts = load_facts(args.data, limit=args.facts)
-    prefixes = db._ensure_prefixes()
+    prefixes = db.ensure_prefixes()
     rows, keys = [], {}
     for name, reuse in (("keys, reference (rows in full)", False), ("keys, prefix KV cache", True)):
         t0 = time.perf_counter()

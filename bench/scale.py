@@ -90,6 +90,7 @@ class ChunkCache:
 
     def fill_keys(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
         todo = [k for k in self._chunks(len(facts), self.key_size) if not self.path("keys", k).is_file()]
+        db.ensure_prefixes()  # once, before timing: it is not per-fact work
         bar = tqdm(total=len(todo), desc="key chunks", unit="chunk", disable=None)
         for n, k in enumerate(todo):
             chunk = facts[k * self.key_size : (k + 1) * self.key_size]

@@ -137,7 +137,8 @@ class NeuralDB:
             gate.history = None
 
     # ----- editing --------------------------------------------------------------------
-    def _ensure_prefixes(self) -> list[str]:
+    def ensure_prefixes(self) -> list[str]:
+        """The generated context prefixes of the key/residual recipe (generated once, seeded)."""
         if self.prefixes is None:
             with self.disabled():
                 self.prefixes = generate_prefixes(self.model, self.tok, self.config)
@@ -145,13 +146,13 @@ class NeuralDB:
 
     def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Keys (F, d_key) of facts on the unedited model."""
-        prefixes = self._ensure_prefixes()
+        prefixes = self.ensure_prefixes()
         with self.disabled():
             return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config)
 
     def encode_residuals(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`)."""
-        prefixes = self._ensure_prefixes()
+        prefixes = self.ensure_prefixes()
         with self.disabled():
             t0 = time.perf_counter()
             res, self.last_stats = compute_residuals(self.model, self.tok, facts, self.layer, prefixes, self.config)
