@@ -159,10 +159,13 @@ class Residuals:
             self.loaded.add(k)
         return len(want)
 
-    def refresh(self) -> None:
-        """After more facts entered the database: their rows of already loaded chunks too."""
-        loaded, self.loaded = self.loaded, set()
-        self.load({k * self.cache.size for k in loaded})
+    def refresh(self, start: int) -> None:
+        """Facts from id `start` on just entered the database: only a loaded chunk that straddles
+        `start` holds rows of theirs (chunks after it were never loaded), so it alone is put again."""
+        k = start // self.cache.size
+        if start % self.cache.size and k in self.loaded:
+            self.loaded.discard(k)
+            self.load({start})
 
 
 def default_checkpoints(n: int) -> list[int]:
@@ -314,8 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows, done = [], 0
     for m in checkpoints:
         db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
+        resid.refresh(done)
         done = m
-        resid.refresh()
         if not lazy:
             resid.load(set(range(m)))
         t0 = time.perf_counter()

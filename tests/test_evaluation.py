@@ -163,11 +163,12 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
     wiki = ["--retention-data", "wikitext"] if (data_dir / "wikitext" / "wiki.test.raw").is_file() else []
     for mode in ("off", "on"):
         scale.main(["--model", str(model_dir), "--data", "synthetic", "--facts", "12", "--chunk", "3",
-                    "--checkpoints", "6,12", "--eval-sample", "3", "--retention-texts", "4", "--fluency-tokens", "6",
+                    "--checkpoints", "5,12", "--eval-sample", "3", "--retention-texts", "4", "--fluency-tokens", "6",
                     "--latency-repeats", "1", "--latency-batch", "2", "--config", str(tmp_path / "cfg.yaml"),
                     "--lazy-residuals", mode, "--out", str(tmp_path / f"out-{mode}"), *wiki])
         rows[mode] = json.loads((tmp_path / f"out-{mode}" / "scale.json").read_text())["rows"]
     metrics = ("efficacy", "generalization", "specificity", "fluency", "false_open", "identical", "kl", "ppl_after")
+    assert [r["residuals_in_db"] for r in rows["off"]] == [5, 12]  # the chunk straddling 5 was completed
     for eager, lazy in zip(rows["off"], rows["on"]):
         assert {k: eager[k] for k in metrics} == {k: lazy[k] for k in metrics}
         assert lazy["residual_chunks_computed"] <= eager["residual_chunks_computed"]
