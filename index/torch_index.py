@@ -48,17 +48,17 @@ class TorchIndex(KeyIndex):
     def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
         """New ids are appended; an id already present has its row rewritten in place (O(d))."""
         ids = self._check_add(ids, keys)
-        unit = unit_rows(keys.to(self.device), unit).to(self._keys.dtype)  # (n, dim)
+        x = unit_rows(keys.to(self.device), unit).to(self._keys.dtype)  # (n, dim)
         present = np.fromiter((int(i) in self._slot for i in ids), bool, len(ids))
         if present.any():
             rows = torch.from_numpy(self.slots_of(ids[present])).to(self.device)
-            self._keys[rows] = unit[torch.from_numpy(present).to(self.device)]
+            self._keys[rows] = x[torch.from_numpy(present).to(self.device)]
         new = ~present
         n = int(new.sum())
         if n:
             self._grow(self._n + n)
             rows = slice(self._n, self._n + n)
-            self._keys[rows] = unit[torch.from_numpy(new).to(self.device)]
+            self._keys[rows] = x[torch.from_numpy(new).to(self.device)]
             self._ids[rows] = torch.from_numpy(ids[new]).to(self.device)
             self._valid[rows] = True
             for k, i in enumerate(ids[new]):
