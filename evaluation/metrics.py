@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -61,11 +61,13 @@ def teacher_forced(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts
 
 
 def _pair_scores(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],
-                 new: Sequence[str], true: Sequence[str]) -> np.ndarray:
-    """1 where NLL(new) < NLL(true), per prompt."""
-    n_new, _ = teacher_forced(model, tok, prompts, new)
+                 new: Sequence[str], true: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt: 1 where NLL(new) < NLL(true), and 1 where the greedy continuation starts with
+    `new` (every token of " new" is the argmax given the prompt and the new tokens before it:
+    that is exactly what greedy decoding emits, with no generate call)."""
+    n_new, acc_new = teacher_forced(model, tok, prompts, new)
     n_true, _ = teacher_forced(model, tok, prompts, true)
-    return (np.asarray(n_new) < np.asarray(n_true)).astype(float)
+    return (np.asarray(n_new) < np.asarray(n_true)).astype(float), (np.asarray(acc_new) == 1.0).astype(float)
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,16 @@ class Scores:
     generalization: float
     specificity: float
     n: int
+    greedy_efficacy: float = float("nan")  # share of rewrite prompts whose greedy answer is the new object
+    greedy_generalization: float = float("nan")  # the same on paraphrases
+    # per prompt kind: (prompts, the id of the fact each belongs to, 1.0 where it passed)
+    outcomes: dict[str, tuple[list[str], list[str | None], np.ndarray]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, float]:
         return {"efficacy": self.efficacy, "generalization": self.generalization,
-                "specificity": self.specificity, "n": self.n}
+                "specificity": self.specificity, "greedy_efficacy": self.greedy_efficacy,
+                "greedy_generalization": self.greedy_generalization, "n": self.n}
 
 
 def _mean_per_record(values: np.ndarray, owners: Sequence[int], n: int) -> float:
@@ -91,44 +99,57 @@ def _mean_per_record(values: np.ndarray, owners: Sequence[int], n: int) -> float
     return float(100 * np.mean(sums[have] / counts[have]))
 
 
+def prompts_of(facts: Sequence, kind: str) -> tuple[list[str], list[int]]:
+    """The prompts of one kind (efficacy: the rewrite prompt; generalization: paraphrases;
+    specificity: neighbourhood prompts) and the index of the fact each belongs to."""
+    prompts, owners = [], []
+    for i, f in enumerate(facts):
+        for p in {"efficacy": (f.text,), "generalization": f.paraphrases, "specificity": f.neighborhood}[kind]:
+            prompts.append(p)
+            owners.append(i)
+    return prompts, owners
+
+
 def counterfact_scores(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence) -> Scores:
     """Efficacy (rewrite prompt), generalization (paraphrases): share where the new object has
     lower NLL than the true one; specificity (neighbourhood prompts): share where the true one
-    still wins. Facts without a true object are skipped."""
+    still wins; greedy efficacy / generalization: share where greedy decoding starts with the new
+    object. Facts without a true object are skipped."""
     facts = [f for f in facts if f.target_true]
-    out = {}
-    for name, prompts_of, want_new in (("efficacy", lambda f: [f.text], True),
-                                       ("generalization", lambda f: list(f.paraphrases), True),
-                                       ("specificity", lambda f: list(f.neighborhood), False)):
-        prompts, new, true, owners = [], [], [], []
-        for i, f in enumerate(facts):
-            for p in prompts_of(f):
-                prompts.append(p)
-                new.append(f.target_new)
-                true.append(f.target_true if want_new else (f.locality_target or f.target_true))
-                owners.append(i)
-        s = _pair_scores(model, tok, prompts, new, true) if prompts else np.zeros(0)
-        out[name] = _mean_per_record(s if want_new else 1 - s, owners, len(facts))
-    return Scores(out["efficacy"], out["generalization"], out["specificity"], len(facts))
+    out, outcomes = {}, {}
+    for name in ("efficacy", "generalization", "specificity"):
+        prompts, owners = prompts_of(facts, name)
+        want_new = name != "specificity"
+        new = [facts[i].target_new for i in owners]
+        true = [facts[i].target_true if want_new else (facts[i].locality_target or facts[i].target_true) for i in owners]
+        s, greedy = _pair_scores(model, tok, prompts, new, true) if prompts else (np.zeros(0), np.zeros(0))
+        ok = s if want_new else 1 - s
+        out[name] = _mean_per_record(ok, owners, len(facts))
+        outcomes[name] = (prompts, [facts[i].id for i in owners], ok)
+        if want_new:
+            out[f"greedy_{name}"] = _mean_per_record(greedy, owners, len(facts))
+    return Scores(out["efficacy"], out["generalization"], out["specificity"], len(facts),
+                  out["greedy_efficacy"], out["greedy_generalization"], outcomes)
 
 
 def zsre_scores(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence) -> Scores:
     """Teacher-forced top-1 token accuracy of the new answer on the question (efficacy) and
-    its rephrasings (generalization), and of `loc_ans` on the `loc` prompt (specificity)."""
-    out = {}
-    for name, prompts_of, target_of in (("efficacy", lambda f: [f.text], lambda f: f.target_new),
-                                        ("generalization", lambda f: list(f.paraphrases), lambda f: f.target_new),
-                                        ("specificity", lambda f: list(f.neighborhood) if f.locality_target else [],
-                                         lambda f: f.locality_target)):
-        prompts, targets, owners = [], [], []
-        for i, f in enumerate(facts):
-            for p in prompts_of(f):
-                prompts.append(p)
-                targets.append(target_of(f))
-                owners.append(i)
+    its rephrasings (generalization), and of `loc_ans` on the `loc` prompt (specificity); greedy:
+    share of prompts where every answer token is right (the greedy answer is the new one)."""
+    out, outcomes = {}, {}
+    for name in ("efficacy", "generalization", "specificity"):
+        prompts, owners = prompts_of(facts, name)
+        if name == "specificity":
+            keep = [j for j, i in enumerate(owners) if facts[i].locality_target]
+            prompts, owners = [prompts[j] for j in keep], [owners[j] for j in keep]
+        targets = [facts[i].locality_target if name == "specificity" else facts[i].target_new for i in owners]
         acc = np.asarray(teacher_forced(model, tok, prompts, targets)[1]) if prompts else np.zeros(0)
         out[name] = _mean_per_record(acc, owners, len(facts))
-    return Scores(out["efficacy"], out["generalization"], out["specificity"], len(facts))
+        outcomes[name] = (prompts, [facts[i].id for i in owners], (acc == 1.0).astype(float))
+        if name != "specificity":
+            out[f"greedy_{name}"] = _mean_per_record(outcomes[name][2], owners, len(facts))
+    return Scores(out["efficacy"], out["generalization"], out["specificity"], len(facts),
+                  out["greedy_efficacy"], out["greedy_generalization"], outcomes)
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")

@@ -72,6 +72,44 @@ def test_teacher_forced_by_hand() -> None:
     assert (s.efficacy, s.generalization, s.specificity) == (100.0, 100.0, 0.0)
     z = zsre_scores(model, tok, [Fact("q", "{}", "C", "A", neighborhood=("q",), locality_target="A")])
     assert (z.efficacy, z.specificity) == (0.0, 100.0)
+    # greedy decoding from "q" emits A then B: "A B" and "A" are its answer, "A C" and "B" are
+    # not (though the NLL comparison prefers "B" to "C")
+    for new, greedy in (("A B", 100.0), ("A", 100.0), ("A C", 0.0), ("B", 0.0)):
+        g = counterfact_scores(model, tok, [Fact("q", "{}", new, "C", paraphrases=("q",))])
+        assert (g.greedy_efficacy, g.greedy_generalization) == (greedy, greedy)
+    assert counterfact_scores(model, tok, [Fact("q", "{}", "B", "C")]).efficacy == 100.0
+    assert zsre_scores(model, tok, [Fact("q", "{}", "A B", None)]).greedy_efficacy == 100.0
+
+
+def test_gate_attribution_matches_the_gate(tokenizer) -> None:
+    """Each prompt's category is what model(...) on that prompt alone opens; the failure split
+    adds up to the metric's failures."""
+    from neuraldb import EditConfig, NeuralDB
+    from neuraldb.evaluation.attribution import gate_attribution
+
+    facts = list(synthetic_facts(10, seed=2))
+    for gamma in (-1.0, 0.5, 1.0):
+        model = make_model("llama", tokenizer)
+        db = NeuralDB(model, tokenizer, EditConfig(layer=1, n_prefixes=1, prefix_len=3,
+                                                                 residual_prefixes=1, gamma=gamma))
+        db.insert(list(range(10)), facts, db.encode_keys(facts), None)  # keys only: gates decide, nothing is added
+        scores = counterfact_scores(model, tokenizer, facts[:6])
+        res = gate_attribution(db, scores.outcomes, {f.id: i for i, f in enumerate(facts)})
+        want = {"own": 0, "other": 0, "closed": 0}
+        for i, f in enumerate(facts[:6]):
+            with torch.no_grad(), db.record() as passes:
+                model(**tokenizer([f.text], return_tensors="pt"))
+            opened = {h.fact_id for h in passes[0]}
+            want["own" if i in opened else "other" if opened else "closed"] += 1
+        assert {c: res[f"efficacy_{c}"] for c in want} == {c: 100 * n / 6 for c, n in want.items()}
+        for kind, cats in (("efficacy", ("own", "other", "closed")), ("specificity", ("opened", "closed"))):
+            assert sum(res[f"{kind}_{c}"] for c in cats) == pytest.approx(100)
+            failed = 100 - 100 * float(np.mean(scores.outcomes[kind][2]))
+            assert sum(res[f"{kind}_fail_{c}"] for c in cats) == pytest.approx(failed)
+        if gamma == 1.0:
+            assert res["efficacy_closed"] == res["specificity_closed"] == 100
+        if gamma < -0.5:
+            assert res["specificity_opened"] == 100 and res["efficacy_closed"] == 0
 
 
 def test_synthetic_is_deterministic_and_valid() -> None:
@@ -167,7 +205,9 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
                     "--latency-repeats", "1", "--latency-batch", "2", "--config", str(tmp_path / "cfg.yaml"),
                     "--lazy-residuals", mode, "--out", str(tmp_path / f"out-{mode}"), *wiki])
         rows[mode] = json.loads((tmp_path / f"out-{mode}" / "scale.json").read_text())["rows"]
-    metrics = ("efficacy", "generalization", "specificity", "fluency", "false_open", "identical", "kl", "ppl_after")
+    metrics = ("efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization", "fluency",
+               "false_open", "identical", "kl", "ppl_after", "efficacy_own", "efficacy_fail_closed",
+               "specificity_fail_opened")
     assert [r["residuals_in_db"] for r in rows["off"]] == [5, 12]  # the chunk straddling 5 was completed
     for eager, lazy in zip(rows["off"], rows["on"]):
         assert {k: eager[k] for k in metrics} == {k: lazy[k] for k in metrics}

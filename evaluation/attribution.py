@@ -1,0 +1,54 @@
+"""Where editing quality is lost: for every scored prompt, which gate decision lies behind it.
+
+A prompt of fact i (its rewrite prompt or a paraphrase) should open fact i's gate somewhere;
+a neighbourhood prompt should open none. One forward pass per prompt under `db.record()` shows
+which facts opened (gate decisions at layer l* depend on the tokens alone, so no residual is
+needed), and the metric's own pass/fail per prompt (`Scores.outcomes`) says which prompts lost.
+Shares are percentages of all prompts of that kind:
+
+    efficacy / generalization: own (fact i opened), other (another fact opened, i did not: a
+        wrong argmax above gamma), closed (no gate opened: i's similarity fell below gamma);
+        fail_own / fail_other / fail_closed: the failed prompts split the same way.
+    specificity: opened (a false open on a prompt that edits nothing), closed;
+        fail_opened / fail_closed (a failure with every gate closed is the model's own)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..engine.arch import model_device
+
+
+def opened_per_prompt(db: Any, prompts: list[str], batch_size: int = 32) -> list[set[int]]:
+    """The ids of the facts whose gate opened at any token of each prompt."""
+    model, tok = db.model, db.tok
+    out: list[set[int]] = [set() for _ in prompts]
+    with torch.no_grad(), db.record() as passes:
+        for s in range(0, len(prompts), batch_size):
+            enc = tok(prompts[s : s + batch_size], return_tensors="pt", padding=True).to(model_device(model))
+            model.base_model(**enc, use_cache=False)
+            for h in passes[-1]:
+                out[s + h.batch].add(h.fact_id)
+    return out
+
+
+def gate_attribution(db: Any, outcomes: Mapping[str, tuple[list[str], list[str | None], np.ndarray]],
+                     db_id: Mapping[str | None, int]) -> dict[str, float]:
+    """Flat {"<kind>_<category>": percent} for the outcomes of `counterfact_scores` or
+    `zsre_scores`; `db_id` maps a fact's `id` to its id in the database."""
+    res: dict[str, float] = {}
+    for kind, (prompts, owners, ok) in outcomes.items():
+        if not prompts:
+            continue
+        opened = opened_per_prompt(db, prompts)
+        failed = np.asarray(ok) < 0.5
+        if kind == "specificity":
+            cat = np.array(["opened" if o else "closed" for o in opened])
+        else:
+            cat = np.array(["own" if db_id.get(f) in o else "other" if o else "closed" for f, o in zip(owners, opened)])
+        for c in (("opened", "closed") if kind == "specificity" else ("own", "other", "closed")):
+            res[f"{kind}_{c}"] = float(100 * np.mean(cat == c))
+            res[f"{kind}_fail_{c}"] = float(100 * np.mean(failed & (cat == c)))
+    return res
