@@ -1,4 +1,5 @@
-"""Shared bench helpers: the machine and versions recorded with every result, JSON output."""
+"""Shared bench helpers: the machine and versions recorded with every result, JSON output,
+progress that stays readable off a terminal."""
 from __future__ import annotations
 
 import json
@@ -6,8 +7,13 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 
 def machine() -> dict[str, Any]:
@@ -50,3 +56,22 @@ def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", every_s: float = 30.0) -> Iterator[T]:
+    """A tqdm bar on a terminal; elsewhere (logs, CI) a line on stderr at most every `every_s`
+    seconds and at the end, with the rate and the time left."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, total=total, desc=desc)
+        return
+    t0 = last = time.perf_counter()
+    n = 0
+    for item in items:
+        yield item
+        n += 1
+        now = time.perf_counter()
+        if now - last >= every_s or n == total:
+            rate = n / max(now - t0, 1e-9)
+            left = f", {(total - n) / rate / 60:.1f} min left" if total else ""
+            print(f"{desc}: {n}/{total if total else '?'} ({rate:.3g}/s{left})", file=sys.stderr, flush=True)
+            last = now

@@ -25,10 +25,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from neuraldb import EditConfig, Fact, NeuralDB, load_facts, load_model
-from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.bench.common import machine, markdown_table, progress, write_json
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
+from neuraldb.engine.pool import FactPool
 from neuraldb.evaluation import counterfact_scores, fluency, retention, zsre_scores
+from neuraldb.evaluation.attribution import gate_attribution
 from neuraldb.evaluation.lazy import until_no_new_facts
 from neuraldb.evaluation.texts import wikitext_passages
 from neuraldb.evaluation.synthetic import synthetic_facts
@@ -37,25 +39,41 @@ log = logging.getLogger("bench.scale")
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
-def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[list[Fact], list[Fact]]:
-    """(n facts to edit, `extra` held-out facts whose prompts are unrelated text)."""
-    if data == "synthetic":
-        facts = list(synthetic_facts(n + extra, seed=seed))
-        return facts[:n], facts[n:]
-    if data == "counterfact":
-        files = [SHARED / "counterfact" / "counterfact-edit.json", SHARED / "counterfact" / "counterfact-train.json"]
-    elif data == "zsre":
-        files = [SHARED / "zsre" / "zsre-1k.json"]
-    else:
-        files = [Path(data)]
-    facts: list[Fact] = []
-    for f in files:
-        facts += load_facts(f)
-        if len(facts) >= n + extra:
+def _source(name: str, n: int, seed: int) -> FactPool:
+    if name == "synthetic":
+        return FactPool.from_facts(synthetic_facts(n, seed=seed))
+    files = {"counterfact": [SHARED / "counterfact" / "counterfact-edit.json", SHARED / "counterfact" / "counterfact-train.json"],
+             "zsre": [SHARED / "zsre" / "zsre-1k.json"]}.get(name, [Path(name)])
+    parts: list[FactPool] = []
+    for f in files:  # the shared zsRE file holds two records with an empty new answer: they are skipped
+        parts.append(FactPool.from_file(f, skip_invalid=name in ("counterfact", "zsre")))
+        if sum(map(len, parts)) >= n:
             break
-    if len(facts) < n + 1:
-        raise SystemExit(f"--data {data}: only {len(facts)} facts available, asked for {n} (+ held-out text)")
-    return facts[:n], facts[n : n + extra] if len(facts) > n else []
+    return FactPool.concat(parts).head(n)
+
+
+def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[FactPool, list[Fact], dict[str, int]]:
+    """(n facts to edit as an Arrow-backed pool, `extra` held-out facts whose prompts serve as
+    unrelated text, facts taken from each source). `data` is a comma-separated mix taken in
+    order, each part `SOURCE` or `SOURCE:COUNT` (SOURCE: counterfact, zsre, synthetic, or a
+    facts file or `save_to_disk` directory)."""
+    parts: list[FactPool] = []
+    counts: dict[str, int] = {}
+    have = 0
+    for part in data.split(","):
+        name, _, count = part.partition(":")
+        want = n + extra - have if not count else int(count)
+        if want > 0:
+            parts.append(_source(name, want, seed))
+            have += len(parts[-1])
+            counts[name] = counts.get(name, 0) + len(parts[-1])
+    if have < n + 1:
+        raise SystemExit(f"--data {data}: only {have} facts available, asked for {n} (+ held-out text)")
+    pool = FactPool.concat(parts) if len(parts) > 1 else parts[0]
+    used, left = dict(counts), n
+    for name, c in counts.items():  # how many of the n edited facts come from each source
+        used[name], left = min(c, left), left - min(c, left)
+    return pool.head(n), list(pool[n : n + extra]), used
 
 
 class ChunkCache:
@@ -91,20 +109,15 @@ class ChunkCache:
     def fill_keys(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
         todo = [k for k in self._chunks(len(facts), self.key_size) if not self.path("keys", k).is_file()]
         db.ensure_prefixes()  # once, before timing: it is not per-fact work
-        bar = tqdm(total=len(todo), desc="key chunks", unit="chunk", disable=None)
-        for n, k in enumerate(todo):
+        for k in progress(todo, len(todo), "key chunks"):
             chunk = facts[k * self.key_size : (k + 1) * self.key_size]
             t0 = time.perf_counter()
             keys = db.encode_keys(chunk)
             self._write("keys", k, {"keys": keys}, {"keys_s": time.perf_counter() - t0, "facts": len(chunk)})
-            bar.update(1)
-            if not bar.disable or (n + 1) % 50 == 0 or n + 1 == len(todo):  # a line per 50 chunks off a terminal
-                log.info("keys: %d/%d chunks", n + 1, len(todo))
-        bar.close()
 
     def fill_residuals(self, db: NeuralDB, facts: Sequence[Fact], chunks: Sequence[int]) -> None:
         todo = [k for k in chunks if not self.path("res", k).is_file()]
-        for k in tqdm(todo, desc="residual chunks", unit="chunk", disable=None, leave=False):
+        for k in progress(todo, len(todo), "residual chunks"):
             res = db.encode_residuals(facts[k * self.size : (k + 1) * self.size])
             self._write("res", k, {"residuals": res, "nll": db.last_stats.nll, "steps": db.last_stats.steps},
                         db.timings)
@@ -214,7 +227,16 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], out: Path) -> list[str]:
+def stage(m: int, t0: float, what: str) -> None:
+    print(f"m={m}: {what} ({time.perf_counter() - t0:.0f} s into the checkpoint)", file=sys.stderr, flush=True)
+
+
+QUALITY = ("efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization")
+
+
+def plot(pre: dict[str, float], rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """quality.png: each score and fluency against m, the unedited model dashed in the same colour;
+    cost.png: the false-open and changed-token shares, and the lookup's share of the forward."""
     try:
         import matplotlib
 
@@ -224,19 +246,36 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[str]:
         log.warning("matplotlib is not installed: no plots (pip install neuraldb[plots])")
         return []
     m = [r["m"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("efficacy", "generalization", "specificity"):
-        ax.plot(m, [r[key] for r in rows], marker="o", label=key)
-    ax.set_xscale("log"); ax.set_xlabel("facts in the database (m)"); ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 101); ax.legend(); ax.grid(alpha=0.3); fig.tight_layout()
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, c in zip(QUALITY, colours):
+        ax.plot(m, [r[key] for r in rows], marker="o", color=c, label=key.replace("_", " "))
+        if key in pre:
+            ax.axhline(pre[key], ls="--", lw=1, color=c)
+    ax.set_title("editing scores (dashed: unedited model)"); ax.set_ylabel("%"); ax.set_ylim(-2, 102)
+    bx.plot(m, [r["fluency"] for r in rows], marker="o", color=colours[0], label="fluency (n-gram entropy x100)")
+    bx.axhline(pre.get("fluency", float("nan")), ls="--", lw=1, color=colours[0])
+    tx = bx.twinx()
+    tx.plot(m, [r["ppl_after"] for r in rows], marker="s", color=colours[1], label="WikiText-2 perplexity")
+    tx.plot(m, [r["ppl_before"] for r in rows], ls="--", lw=1, color=colours[1])
+    bx.set_title("fluency and perplexity (dashed: unedited)"); bx.set_ylabel("fluency"); tx.set_ylabel("perplexity")
+    bx.legend(handles=bx.get_lines()[:1] + tx.get_lines()[:1], loc="lower left")
+    for a in (ax, bx):
+        a.set_xscale("log"); a.set_xlabel("facts in the database (m)"); a.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8); fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=120); plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("prefill_lookup_ms_median", "decode_lookup_ms_median"):
-        ax.plot(m, [r[key] for r in rows], marker="o", label=key.replace("_ms_median", " (ms, median)"))
-    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("facts in the database (m)"); ax.set_ylabel("ms")
-    ax.legend(); ax.grid(alpha=0.3); fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=120); plt.close(fig)
-    return ["quality.png", "latency.png"]
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.plot(m, [100 * r["false_open"] for r in rows], marker="o", label="gate opened (false open)")
+    ax.plot(m, [100 * (1 - r["identical"]) for r in rows], marker="s", label="next-token distribution changed")
+    ax.set_title("WikiText-2 tokens touched by the database"); ax.set_ylabel("% of tokens")
+    for phase in ("prefill", "decode"):
+        bx.plot(m, [100 * r[f"{phase}_lookup_share"] for r in rows], marker="o", label=phase)
+    bx.set_title("lookup's share of the forward pass"); bx.set_ylabel("% of forward time")
+    for a in (ax, bx):
+        a.set_xscale("log"); a.set_xlabel("facts in the database (m)"); a.grid(alpha=0.3); a.legend(); a.set_ylim(bottom=0)
+    fig.tight_layout(); fig.savefig(out / "cost.png", dpi=120); plt.close(fig)
+    return ["quality.png", "cost.png"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -264,6 +303,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="held-out (neighbourhood prompts of unedited facts + the model's continuations) | "
                         "wikitext (WikiText-2 test paragraphs from the shared data) | PATH to a WikiText raw file")
     v.add_argument("--fluency-tokens", type=int, default=40, help="0 skips fluency")
+    v.add_argument("--fluency-sample", type=int, help="generate from this many sample facts (default: all)")
     v.add_argument("--latency-batch", type=int, default=8)
     v.add_argument("--latency-repeats", type=int, default=10)
     r = ap.add_argument_group("run")
@@ -280,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, tok = load_model(args.model, device=args.device)
     cfg = load_yaml(EditConfig, args.config) if args.config else None
     db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
-    facts, held_out = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts)
+    facts, held_out, sources = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts)
+    log.warning("facts: %s", ", ".join(f"{c} {name}" for name, c in sources.items()))
     kind = facts[0].kind
     checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else default_checkpoints(len(facts))
     if checkpoints[-1] > len(facts):
@@ -308,8 +349,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             src = SHARED / "wikitext" / "wiki.test.raw" if args.retention_data == "wikitext" else args.retention_data
             texts = wikitext_passages(src, args.retention_texts)
         pre = score(model, tok, sample).as_dict()
-        flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))]
+        flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))][: args.fluency_sample]
         pre["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
+    db_id = {f.id: i for i, f in enumerate(first)}  # the sample is drawn from the first checkpoint's facts
+    # a finished checkpoint's row is kept, so a resumed run evaluates only what is left
+    eval_sig = {k: getattr(args, k) for k in ("eval_sample", "retention_texts", "retention_data", "fluency_tokens",
+                                              "fluency_sample", "latency_batch", "latency_repeats")}
 
     def measure(fn: Any) -> Any:  # lazily: repeat until no evaluated token opens a fact without its residual
         return until_no_new_facts(db, fn, resid.load) if lazy else fn()
@@ -319,14 +364,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
         resid.refresh(done)
         done = m
+        kept = cache.root / f"row_{m}.json"
+        if kept.is_file() and json.loads(kept.read_text()).get("eval") == eval_sig:
+            rows.append(json.loads(kept.read_text())["row"])
+            print(f"m={m}: row kept from an earlier run ({kept})", file=sys.stderr, flush=True)
+            continue
         if not lazy:
             resid.load(set(range(m)))
         t0 = time.perf_counter()
-        post = measure(lambda: score(model, tok, sample).as_dict())
+        stage(m, t0, "scoring the sample")
+        scores = measure(lambda: score(model, tok, sample))
+        post = scores.as_dict()
+        post.update(gate_attribution(db, scores.outcomes, db_id))
+        stage(m, t0, "fluency")
         post["fluency"] = measure(lambda: fluency(model, tok, flu_prompts, args.fluency_tokens)) \
             if args.fluency_tokens else float("nan")
+        stage(m, t0, "retention")
         ret = measure(lambda: retention(db, texts).as_dict())
-        row = {"m": m, **{k: post[k] for k in ("efficacy", "generalization", "specificity", "fluency")},
+        stage(m, t0, "latency")
+        row = {"m": m, **{k: v for k, v in post.items() if k != "n"},
                "false_open": ret["false_open_rate"], "identical": ret["identical_rate"], "kl": ret["mean_kl"],
                "ppl_before": ret["ppl_before"], "ppl_after": ret["ppl_after"],
                "key_bytes": db.index.nbytes, "residual_bytes": db.table.nbytes,
@@ -336,9 +392,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                **peak_memory(), "eval_s": time.perf_counter() - t0,
                "residuals_in_db": len(db.table.ids()), "residual_chunks_computed": len(cache.computed())}
         rows.append(row)
+        write_json(kept, {"eval": eval_sig, "row": row})
         print(f"m={m}: efficacy {row['efficacy']:.1f} generalization {row['generalization']:.1f} specificity "
-              f"{row['specificity']:.1f} false-open {row['false_open']:.4f} lookup(prefill) "
-              f"{row['prefill_lookup_ms_median']:.2f} ms", file=sys.stderr, flush=True)
+              f"{row['specificity']:.1f} greedy {row['greedy_efficacy']:.1f} false-open {row['false_open']:.4f} "
+              f"lookup(prefill) {row['prefill_lookup_ms_median']:.2f} ms, {row['residuals_in_db']} residuals",
+              file=sys.stderr, flush=True)
 
     trace = None
     if args.profile:
@@ -353,18 +411,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prof.export_chrome_trace(str(trace))
         (out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
-    cols = ["m", "efficacy", "generalization", "specificity", "fluency", "false_open", "identical", "kl",
+    cols = ["m", "efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization", "fluency",
+            "false_open", "identical", "kl", "ppl_after",
             "bytes_per_fact", "keys_per_s", "residuals_per_s", "prefill_lookup_ms_median", "prefill_lookup_share",
             "decode_lookup_ms_median", "decode_lookup_share", "peak_rss_gib"]
-    pre_row = {"m": "pre-edit", **{k: pre[k] for k in ("efficacy", "generalization", "specificity", "fluency")}}
+    pre_row = {"m": "pre-edit", **{k: v for k, v in pre.items() if k != "n"},
+               "ppl_after": rows[0]["ppl_before"] if rows else float("nan")}
     table = markdown_table([pre_row] + rows, cols)
     result = {"args": vars(args), "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
-              "data": {"kind": kind, "facts": len(facts), "eval_sample": len(sample), "retention_texts": len(texts)},
+              "data": {"kind": kind, "facts": len(facts), "sources": sources, "eval_sample": len(sample),
+                       "retention_texts": len(texts)},
               "lazy_residuals": lazy,
               "pre": pre, "rows": rows, "trace": str(trace) if trace else None,
               "wall_s": time.perf_counter() - t_start}
     out.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plot(rows, out)
+    result["plots"] = plot(pre, rows, out)
     write_json(out / "scale.json", result)
     (out / "scale.md").write_text(f"# bench/scale.py: {args.model}, {args.data}, layer {db.layer}, gamma "
                                   f"{db.config.gamma}, index {db.config.index}\n\n{table}\n")
