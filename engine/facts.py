@@ -193,23 +193,30 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
             raise FactError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
 
 
+def record_to_fact(rec: Any, where: str, fmt: str = "auto", index: int = 0) -> Fact:
+    """One record in any supported format (`fmt`, or detected) as a `Fact`; a record without an
+    id gets `index`. Errors name `where`."""
+    if not isinstance(rec, dict):
+        raise FactError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    kind = detect_format(rec) if fmt == "auto" else fmt
+    if kind not in FORMATS:
+        raise FactError(f"unknown facts format {fmt!r}; choose from {sorted(FORMATS)} or 'auto'")
+    try:
+        fact = FORMATS[kind](rec, where)
+    except KeyError as exc:
+        raise FactError(f"{where}: field {exc} is missing") from None
+    if fact.id is None:
+        fact = replace(fact, id=str(index))
+    if kind != "jsonl":
+        fact = replace(fact, meta={**fact.meta, "format": kind})
+    return fact
+
+
 def parse_records(records: Iterable[tuple[str, Any]], fmt: str = "auto") -> list[Fact]:
     facts: list[Fact] = []
     seen: dict[str, str] = {}
     for where, rec in tqdm(records, desc="facts", unit="fact", leave=False, disable=None):
-        if not isinstance(rec, dict):
-            raise FactError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        kind = detect_format(rec) if fmt == "auto" else fmt
-        if kind not in FORMATS:
-            raise FactError(f"unknown facts format {fmt!r}; choose from {sorted(FORMATS)} or 'auto'")
-        try:
-            fact = FORMATS[kind](rec, where)
-        except KeyError as exc:
-            raise FactError(f"{where}: field {exc} is missing") from None
-        if fact.id is None:
-            fact = replace(fact, id=str(len(facts)))
-        if kind != "jsonl":
-            fact = replace(fact, meta={**fact.meta, "format": kind})
+        fact = record_to_fact(rec, where, fmt, len(facts))
         if fact.id in seen:
             raise FactError(f"{where}: duplicate id {fact.id!r} (first seen at {seen[fact.id]})")
         seen[fact.id] = where

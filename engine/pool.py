@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, overload
 
 from tqdm.auto import tqdm
 
-from .facts import FORMATS, Fact, FactError, detect_format
+from .facts import Fact, FactError, record_to_fact
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +63,13 @@ def _convert(batch: dict[str, list[Any]], idx: list[int], *, fmt: str, where: st
     for j, i in enumerate(idx):
         rec = {k: v[j] for k, v in batch.items() if v[j] is not None}  # absent fields come back as None
         rec = _unlist_csv(rec) if csv else rec
-        at = f"{where} record {i}"
-        kind = detect_format(rec) if fmt == "auto" else fmt
-        if kind not in FORMATS:
-            raise FactError(f"unknown facts format {fmt!r}; choose from {sorted(FORMATS)} or 'auto'")
         try:
-            try:
-                fact = FORMATS[kind](rec, at)
-            except KeyError as exc:
-                raise FactError(f"{at}: field {exc} is missing") from None
+            fact = record_to_fact(rec, f"{where} record {i}", fmt, i)
         except FactError as exc:
             if not skip_invalid:
                 raise
             log.warning("skipped: %s", exc)
             continue
-        if fact.id is None:
-            fact = replace(fact, id=str(i))
-        if kind != "jsonl":
-            fact = replace(fact, meta={**fact.meta, "format": kind})
         for k, v in _row(fact).items():
             rows[k].append(v)
     return rows
