@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from neuraldb import EditConfig, Fact, NeuralDB, load_facts, load_model
+from neuraldb import EditConfig, Fact, NeuralDB, load_model
 from neuraldb.bench.common import machine, markdown_table, progress, write_json
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
@@ -355,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # a finished checkpoint's row is kept, so a resumed run evaluates only what is left
     eval_sig = {k: getattr(args, k) for k in ("eval_sample", "retention_texts", "retention_data", "fluency_tokens",
                                               "fluency_sample", "latency_batch", "latency_repeats")}
+    eval_sig["sample_from"] = checkpoints[0]  # the sample is drawn from the first checkpoint's facts
 
     def measure(fn: Any) -> Any:  # lazily: repeat until no evaluated token opens a fact without its residual
         return until_no_new_facts(db, fn, resid.load) if lazy else fn()
@@ -365,8 +366,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         resid.refresh(done)
         done = m
         kept = cache.root / f"row_{m}.json"
-        if kept.is_file() and json.loads(kept.read_text()).get("eval") == eval_sig:
-            rows.append(json.loads(kept.read_text())["row"])
+        earlier = json.loads(kept.read_text()) if kept.is_file() else {}
+        if earlier.get("eval") == eval_sig:
+            rows.append(earlier["row"])
             print(f"m={m}: row kept from an earlier run ({kept})", file=sys.stderr, flush=True)
             continue
         if not lazy:
