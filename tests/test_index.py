@@ -195,7 +195,7 @@ def test_sharded_matches_single(tmp_path: Path) -> None:
     assert torch.equal(two.search(queries)[1], i1)
 
 
-@pytest.mark.parametrize("spec", ["Flat", "torch", "Int8", "HNSW16", "IVF8,Flat", "SQ8", "PQ4"])
+@pytest.mark.parametrize("spec", ["Flat", "torch", "Int8", "Proj8", "HNSW16", "IVF8,Flat", "SQ8", "PQ4"])
 def test_update_one_fact_touches_only_its_row(spec: str) -> None:
     """Replacing a key is O(1) index work: no rebuild (the FAISS object stays), no other row's
     bytes change, and the answer for the replaced id follows the new key."""

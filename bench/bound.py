@@ -1,0 +1,164 @@
+"""Gate lookup on real keys and real queries: how much of each token's scan a bound saves, and
+the lookup's share of SmolLM2's own forward, measured in the same run.
+
+    python bench/bound.py --keys results/scale-100k/cache --m 20000,100000 \\
+        --spec Flat --spec Int8 --spec Proj256 --spec Proj384 --out results/bound
+
+Keys: the fp32 keys a `bench/scale.py` run cached (CounterFact first, then synthetic facts).
+Queries: every token (but the first) of WikiText-2 passages at layer l*, plus the rewrite prompts
+and paraphrases of the first CounterFact facts. The first --train-passages passages only train
+the `Proj` bases (`index.train`); the rest are measured. Decisions are checked against a float64
+scan for every measured query."""
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from neuraldb import load_facts, load_model
+from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.engine.arch import get_arch
+from neuraldb.engine.config import model_defaults
+from neuraldb.engine.hooks import Trace
+from neuraldb.evaluation.metrics import prompts_of
+from neuraldb.evaluation.texts import wikitext_passages
+from neuraldb.index import make_index
+
+
+def layer_inputs(model: Any, tok: Any, texts: list[str], path: str) -> torch.Tensor:
+    """The down-projection input at every token but the first (never gated) of each text."""
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            with Trace(model, path, stop=True) as tr:
+                model(**tok(t, return_tensors="pt"))
+            out.append(tr.input[0, 1:].float())  # (T-1, d_ff)
+    return torch.cat(out)
+
+
+def timed(fn: Any, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def forward_times(model: Any, tok: Any, text: str, repeats: int) -> dict[str, float]:
+    """SmolLM2's own forward: a prefill of `text` and one decode step at B = 1 and 8 (ms)."""
+    ids = tok(text, return_tensors="pt").input_ids  # (1, T)
+    out: dict[str, float] = {"prefill_tokens": ids.shape[1]}
+    with torch.no_grad():
+        out["prefill"] = 1e3 * timed(lambda: model(ids), repeats)
+        for b in (1, 8):
+            batch = ids.expand(b, -1)  # (b, T)
+            cache = model(batch, use_cache=True).past_key_values
+            step = batch[:, -1:]
+
+            def decode() -> None:
+                model(step, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # drop the step: the cache stays at the prefill length
+            out[f"decode_B{b}"] = 1e3 * timed(decode, repeats)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("data")
+    g.add_argument("--keys", required=True, help="a bench/scale.py cache directory (keys_*.safetensors)")
+    g.add_argument("--m", default="20000,100000", help="key counts (first m cached keys)")
+    g.add_argument("--model", default="smollm2-135m")
+    g.add_argument("--wikitext", default="../shared/data/wikitext/wiki.test.raw")
+    g.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
+    g.add_argument("--passages", type=int, default=48, help="measured WikiText passages")
+    g.add_argument("--train-passages", type=int, default=24, help="passages that train Proj bases")
+    g.add_argument("--edit-facts", type=int, default=100)
+    g = ap.add_argument_group("indexes")
+    g.add_argument("--spec", action="append", help="index spec (repeatable); default Flat, Int8, Proj256, Proj384")
+    g.add_argument("--repeats", type=int, default=5)
+    g.add_argument("--synthetic-m", type=int, default=0, help="add a row of this many synthetic keys with the real keys' spectrum")
+    ap.add_argument("--out", default="results/bound")
+    args = ap.parse_args()
+    specs = args.spec or ["Flat", "Int8", "Proj256", "Proj384"]
+    torch.manual_seed(0)
+
+    model, tok = load_model(args.model)
+    cfg = model_defaults(args.model, model.config.model_type)
+    path = get_arch(model).ffn_out.format(cfg.layer)
+    passages = wikitext_passages(args.wikitext, args.train_passages + args.passages)
+    train_q = layer_inputs(model, tok, passages[: args.train_passages], path)
+    facts = load_facts(args.counterfact, limit=args.edit_facts)
+    edit_texts = prompts_of(facts, "efficacy")[0] + prompts_of(facts, "generalization")[0]
+    wiki_q = layer_inputs(model, tok, passages[args.train_passages :], path)
+    queries = {"wikitext": wiki_q, "edit prompts": layer_inputs(model, tok, edit_texts, path)}
+    prefill_text = max(passages[args.train_passages :], key=len)
+    fwd = forward_times(model, tok, prefill_text, args.repeats)
+    n_prefill = int(fwd["prefill_tokens"]) - 1
+    print(f"SmolLM2 forward: prefill {n_prefill + 1} tokens {fwd['prefill']:.1f} ms, "
+          f"decode B=1 {fwd['decode_B1']:.1f} ms, B=8 {fwd['decode_B8']:.1f} ms")
+
+    keys_all = torch.cat([load_file(f)["keys"] for f in sorted(glob.glob(f"{args.keys}/keys_*.safetensors"))]).float()
+    sets = [(f"real {m}", keys_all[:m]) for m in map(int, args.m.split(","))]
+    if args.synthetic_m:  # Gaussian keys whose covariance matches the real keys' (same spectrum)
+        sample = keys_all[torch.randperm(len(keys_all))[:20000]]
+        mean, cov = sample.mean(0), torch.cov(sample.T)
+        chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(cov.shape[0]))
+        syn = torch.cat([mean + torch.randn(min(65536, args.synthetic_m - s), len(mean)) @ chol.T
+                         for s in range(0, args.synthetic_m, 65536)])
+        sets.append((f"synthetic {args.synthetic_m}", syn))
+    rows = []
+    for name, keys in sets:
+        m = keys.shape[0]
+        ref = make_index("Proj8", keys.shape[1], floor=-1.0)  # floor -1: every query scans in float64
+        ref.add(torch.arange(m), keys)
+        want = {k: ref.search(q) for k, q in queries.items()}
+        for spec in specs:
+            idx = make_index(spec, keys.shape[1], floor=cfg.gamma)
+            t0 = time.perf_counter()
+            idx.add(torch.arange(m), keys)
+            if hasattr(idx, "train"):
+                idx.train(train_q)
+            idx.search(train_q[:1])  # builds codes / projections
+            row: dict[str, Any] = {"keys": name, "spec": spec, "build_s": time.perf_counter() - t0,
+                                   "bytes_per_fact": idx.nbytes / m}
+            for kind, q in queries.items():
+                stats0 = dict(getattr(idx, "stats", {}))
+                sims, ids = idx.search(q)
+                ws, wi = want[kind]
+                open_w, open_g = ws > cfg.gamma, sims.double() > cfg.gamma
+                # same decisions, and an open gate's id holds the maximum (facts sharing a subject
+                # share a key: exact ties, any of them is the exact answer)
+                qn = q[open_w].double() / q[open_w].double().norm(dim=1, keepdim=True)
+                got = (qn * keys[ids[open_w]].double()).sum(1) / keys[ids[open_w]].double().norm(dim=1)
+                row[f"{kind} agree"] = bool(torch.equal(open_w, open_g) and torch.allclose(got, ws[open_w], rtol=0, atol=1e-6))
+                row[f"{kind} open %"] = 100 * float(open_w.float().mean())
+                if hasattr(idx, "stats"):
+                    d = {k: idx.stats[k] - stats0.get(k, 0) for k in idx.stats}
+                    row[f"{kind} decided %"] = 100 * d["decided"] / max(1, d["queries"])
+                    row[f"{kind} cand/token"] = d["candidates"] / max(1, d["queries"])
+            pre = wiki_q[:n_prefill]
+            row["prefill ms"] = 1e3 * timed(lambda: idx.search(pre), args.repeats)
+            for b in (1, 8):
+                row[f"decode B{b} ms"] = 1e3 * timed(lambda: idx.search(wiki_q[100 : 100 + b]), args.repeats)
+            row["prefill % of fwd"] = 100 * row["prefill ms"] / fwd["prefill"]
+            for b in (1, 8):
+                row[f"decode B{b} % of fwd"] = 100 * row[f"decode B{b} ms"] / fwd[f"decode_B{b}"]
+            rows.append(row)
+            print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+    cols = list(rows[0])
+    print(markdown_table(rows, cols))
+    out = Path(args.out)
+    write_json(out / "bound.json", {"machine": machine(), "args": vars(args), "forward_ms": fwd,
+                                    "queries": {k: int(q.shape[0]) for k, q in queries.items()}, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""An exact index that proves most gates closed from a low-dimensional projection.
+
+With an orthonormal basis P (r, d) and unit q, k:  q.k = Pq.Pk + q_perp.k_perp, so
+    q.k <= Pq.Pk + |q_perp| |k_perp|  =  [Pq, |q_perp|] . [Pk, |k_perp|]
+one matmul in r + 1 dims instead of d. Keys whose bound is below `floor` (the gate's gamma)
+can neither win nor open the gate; the rest are re-scored in float64 against the stored keys.
+Gate decisions and winning ids equal exact float64 search for every query, whatever the basis:
+the basis (PCA of the keys, plus a query sample given to `train`) only decides the speed.
+
+Where no key exceeds the floor the gate is closed: the returned similarity is then an upper
+bound of the true maximum that is still below the floor, and the id is the key with the
+largest bound. Similarities
+are float64 so that `sims > gamma` decides exactly as float64 search does. Ties go to the
+smallest id."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import KeyIndex, as_ids, register
+from .torch_index import TorchIndex
+
+# fp32 rounding of an (r+1)-dim dot product of vectors of norm <= ~1.42 is below r * 2^-24 * 2;
+# 1e-4 covers r <= 800 with room for the basis' orthonormality error (added at fit time).
+_SLACK = 1e-4
+
+
+class ProjBoundIndex(KeyIndex):
+    """Options: floor (the gate's gamma; required for any pruning), max_candidates (re-score cap
+    per query before an exact float64 scan of all keys), device."""
+
+    def __init__(self, dim: int, rank: int, floor: float = -1.0, max_candidates: int = 256,
+                 device: Any = "cpu", sample: int = 8192) -> None:
+        if not 0 < rank < dim:
+            raise ValueError(f"Proj{rank}: rank must be in (0, {dim})")
+        self.spec, self.dim, self.rank = f"Proj{rank}", dim, rank
+        self.floor, self.max_candidates, self.sample = floor, max_candidates, sample
+        self.exact = TorchIndex(dim, device=device)
+        self.device = self.exact.device
+        self._basis: torch.Tensor | None = None  # (r, d) fp32, orthonormal rows
+        self._slack = _SLACK
+        self._proj = torch.zeros(0, rank + 1, device=self.device)  # (M, r+1): [Pk, |k_perp|]
+        self._queries: torch.Tensor | None = None  # (n, d) unit query sample for the basis
+        self._fit_rows, self._version = 0, -1
+        self.stats = {"queries": 0, "decided": 0, "candidates": 0, "full_scans": 0}
+
+    # -- basis ----------------------------------------------------------------------------------
+    def train(self, queries: torch.Tensor) -> None:
+        """Give the basis a sample of real queries (activations of ordinary text at the layer):
+        the bound is tight when both keys and queries lie mostly in the span. Refits now."""
+        q = queries.detach().reshape(-1, self.dim).double()
+        self._queries = (q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)).float().to(self.device)
+        self._fit()
+
+    def _fit(self) -> None:
+        n = self.exact._n
+        live = self.exact._keys[:n][self.exact._valid[:n]].double()  # (M, d)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pick = torch.randperm(live.shape[0], generator=g)[: self.sample].to(self.device)
+        parts = [live[pick]] + ([self._queries.double()] if self._queries is not None else [])
+        x = torch.cat(parts)  # (s, d)
+        if x.shape[0] < self.rank:
+            self._basis = None  # too few rows: exact scans until there are more
+            return
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
+        basis = torch.linalg.qr(vh[: self.rank].T)[0].T.float().contiguous()  # (r, d) orthonormal rows
+        ortho = (basis.double() @ basis.double().T - torch.eye(self.rank, dtype=torch.float64, device=self.device))
+        self._basis, self._slack = basis, _SLACK + 2 * float(ortho.norm())
+        self._fit_rows, self._version = n, -1  # reproject every row
+
+    def _project(self, keys: torch.Tensor) -> torch.Tensor:
+        """[P k, |k - P^T P k|] (n, r+1), the residual norm computed directly (not 1 - |Pk|^2)."""
+        assert self._basis is not None
+        k = keys.float()
+        pk = k @ self._basis.T  # (n, r)
+        perp = (k.double() - pk.double() @ self._basis.double()).norm(dim=1)  # (n,)
+        return torch.cat([pk, perp.float()[:, None]], 1)
+
+    def _sync(self) -> None:
+        n = self.exact._n
+        if self._basis is None or n >= 2 * max(self._fit_rows, self.rank):
+            self._fit()  # first fit, or the table doubled since: refit (speed only, never exactness)
+            if self._basis is None:
+                return
+        if self._version != self.exact.compactions or self._proj.shape[0] > n:
+            self._proj = self._project(self.exact._keys[:n])
+            self._version = self.exact.compactions
+        elif self._proj.shape[0] < n:
+            self._proj = torch.cat([self._proj, self._project(self.exact._keys[self._proj.shape[0] : n])])
+
+    # -- mutation -------------------------------------------------------------------------------
+    def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
+        ids = self._check_add(ids, keys)
+        self.exact.add(ids, keys, unit=unit)
+        if self._basis is not None and self._version == self.exact.compactions:
+            rows = torch.from_numpy(self.exact.slots_of(ids)).to(self.device)
+            rows = rows[rows < self._proj.shape[0]]  # rewritten rows; appended ones come on sync
+            if rows.numel():
+                self._proj[rows] = self._project(self.exact._keys[rows])
+
+    def remove(self, ids: Any) -> int:
+        return self.exact.remove(as_ids(ids))  # dead rows are masked in search
+
+    def export(self) -> tuple[np.ndarray, torch.Tensor]:
+        return self.exact.export()
+
+    def to(self, device: torch.device | str) -> "ProjBoundIndex":
+        self.exact.to(device)
+        self.device = self.exact.device
+        self._proj = self._proj.to(self.device)
+        self._basis = None if self._basis is None else self._basis.to(self.device)
+        self._queries = None if self._queries is None else self._queries.to(self.device)
+        return self
+
+    # -- search ---------------------------------------------------------------------------------
+    def _exact64(self, q: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 cosines of q (n, d) against rows (n, k) (-1 = none): best and its row, ties to
+        the smallest id. Queries go in groups so the gathered keys stay under ~128 MB."""
+        step = max(1, (1 << 24) // max(1, rows.shape[1] * self.dim))
+        bests, wins = [], []
+        for s in range(0, q.shape[0], step):
+            r = rows[s : s + step]
+            keys = self.exact._keys[r.clamp_min(0)].double()  # (g, k, d)
+            sims = (q[s : s + step, None, :] * keys).sum(-1).masked_fill(r < 0, float("-inf"))  # (g, k)
+            best = sims.max(1).values  # (g,)
+            ids = self.exact._ids[r.clamp_min(0)].masked_fill(sims != best[:, None], torch.iinfo(torch.long).max)
+            bests.append(best)
+            wins.append(r.gather(1, ids.argmin(1)[:, None])[:, 0])  # smallest id among the maxima
+        return torch.cat(bests), torch.cat(wins)
+
+    def _full_scan(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 matmul over every live key, in blocks of 4096 keys."""
+        n_rows = self.exact._n
+        live = torch.nonzero(self.exact._valid[:n_rows])[:, 0]  # (M,)
+        best = torch.full((q.shape[0],), float("-inf"), dtype=torch.float64, device=self.device)
+        arg = torch.zeros(q.shape[0], dtype=torch.long, device=self.device)
+        for s in range(0, live.numel(), 4096):
+            rows = live[s : s + 4096]
+            sims = q @ self.exact._keys[rows].double().T  # (n, b)
+            b = sims.max(1).values
+            ids = self.exact._ids[rows][None].expand_as(sims).masked_fill(sims != b[:, None], torch.iinfo(torch.long).max)
+            a = rows[ids.argmin(1)]  # smallest id among this block's maxima
+            better = (b > best) | ((b == best) & (self.exact._ids[a] < self.exact._ids[arg]))
+            best, arg = torch.where(better, b, best), torch.where(better, a, arg)
+        return best, arg
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q64 = queries.to(self.device).double()
+        q64 = q64 / q64.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (n, d)
+        n = q64.shape[0]
+        self._sync()
+        self.stats["queries"] += n
+        if self.exact.ntotal == 0:
+            return self.exact.search(queries)
+        if self._basis is None or self.floor <= -1.0:
+            self.stats["full_scans"] += n
+            best, rows = self._full_scan(q64)
+            return best.to(queries.device), self.exact._ids[rows].to(queries.device)
+        q = q64.float()
+        pq = q @ self._basis.T  # (n, r)
+        qperp = (q64 - pq.double() @ self._basis.double()).norm(dim=1).float()  # (n,)
+        upper = torch.cat([pq, qperp[:, None]], 1) @ self._proj.T  # (n, M): >= q.k - slack
+        upper = upper.masked_fill(~self.exact._valid[: self._proj.shape[0]], float("-inf"))
+        cand = upper >= self.floor - self._slack
+        counts = cand.sum(1)  # (n,)
+        top_u, top_rows = upper.max(1)
+        best = torch.full((n,), float("-inf"), dtype=torch.float64, device=self.device)
+        arg = top_rows
+        k = int(min(int(counts.max()), self.max_candidates))
+        if k > 0:
+            vals, rows = upper.masked_fill(~cand, float("-inf")).topk(k, dim=1)  # (n, k)
+            rows = rows.masked_fill(~torch.isfinite(vals), -1)
+            b, a = self._exact64(q64, rows)
+            some = counts > 0
+            best, arg = torch.where(some, b, best), torch.where(some, a, arg)
+        over = counts > self.max_candidates
+        if bool(over.any()):  # too many near-ties for the cap: scan those queries exactly
+            b, a = self._full_scan(q64[over])
+            best[over], arg[over] = b, a
+        closed = ~(best > self.floor)  # below the floor: report a bound of the true maximum
+        below = torch.nextafter(torch.tensor(self.floor, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64))
+        bound = torch.minimum(top_u.double() + self._slack, below.to(self.device))
+        best, arg = torch.where(closed, bound, best), torch.where(closed, top_rows, arg)
+        self.stats["decided"] += int((counts == 0).sum())
+        self.stats["candidates"] += int(counts.sum())
+        self.stats["full_scans"] += int(over.sum())
+        return best.to(queries.device), self.exact._ids[arg].to(queries.device)
+
+    @property
+    def ntotal(self) -> int:
+        return self.exact.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        return self.exact.nbytes + 4 * self._proj.nelement() + (0 if self._basis is None else 4 * self._basis.nelement())
+
+    @property
+    def scanned_bytes_per_key(self) -> int:
+        return 4 * (self.rank + 1)  # the bound's row; candidates add 4 * dim each
+
+    def ids(self) -> np.ndarray:
+        return self.exact.ids()
+
+
+@register(r"Proj(?P<rank>\d+)")
+def _proj(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
+    keep = {k: options[k] for k in ("floor", "device", "max_candidates") if k in options}
+    return ProjBoundIndex(dim, int(m.group("rank")), **keep)

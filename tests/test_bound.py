@@ -1,0 +1,117 @@
+"""The projection-bound index (`Proj{r}`) decides every gate and winning id exactly as float64
+search does: random, clustered, adversarial near-gamma and tied keys, after edits and reloads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuraldb.index import make_index
+from neuraldb.index.base import KeyIndex
+
+GAMMA = 0.7
+
+
+def reference(keys: torch.Tensor, ids: np.ndarray, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 cosine against the stored fp32 unit keys; ties to the smallest id."""
+    q = queries.double() / queries.double().norm(dim=1, keepdim=True)
+    sims = q @ keys.double().T  # (n, M)
+    best = sims.max(1).values
+    tied = torch.where(sims == best[:, None], torch.from_numpy(ids)[None], torch.iinfo(torch.long).max)
+    return best, tied.min(1).values
+
+
+def check(idx: KeyIndex, queries: torch.Tensor) -> None:
+    ids, keys = idx.export()
+    want_sim, want_id = reference(keys, ids, queries)
+    sim, got = idx.search(queries)
+    want_open, got_open = want_sim > GAMMA, sim > GAMMA
+    assert torch.equal(got_open, want_open)
+    assert torch.equal(got[want_open], want_id[want_open])
+    assert torch.allclose(sim[want_open], want_sim[want_open], rtol=0, atol=1e-12)
+    assert bool((sim[~want_open] >= want_sim[~want_open] - 1e-12).all())  # closed: a bound, never below
+
+
+def clustered(m: int, d: int, g: torch.Generator) -> torch.Tensor:
+    centres = torch.randn(8, d, generator=g)
+    x = 0.5 * torch.randn(d, generator=g) + centres[torch.randint(0, 8, (m,), generator=g)] \
+        + 0.6 * torch.randn(m, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("rank", [4, 24])
+def test_random_and_clustered_keys(seed: int, rank: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    d, m = 48, 300
+    for keys in (torch.randn(m, d, generator=g), clustered(m, d, g)):
+        idx = make_index(f"Proj{rank}", d, floor=GAMMA)
+        idx.add(np.arange(m) * 3 + 1, keys)
+        near = keys[torch.randint(0, m, (40,), generator=g)] + 0.3 * torch.randn(40, d, generator=g)
+        check(idx, torch.cat([near, torch.randn(40, d, generator=g), clustered(40, d, g)]))
+
+
+def test_adversarial_near_gamma_and_ties() -> None:
+    g = torch.Generator().manual_seed(5)
+    d = 32
+    base = torch.nn.functional.normalize(torch.randn(200, d, generator=g), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0).double()
+    # keys at cos gamma +- 1e-9 .. 1e-6 from q: the decision is on the 7th-9th decimal
+    near = []
+    for eps in (1e-9, -1e-9, 1e-7, -1e-7, 1e-6, -1e-6):
+        perp = torch.randn(d, generator=g).double()
+        perp = torch.nn.functional.normalize(perp - (perp @ q) * q, dim=0)
+        c = GAMMA + eps
+        near.append(c * q + (1 - c * c) ** 0.5 * perp)
+    for i, k in enumerate(near):
+        idx = make_index("Proj8", d, floor=GAMMA)
+        idx.add(np.arange(200), base)
+        idx.add([1000 + i], k[None].float(), unit=True)
+        check(idx, q[None].float())
+    # exact ties: the same key under three ids, the smallest id wins
+    idx = make_index("Proj8", d, floor=GAMMA)
+    idx.add(np.arange(200), base)
+    idx.add([907, 905, 906], base[:1].expand(3, -1).clone(), unit=True)
+    sim, got = idx.search(base[:1])
+    assert int(got[0]) == 0  # id 0 holds the same key and is smallest
+    idx.remove([0])
+    sim, got = idx.search(base[:1])
+    assert int(got[0]) == 905 and float(sim[0]) == pytest.approx(1.0)
+
+
+def test_edits_reloads_query_training_and_overflow(tmp_path) -> None:
+    g = torch.Generator().manual_seed(9)
+    d, m = 40, 400
+    keys = clustered(m, d, g)
+    idx = make_index("Proj6", d, floor=GAMMA, max_candidates=3)  # tiny cap: overflow path runs
+    idx.add(np.arange(m), keys)
+    queries = torch.cat([keys[:50] + 0.2 * torch.randn(50, d, generator=g), torch.randn(50, d, generator=g)])
+    check(idx, queries)
+    idx.add(np.arange(0, 100), torch.randn(100, d, generator=g))  # replace rows in place
+    idx.remove(np.arange(100, 250))  # tombstones past a quarter: compaction moves rows
+    check(idx, queries)
+    idx.train(clustered(64, d, g))  # a query sample changes the basis, never the answers
+    check(idx, queries)
+    idx.add(np.arange(5000, 6000), clustered(1000, d, g))  # the table more than doubles: refit
+    check(idx, queries)
+    idx.save(tmp_path / "i.safetensors")
+    back = KeyIndex.load(tmp_path / "i.safetensors", floor=GAMMA)
+    assert back.spec == "Proj6" and np.array_equal(back.ids(), idx.ids())
+    check(back, queries)
+    assert idx.stats["decided"] > 0 and idx.stats["full_scans"] > 0
+
+
+def test_few_keys_and_no_floor_scan_exactly() -> None:
+    g = torch.Generator().manual_seed(3)
+    idx = make_index("Proj16", 24, floor=GAMMA)
+    idx.add([4, 2], torch.randn(2, 24, generator=g))  # fewer rows than the rank: no basis yet
+    check(idx, torch.randn(10, 24, generator=g))
+    idx = make_index("Proj16", 24)  # no floor: nothing can be pruned, every query scans
+    idx.add(np.arange(50), torch.randn(50, 24, generator=g))
+    q = torch.randn(10, 24, generator=g)
+    sim, got = idx.search(q)
+    ids, keys = idx.export()
+    want_sim, want_id = reference(keys, ids, q)
+    assert torch.equal(got, want_id) and torch.allclose(sim, want_sim, atol=1e-12)
+    with pytest.raises(ValueError, match="rank"):
+        make_index("Proj24", 24)
