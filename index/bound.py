@@ -7,9 +7,8 @@ can neither win nor open the gate; the rest are re-scored in float64 against the
 Gate decisions and winning ids equal exact float64 search for every query, whatever the basis:
 the basis (PCA of the keys, plus a query sample given to `train`) only decides the speed.
 
-Where no key exceeds the floor the gate is closed: the returned similarity is then an upper
-bound of the true maximum that is still below the floor, and the id is the key with the
-largest bound. Similarities
+Where no key exceeds the floor the gate is closed and the index returns (floor, -1): the floor
+bounds the true maximum from above, and no (n, M) argmax is paid for an answer nobody uses. Similarities
 are float64 so that `sims > gamma` decides exactly as float64 search does. Ties go to the
 smallest id."""
 from __future__ import annotations
@@ -163,31 +162,34 @@ class ProjBoundIndex(KeyIndex):
         pq = q @ self._basis.T  # (n, r)
         qperp = (q64 - pq.double() @ self._basis.double()).norm(dim=1).float()  # (n,)
         upper = torch.cat([pq, qperp[:, None]], 1) @ self._proj.T  # (n, M): >= q.k - slack
-        upper = upper.masked_fill(~self.exact._valid[: self._proj.shape[0]], float("-inf"))
-        cand = upper >= self.floor - self._slack
-        counts = cand.sum(1)  # (n,)
-        top_u, top_rows = upper.max(1)
+        qi, ki = torch.nonzero(upper >= self.floor - self._slack, as_tuple=True)  # candidate pairs
+        keep = self.exact._valid[ki]  # dead rows are zero: drop them here, not by masking (n, M)
+        qi, ki = qi[keep], ki[keep]
+        counts = torch.bincount(qi, minlength=n)  # (n,)
         best = torch.full((n,), float("-inf"), dtype=torch.float64, device=self.device)
-        arg = top_rows
-        k = int(min(int(counts.max()), self.max_candidates))
-        if k > 0:
-            vals, rows = upper.masked_fill(~cand, float("-inf")).topk(k, dim=1)  # (n, k)
-            rows = rows.masked_fill(~torch.isfinite(vals), -1)
-            b, a = self._exact64(q64, rows)
-            some = counts > 0
-            best, arg = torch.where(some, b, best), torch.where(some, a, arg)
-        over = counts > self.max_candidates
-        if bool(over.any()):  # too many near-ties for the cap: scan those queries exactly
-            b, a = self._full_scan(q64[over])
-            best[over], arg[over] = b, a
-        closed = ~(best > self.floor)  # below the floor: report a bound of the true maximum
-        below = torch.nextafter(torch.tensor(self.floor, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64))
-        bound = torch.minimum(top_u.double() + self._slack, below.to(self.device))
-        best, arg = torch.where(closed, bound, best), torch.where(closed, top_rows, arg)
+        arg = torch.full((n,), -1, dtype=torch.long, device=self.device)
+        over = counts > self.max_candidates  # too many near-ties: a float64 scan is cheaper
+        small = ~over[qi]
+        qi, ki = qi[small], ki[small]
+        if qi.numel():
+            sims = torch.cat([(q64[qi[s : s + 4096]] * self.exact._keys[ki[s : s + 4096]].double()).sum(-1)
+                              for s in range(0, qi.numel(), 4096)])  # (pairs,) float64
+            best.scatter_reduce_(0, qi, sims, "amax")
+            ids = self.exact._ids[ki].masked_fill(sims != best[qi], torch.iinfo(torch.long).max)
+            win = torch.full((n,), torch.iinfo(torch.long).max, dtype=torch.long, device=self.device)
+            win.scatter_reduce_(0, qi, ids, "amin")  # the smallest id among each query's maxima
+            found = win != torch.iinfo(torch.long).max
+            arg[found] = torch.from_numpy(self.exact.slots_of(win[found].cpu().numpy())).to(self.device)
+        if bool(over.any()):
+            best[over], arg[over] = self._full_scan(q64[over])
+        closed = ~(best > self.floor)  # no key exceeds the floor: the floor bounds the maximum
+        best = best.masked_fill(closed, self.floor)
+        arg = arg.masked_fill(closed, -1)
         self.stats["decided"] += int((counts == 0).sum())
         self.stats["candidates"] += int(counts.sum())
         self.stats["full_scans"] += int(over.sum())
-        return best.to(queries.device), self.exact._ids[arg].to(queries.device)
+        out_ids = torch.where(arg >= 0, self.exact._ids[arg.clamp_min(0)], arg)
+        return best.to(queries.device), out_ids.to(queries.device)
 
     @property
     def ntotal(self) -> int:

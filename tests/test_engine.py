@@ -206,7 +206,7 @@ def test_duplicate_ids_and_unknown_fields(tmp_path: Path) -> None:
         load_facts(tmp_path / "missing.jsonl")
 
 
-@pytest.mark.parametrize("spec", ["torch", "Int8", "HNSW16", "torch,shards"])
+@pytest.mark.parametrize("spec", ["torch", "Int8", "Proj4", "HNSW16", "torch,shards"])
 def test_gated_layer_takes_any_index_spec(spec: str, tokenizer) -> None:
     """The same edits through another index spec open the same gates and give the same logits."""
     model = make_model("llama", tokenizer)

@@ -252,7 +252,7 @@ def test_cli_info_verifies_without_a_model(saved: Path, capsys) -> None:
 
 
 # ----- 6. one on-disk format per spec ---------------------------------------------------------
-@pytest.mark.parametrize("spec", ["torch", "Int8", "torch,shards", "HNSW16"])
+@pytest.mark.parametrize("spec", ["torch", "Int8", "Proj4", "torch,shards", "HNSW16"])
 def test_exact_table_is_the_same_file_content_for_every_spec(spec: str, tmp_path: Path) -> None:
     """Every spec writes the same canonical (ids, fp32 unit keys) table, so any one loads as
     any other; GPU FAISS flat shares the CPU class's writer (no GPU here to run it)."""
