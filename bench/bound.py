@@ -42,6 +42,14 @@ def layer_inputs(model: Any, tok: Any, texts: list[str], path: str) -> torch.Ten
     return torch.cat(out)
 
 
+def float64_search(keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: float64 cosine against the unit keys, every query, every key."""
+    k = keys.double() / keys.double().norm(dim=1, keepdim=True)
+    q = queries.double() / queries.double().norm(dim=1, keepdim=True)
+    out = [(q[s : s + 256] @ k.T).max(1) for s in range(0, q.shape[0], 256)]
+    return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+
+
 def timed(fn: Any, repeats: int) -> float:
     fn()
     ts = []
@@ -117,9 +125,7 @@ def main() -> None:
     rows = []
     for name, keys in sets:
         m = keys.shape[0]
-        ref = make_index("Proj8", keys.shape[1], floor=-1.0)  # floor -1: every query scans in float64
-        ref.add(torch.arange(m), keys)
-        want = {k: ref.search(q) for k, q in queries.items()}
+        want = {k: float64_search(keys, q) for k, q in queries.items()}
         for spec in specs:
             idx = make_index(spec, keys.shape[1], floor=cfg.gamma)
             t0 = time.perf_counter()
@@ -148,11 +154,17 @@ def main() -> None:
             row["prefill ms"] = 1e3 * timed(lambda: idx.search(pre), args.repeats)
             for b in (1, 8):
                 row[f"decode B{b} ms"] = 1e3 * timed(lambda: idx.search(wiki_q[100 : 100 + b]), args.repeats)
-            row["prefill % of fwd"] = 100 * row["prefill ms"] / fwd["prefill"]
-            for b in (1, 8):
-                row[f"decode B{b} % of fwd"] = 100 * row[f"decode B{b} ms"] / fwd[f"decode_B{b}"]
             rows.append(row)
             print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+    # the forward again, after the lookups: the faster of the two runs (a busy moment inflates one)
+    again = forward_times(model, tok, prefill_text, args.repeats)
+    fwd = {k: min(v, again[k]) for k, v in fwd.items()}
+    print(f"SmolLM2 forward (min of start and end): prefill {fwd['prefill']:.1f} ms, "
+          f"decode B=1 {fwd['decode_B1']:.1f} ms, B=8 {fwd['decode_B8']:.1f} ms")
+    for row in rows:
+        row["prefill % of fwd"] = 100 * row["prefill ms"] / fwd["prefill"]
+        for b in (1, 8):
+            row[f"decode B{b} % of fwd"] = 100 * row[f"decode B{b} ms"] / fwd[f"decode_B{b}"]
     cols = list(rows[0])
     print(markdown_table(rows, cols))
     out = Path(args.out)

@@ -25,6 +25,8 @@ from .torch_index import TorchIndex
 # fp32 rounding of an (r+1)-dim dot product of vectors of norm <= ~1.42 is below r * 2^-24 * 2;
 # 1e-4 covers r <= 800 with room for the basis' orthonormality error (added at fit time).
 _SLACK = 1e-4
+# |fl32(q.k) - q.k| for unit q, k is below ~d * 2^-24 (worst case); the scan keeps 4x that
+_FP32_MARGIN = 5e-4
 
 
 class ProjBoundIndex(KeyIndex):
@@ -115,36 +117,40 @@ class ProjBoundIndex(KeyIndex):
         return self
 
     # -- search ---------------------------------------------------------------------------------
-    def _exact64(self, q: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float64 cosines of q (n, d) against rows (n, k) (-1 = none): best and its row, ties to
-        the smallest id. Queries go in groups so the gathered keys stay under ~128 MB."""
-        step = max(1, (1 << 24) // max(1, rows.shape[1] * self.dim))
-        bests, wins = [], []
-        for s in range(0, q.shape[0], step):
-            r = rows[s : s + step]
-            keys = self.exact._keys[r.clamp_min(0)].double()  # (g, k, d)
-            sims = (q[s : s + step, None, :] * keys).sum(-1).masked_fill(r < 0, float("-inf"))  # (g, k)
-            best = sims.max(1).values  # (g,)
-            ids = self.exact._ids[r.clamp_min(0)].masked_fill(sims != best[:, None], torch.iinfo(torch.long).max)
-            bests.append(best)
-            wins.append(r.gather(1, ids.argmin(1)[:, None])[:, 0])  # smallest id among the maxima
-        return torch.cat(bests), torch.cat(wins)
-
-    def _full_scan(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float64 matmul over every live key, in blocks of 4096 keys."""
-        n_rows = self.exact._n
-        live = torch.nonzero(self.exact._valid[:n_rows])[:, 0]  # (M,)
-        best = torch.full((q.shape[0],), float("-inf"), dtype=torch.float64, device=self.device)
-        arg = torch.zeros(q.shape[0], dtype=torch.long, device=self.device)
-        for s in range(0, live.numel(), 4096):
-            rows = live[s : s + 4096]
-            sims = q @ self.exact._keys[rows].double().T  # (n, b)
-            b = sims.max(1).values
-            ids = self.exact._ids[rows][None].expand_as(sims).masked_fill(sims != b[:, None], torch.iinfo(torch.long).max)
-            a = rows[ids.argmin(1)]  # smallest id among this block's maxima
-            better = (b > best) | ((b == best) & (self.exact._ids[a] < self.exact._ids[arg]))
-            best, arg = torch.where(better, b, best), torch.where(better, a, arg)
+    def _rescore(self, q64: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 cosines of the candidate pairs (query qi, row ki): each query's best and its
+        row (-inf, -1 without candidates), ties to the smallest id."""
+        n = q64.shape[0]
+        best = torch.full((n,), float("-inf"), dtype=torch.float64, device=self.device)
+        arg = torch.full((n,), -1, dtype=torch.long, device=self.device)
+        if qi.numel() == 0:
+            return best, arg
+        sims = torch.cat([(q64[qi[s : s + 4096]] * self.exact._keys[ki[s : s + 4096]].double()).sum(-1)
+                          for s in range(0, qi.numel(), 4096)])  # (pairs,) float64
+        best.scatter_reduce_(0, qi, sims, "amax")
+        big = torch.iinfo(torch.long).max
+        ids = self.exact._ids[ki].masked_fill(sims != best[qi], big)
+        win = torch.full((n,), big, dtype=torch.long, device=self.device)
+        win.scatter_reduce_(0, qi, ids, "amin")  # the smallest id among each query's maxima
+        found = win != big
+        arg[found] = torch.from_numpy(self.exact.slots_of(win[found].cpu().numpy())).to(self.device)
         return best, arg
+
+    def _full_scan(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every live key: an fp32 matmul (error below _FP32_MARGIN for unit vectors) keeps the
+        keys within the margin of the fp32 maximum, which are then re-scored in float64."""
+        n_rows = self.exact._n
+        valid = self.exact._valid[:n_rows]
+        margin = max(_FP32_MARGIN, 4 * self.dim * 2.0**-24)
+        step = max(1, (1 << 26) // max(1, n_rows))  # (step, M) fp32 blocks of at most 256 MB
+        qis, kis = [], []
+        for s in range(0, q64.shape[0], step):
+            sims = (q64[s : s + step].float() @ self.exact._keys[:n_rows].T).masked_fill(~valid, float("-inf"))
+            top = sims.max(1).values  # (step,)
+            qi, ki = torch.nonzero(sims >= (top - margin)[:, None], as_tuple=True)
+            qis.append(qi + s)
+            kis.append(ki)
+        return self._rescore(q64, torch.cat(qis), torch.cat(kis))
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q64 = queries.to(self.device).double()
@@ -166,20 +172,9 @@ class ProjBoundIndex(KeyIndex):
         keep = self.exact._valid[ki]  # dead rows are zero: drop them here, not by masking (n, M)
         qi, ki = qi[keep], ki[keep]
         counts = torch.bincount(qi, minlength=n)  # (n,)
-        best = torch.full((n,), float("-inf"), dtype=torch.float64, device=self.device)
-        arg = torch.full((n,), -1, dtype=torch.long, device=self.device)
-        over = counts > self.max_candidates  # too many near-ties: a float64 scan is cheaper
+        over = counts > self.max_candidates  # too many near-ties: an fp32 scan is cheaper
         small = ~over[qi]
-        qi, ki = qi[small], ki[small]
-        if qi.numel():
-            sims = torch.cat([(q64[qi[s : s + 4096]] * self.exact._keys[ki[s : s + 4096]].double()).sum(-1)
-                              for s in range(0, qi.numel(), 4096)])  # (pairs,) float64
-            best.scatter_reduce_(0, qi, sims, "amax")
-            ids = self.exact._ids[ki].masked_fill(sims != best[qi], torch.iinfo(torch.long).max)
-            win = torch.full((n,), torch.iinfo(torch.long).max, dtype=torch.long, device=self.device)
-            win.scatter_reduce_(0, qi, ids, "amin")  # the smallest id among each query's maxima
-            found = win != torch.iinfo(torch.long).max
-            arg[found] = torch.from_numpy(self.exact.slots_of(win[found].cpu().numpy())).to(self.device)
+        best, arg = self._rescore(q64, qi[small], ki[small])
         if bool(over.any()):
             best[over], arg[over] = self._full_scan(q64[over])
         closed = ~(best > self.floor)  # no key exceeds the floor: the floor bounds the maximum
