@@ -16,11 +16,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import numpy as np
 import torch
 
 from .base import KeyIndex, as_ids, register
-from .torch_index import TorchIndex
+from .torch_index import ExactBacked, TorchIndex
 
 # fp32 rounding of an (r+1)-dim dot product of vectors of norm <= ~1.42 is below r * 2^-24 * 2;
 # 1e-4 covers r <= 800 with room for the basis' orthonormality error (added at fit time).
@@ -29,7 +28,7 @@ _SLACK = 1e-4
 _FP32_MARGIN = 5e-4
 
 
-class ProjBoundIndex(KeyIndex):
+class ProjBoundIndex(ExactBacked):
     """Options: floor (the gate's gamma; required for any pruning), max_candidates (re-score cap
     per query before an exact float64 scan of all keys), device."""
 
@@ -104,9 +103,6 @@ class ProjBoundIndex(KeyIndex):
 
     def remove(self, ids: Any) -> int:
         return self.exact.remove(as_ids(ids))  # dead rows are masked in search
-
-    def export(self) -> tuple[np.ndarray, torch.Tensor]:
-        return self.exact.export()
 
     def to(self, device: torch.device | str) -> "ProjBoundIndex":
         self.exact.to(device)
@@ -187,19 +183,12 @@ class ProjBoundIndex(KeyIndex):
         return best.to(queries.device), out_ids.to(queries.device)
 
     @property
-    def ntotal(self) -> int:
-        return self.exact.ntotal
-
-    @property
     def nbytes(self) -> int:
         return self.exact.nbytes + 4 * self._proj.nelement() + (0 if self._basis is None else 4 * self._basis.nelement())
 
     @property
     def scanned_bytes_per_key(self) -> int:
         return 4 * (self.rank + 1)  # the bound's row; candidates add 4 * dim each
-
-    def ids(self) -> np.ndarray:
-        return self.exact.ids()
 
 
 @register(r"Proj(?P<rank>\d+)")

@@ -9,12 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..kernels import l2_normalize
 from .base import KeyIndex, as_ids, register
-from .torch_index import TorchIndex
+from .torch_index import ExactBacked, TorchIndex
 
 
 def quantize_int8(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -26,7 +25,7 @@ def quantize_int8(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return codes, scale, err * (1 + 1e-5) + 1e-7  # pad the bound for float rounding in the scan
 
 
-class Int8Index(KeyIndex):
+class Int8Index(ExactBacked):
     """Options: floor (prune keys whose upper bound is below it; set it to the gate's gamma for
     speed, exact answers are still returned for every query whose best cosine exceeds it),
     max_candidates (re-score cap per query before falling back to a full exact scan)."""
@@ -69,9 +68,6 @@ class Int8Index(KeyIndex):
         if rows:
             self._codes[torch.tensor(rows, device=self.device)] = 0
         return self.exact.remove(ids)
-
-    def export(self) -> tuple[np.ndarray, torch.Tensor]:
-        return self.exact.export()
 
     def to(self, device: torch.device | str) -> "Int8Index":
         self.exact.to(device)
@@ -118,10 +114,6 @@ class Int8Index(KeyIndex):
         return best.to(queries.device), out_ids.to(queries.device)
 
     @property
-    def ntotal(self) -> int:
-        return self.exact.ntotal
-
-    @property
     def nbytes(self) -> int:
         self._sync_codes()
         return self.exact.nbytes + self._codes.nelement() + 8 * self._scale.nelement()
@@ -129,9 +121,6 @@ class Int8Index(KeyIndex):
     @property
     def scanned_bytes_per_key(self) -> int:
         return self.dim + 8  # int8 codes + scale + bound, vs 4 * dim for fp32
-
-    def ids(self) -> np.ndarray:
-        return self.exact.ids()
 
 
 @register(r"Int8")

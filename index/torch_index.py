@@ -122,3 +122,20 @@ class TorchIndex(KeyIndex):
 @register(r"torch(,(?P<dtype>fp32|fp16|bf16))?")
 def _torch(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
     return TorchIndex(dim, dtype=m.group("dtype") or "fp32", device=options.get("device", "cpu"))
+
+
+class ExactBacked(KeyIndex):
+    """An index that keeps its full-precision keys in a `TorchIndex` (`self.exact`) and adds
+    its own per-row structure (codes, projections) on the same rows."""
+
+    exact: TorchIndex
+
+    @property
+    def ntotal(self) -> int:
+        return self.exact.ntotal
+
+    def ids(self) -> np.ndarray:
+        return self.exact.ids()
+
+    def export(self) -> tuple[np.ndarray, torch.Tensor]:
+        return self.exact.export()
