@@ -18,13 +18,16 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,m,d", [(1, 1, 16), (5, 70, 33), (17, 130, 64), (33, 65, 100)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_triton_matches_reference(dtype: torch.dtype, n: int, m: int, d: int, seed: int) -> None:
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_triton_matches_reference(dtype: torch.dtype, n: int, m: int, d: int, seed: int, split: int | None) -> None:
     g = torch.Generator().manual_seed(seed * 1000 + n)
     q = l2_normalize(torch.randn(n, d, generator=g)).to(DEVICE)
     k = l2_normalize(torch.randn(m, d, generator=g)).to(DEVICE, dtype)
     valid = (torch.rand(m, generator=g) > 0.2).to(DEVICE)
     valid[0] = True
-    best, arg = lookup(q, k, valid, impl="triton")
+    from neuraldb.kernels.triton_lookup import max_cosine_triton
+
+    best, arg = max_cosine_triton(q, k, valid, split=split)
     ref_best, ref_arg = max_cosine(q.to(dtype).float() if dtype != torch.float32 else q, k.float(), valid)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert torch.allclose(best.cpu(), ref_best.cpu(), atol=tol)
@@ -34,3 +37,19 @@ def test_triton_matches_reference(dtype: torch.dtype, n: int, m: int, d: int, se
     clear = (top2[:, 0] - top2[:, -1] > 2 * tol) if m > 1 else torch.ones(n, dtype=torch.bool, device=full.device)
     assert torch.equal(arg[clear].cpu(), ref_arg[clear].cpu())
     assert bool((valid[arg]).all())
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_split_reduction_keeps_the_first_of_equal_maxima(split: int) -> None:
+    """The same best key in several key ranges: the lowest row wins, as in the reference."""
+    from neuraldb.kernels.triton_lookup import max_cosine_triton
+
+    g = torch.Generator().manual_seed(7)
+    k = l2_normalize(torch.randn(150, 24, generator=g)).to(DEVICE)
+    k[[40, 90, 140]] = k[3].clone()  # rows 3, 40, 90, 140 tie; the splits put them in different ranges
+    q = k[[3, 0, 149]].clone()
+    best, arg = max_cosine_triton(q, k, block_m=16, split=split)
+    ref_best, ref_arg = max_cosine(q, k)
+    assert torch.equal(arg.cpu(), ref_arg.cpu()) and int(arg[0]) == 3
+    assert torch.allclose(best.cpu(), ref_best.cpu(), atol=1e-5)
+    assert torch.equal(lookup(q, k, impl="triton")[1].cpu(), ref_arg.cpu())
