@@ -63,7 +63,7 @@ def _open_db(args: argparse.Namespace) -> NeuralDB:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     db = _open_db(args)
-    answer = db.generate(args.prompt, args.max_new_tokens)
+    answer = db.generate(args.prompt, args.max_new_tokens, record_hits=True)
     print(args.prompt + answer)
     fired = {h.fact_id for h in db.generate_hits}
     for fid in sorted(fired):

@@ -221,9 +221,12 @@ class NeuralDB:
 
     # ----- convenience ----------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 12) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 12, record_hits: bool = False) -> str:
+        """Greedy continuation of `prompt`. With `record_hits`, `generate_hits` lists every gate
+        that opened (reading them back costs a host sync per step, so it is off by default)."""
         ids = self.tok(prompt, return_tensors="pt")["input_ids"].to(model_device(self.model))
-        with self.record() as steps:
+        self.generate_hits = []
+        with self.record() if record_hits else contextlib.nullcontext([]) as steps:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=self.tok.pad_token_id)
         # positions of decode steps count from the prompt's end

@@ -72,9 +72,14 @@ class GatedFFNOut(nn.Module):
             self.history.append(self.hits())
         if rows.numel() == 0:
             return out
-        res = torch.zeros(q.shape[0], d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)
-        res[rows] = self.table.gather(ids[rows], device=out.device).to(out.dtype)
-        return gate_add(out.reshape(-1, d_out), open_, res).view(out.shape)  # (B, T, d_model)
+        res = self.table.gather(ids[rows], device=out.device).to(out.dtype)  # (n_open, d_model)
+        if not out.requires_grad and out.is_contiguous():  # inference: add in place on open rows only
+            flat = out.view(-1, d_out)  # (B*T, d_model), out's own storage
+            flat.index_put_((rows,), res, accumulate=True)  # out[r] = out[r] + res: the same rounding
+            return out
+        full = torch.zeros(q.shape[0], d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)
+        full[rows] = res
+        return gate_add(out.reshape(-1, d_out), open_, full).view(out.shape)  # (B, T, d_model)
 
     def hits(self) -> list[Hit]:
         """Tokens where the gate opened in the last forward pass."""

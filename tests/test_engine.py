@@ -121,9 +121,11 @@ def test_generate_through_gate(tokenizer) -> None:
     model = make_model("llama", tokenizer)
     db = NeuralDB(model, tokenizer, CFG)
     db.add(FACTS[:1])
-    text = db.generate(FACTS[0].text, max_new_tokens=3)
+    text = db.generate(FACTS[0].text, max_new_tokens=3, record_hits=True)
     assert text.startswith(tokenizer.decode([first_target_token(tokenizer, FACTS[0])]))
     assert db.generate_hits and all(h.fact_id == 0 for h in db.generate_hits)
+    assert db.generate(FACTS[0].text, max_new_tokens=3) == text and db.generate_hits == []  # not asked
+    assert db._gate.history is None
 
 
 def test_first_token_and_pads_are_never_gated(tokenizer) -> None:
