@@ -21,16 +21,31 @@ import torch
 from .base import KeyIndex, as_ids, register
 from .torch_index import ExactBacked, TorchIndex
 
-# fp32 rounding of an (r+1)-dim dot product of vectors of norm <= ~1.42 is below r * 2^-24 * 2;
-# 1e-4 covers r <= 800 with room for the basis' orthonormality error (added at fit time).
-_SLACK = 1e-4
-# |fl32(q.k) - q.k| for unit q, k is below ~d * 2^-24 (worst case); the scan keeps 4x that
-_FP32_MARGIN = 5e-4
+_U = 2.0**-24  # fp32 unit roundoff
+
+
+def _gamma(n: int) -> float:
+    """Worst-case relative error of an n-term fp32 dot product: |fl(x.y) - x.y| <= gamma_n |x||y|."""
+    return n * _U / (1 - n * _U)
+
+
+def bound_slack(dim: int, rank: int, ortho_err: float) -> float:
+    """How far the fp32 bound can fall below the true q.k, worst case. With p~ = P q + e (fp32
+    projection, |e| <= sqrt(r) gamma_d) and s = q - P^T p~ (norms in float64):
+    q.k = p~q.p~k - p~q.e_k - e_q.p~k + s_q.s_k <= p~q.p~k + |s_q||s_k| + 2 sqrt(r) gamma_d,
+    plus the (r+1)-term fp32 matmul (2 gamma_{r+1}), the fp32 norms (2u) and P's deviation from
+    orthonormality (2 |P P^T - I|)."""
+    return 1.01 * (2 * rank**0.5 * _gamma(dim) + 2 * _gamma(rank + 1) + 2 * _U) + 2 * ortho_err
+
+
+def scan_margin(dim: int) -> float:
+    """An fp32 scan keeps every key within 2 (gamma_d + u) of its maximum: the true best is among them."""
+    return 1.01 * 2 * (_gamma(dim) + _U)
 
 
 class ProjBoundIndex(ExactBacked):
-    """Options: floor (the gate's gamma; required for any pruning), max_candidates (re-score cap
-    per query before an exact float64 scan of all keys), device."""
+    """Options: floor (the gate's gamma; required for any pruning), max_candidates (candidates
+    per query above which that query takes an fp32 scan of all keys instead), device."""
 
     def __init__(self, dim: int, rank: int, floor: float = -1.0, max_candidates: int = 256,
                  device: Any = "cpu", sample: int = 8192) -> None:
@@ -41,7 +56,7 @@ class ProjBoundIndex(ExactBacked):
         self.exact = TorchIndex(dim, device=device)
         self.device = self.exact.device
         self._basis: torch.Tensor | None = None  # (r, d) fp32, orthonormal rows
-        self._slack = _SLACK
+        self._slack = bound_slack(dim, rank, 0.0)
         self._proj = torch.zeros(0, rank + 1, device=self.device)  # (M, r+1): [Pk, |k_perp|]
         self._queries: torch.Tensor | None = None  # (n, d) unit query sample for the basis
         self._fit_rows, self._version = 0, -1
@@ -68,7 +83,7 @@ class ProjBoundIndex(ExactBacked):
         _, _, vh = torch.linalg.svd(x, full_matrices=False)
         basis = torch.linalg.qr(vh[: self.rank].T)[0].T.float().contiguous()  # (r, d) orthonormal rows
         ortho = (basis.double() @ basis.double().T - torch.eye(self.rank, dtype=torch.float64, device=self.device))
-        self._basis, self._slack = basis, _SLACK + 2 * float(ortho.norm())
+        self._basis, self._slack = basis, bound_slack(self.dim, self.rank, float(ortho.norm()))
         self._fit_rows, self._version = n, -1  # reproject every row
 
     def _project(self, keys: torch.Tensor) -> torch.Tensor:
@@ -133,11 +148,11 @@ class ProjBoundIndex(ExactBacked):
         return best, arg
 
     def _full_scan(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every live key: an fp32 matmul (error below _FP32_MARGIN for unit vectors) keeps the
-        keys within the margin of the fp32 maximum, which are then re-scored in float64."""
+        """Every live key: an fp32 matmul keeps the keys within `scan_margin` of the fp32
+        maximum, which are then re-scored in float64."""
         n_rows = self.exact._n
         valid = self.exact._valid[:n_rows]
-        margin = max(_FP32_MARGIN, 4 * self.dim * 2.0**-24)
+        margin = scan_margin(self.dim)
         step = max(1, (1 << 26) // max(1, n_rows))  # (step, M) fp32 blocks of at most 256 MB
         qis, kis = [], []
         for s in range(0, q64.shape[0], step):
