@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from neuraldb import load_facts, load_model
-from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.bench.common import machine, markdown_table, timed, write_json
 from neuraldb.engine.arch import get_arch
 from neuraldb.engine.config import model_defaults
 from neuraldb.engine.hooks import Trace
@@ -50,14 +50,8 @@ def float64_search(keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Ten
     return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
 
 
-def timed(fn: Any, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def median_s(fn: Any, repeats: int) -> float:
+    return statistics.median(timed(fn, torch.device("cpu"), repeats))
 
 
 def forward_times(model: Any, tok: Any, text: str, repeats: int) -> dict[str, float]:
@@ -65,7 +59,7 @@ def forward_times(model: Any, tok: Any, text: str, repeats: int) -> dict[str, fl
     ids = tok(text, return_tensors="pt").input_ids  # (1, T)
     out: dict[str, float] = {"prefill_tokens": ids.shape[1]}
     with torch.no_grad():
-        out["prefill"] = 1e3 * timed(lambda: model(ids), repeats)
+        out["prefill"] = 1e3 * median_s(lambda: model(ids), repeats)
         for b in (1, 8):
             batch = ids.expand(b, -1)  # (b, T)
             cache = model(batch, use_cache=True).past_key_values
@@ -74,7 +68,7 @@ def forward_times(model: Any, tok: Any, text: str, repeats: int) -> dict[str, fl
             def decode() -> None:
                 model(step, past_key_values=cache, use_cache=True)
                 cache.crop(-1)  # drop the step: the cache stays at the prefill length
-            out[f"decode_B{b}"] = 1e3 * timed(decode, repeats)
+            out[f"decode_B{b}"] = 1e3 * median_s(decode, repeats)
     return out
 
 
@@ -151,9 +145,9 @@ def main() -> None:
                     row[f"{kind} decided %"] = 100 * d["decided"] / max(1, d["queries"])
                     row[f"{kind} cand/token"] = d["candidates"] / max(1, d["queries"])
             pre = wiki_q[:n_prefill]
-            row["prefill ms"] = 1e3 * timed(lambda: idx.search(pre), args.repeats)
+            row["prefill ms"] = 1e3 * median_s(lambda: idx.search(pre), args.repeats)
             for b in (1, 8):
-                row[f"decode B{b} ms"] = 1e3 * timed(lambda: idx.search(wiki_q[100 : 100 + b]), args.repeats)
+                row[f"decode B{b} ms"] = 1e3 * median_s(lambda: idx.search(wiki_q[100 : 100 + b]), args.repeats)
             rows.append(row)
             print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
     # the forward again, after the lookups: the faster of the two runs (a busy moment inflates one)

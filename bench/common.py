@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+import torch
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -75,3 +76,17 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", every
             left = f", {(total - n) / rate / 60:.1f} min left" if total else ""
             print(f"{desc}: {n}/{total if total else '?'} ({rate:.3g}/s{left})", file=sys.stderr, flush=True)
             last = now
+
+
+def timed(fn: Any, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call of `fn` after one warm-up call, the device synchronised around each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out

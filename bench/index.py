@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.bench.common import machine, markdown_table, timed, write_json
 from neuraldb.index import make_index
 from neuraldb.kernels import l2_normalize, max_cosine
 
@@ -49,19 +49,6 @@ def queries_for(keys: torch.Tensor, batch: int, seed: int) -> dict[str, torch.Te
     near = keys[pick].cpu() + 0.48 / d**0.5 * torch.randn(batch, d, generator=g)  # cos ~ 0.9
     unrelated = activation_like(batch, d, seed + 7, torch.device("cpu"))
     return {"near": l2_normalize(near).to(keys.device), "unrelated": unrelated.to(keys.device)}
-
-
-def timed(fn: Any, device: torch.device, repeats: int) -> list[float]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -71,8 +71,8 @@ def max_cosine_triton(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Te
     if n == 0:
         return torch.empty(0, device=queries.device), torch.empty(0, dtype=torch.long, device=queries.device)
     split = split or default_split(n, m, keys.device, block_n, block_m)
-    per_split = triton.cdiv(triton.cdiv(m, split), block_m) * block_m  # whole key blocks per split
-    split = triton.cdiv(m, per_split)
+    per_split = max(1, triton.cdiv(triton.cdiv(m, split), block_m)) * block_m  # whole key blocks per split
+    split = max(1, triton.cdiv(m, per_split))  # one program row even without keys
     best = torch.empty(split, n, dtype=torch.float32, device=queries.device)  # (split, n) partials
     arg = torch.empty(split, n, dtype=torch.long, device=queries.device)
     grid = (triton.cdiv(n, block_n), split)

@@ -53,3 +53,10 @@ def test_split_reduction_keeps_the_first_of_equal_maxima(split: int) -> None:
     assert torch.equal(arg.cpu(), ref_arg.cpu()) and int(arg[0]) == 3
     assert torch.allclose(best.cpu(), ref_best.cpu(), atol=1e-5)
     assert torch.equal(lookup(q, k, impl="triton")[1].cpu(), ref_arg.cpu())
+
+
+def test_no_keys_gives_minus_inf_and_minus_one() -> None:
+    from neuraldb.kernels.triton_lookup import max_cosine_triton
+
+    best, arg = max_cosine_triton(torch.ones(3, 8, device=DEVICE), torch.zeros(0, 8, device=DEVICE))
+    assert bool(torch.isinf(best).all()) and arg.tolist() == [-1, -1, -1]
