@@ -6,7 +6,8 @@ preserved keys (lam = mom2_update_weight), so D = R K^T (lam C + K K^T)^-1.
 
 AlphaEdit (Fang et al. 2025): restrict the update to the null space of the preserved keys,
 D = D' P with P the projector on the eigenvectors of C whose eigenvalues are below a threshold;
-with earlier batches' keys K_p kept, D = R K^T P (K_p K_p^T P + K K^T P + alpha I)^-1. For a
+with the Gram matrix G_p = K_p K_p^T of earlier batches' keys kept,
+D = R K^T P (G_p P + K K^T P + alpha I)^-1. For a
 preserved key k0 (P k0 = 0), D k0 = 0 exactly."""
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ def null_space_projector(cov: torch.Tensor, threshold: float = 1e-2) -> torch.Te
 
 
 def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
-                     prev_keys: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-    """D (d_out, d_in) for keys (d_in, n) and residuals (d_out, n); `prev_keys` (d_in, n_p): keys
-    edited by earlier batches, whose edits the update should not disturb."""
+                     prev_gram: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """D (d_out, d_in) for keys (d_in, n) and residuals (d_out, n); `prev_gram` (d_in, d_in):
+    sum of k k^T over the keys edited by earlier batches, whose edits the update should not disturb."""
     k, r, p = keys.double(), resid.double(), projector.double()
-    acc = k @ k.T if prev_keys is None else k @ k.T + prev_keys.double() @ prev_keys.double().T
+    acc = k @ k.T if prev_gram is None else k @ k.T + prev_gram.double()
     m = p @ acc + alpha * torch.eye(p.shape[0], dtype=torch.float64, device=p.device)  # (d_in, d_in)
     return torch.linalg.solve(m, p @ k @ r.T).T  # D = R K^T P M^-T

@@ -152,6 +152,14 @@ class ChunkCache:
         return {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan")}
 
 
+def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:
+    """The cache of `facts` for this model and config (args: data, seed, chunk, key_chunk); a
+    cache made with other settings is refused."""
+    signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
+                 "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]]}
+    return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk)
+
+
 class Residuals:
     """Puts cached residual chunks into the database: all of them (eager), or on demand for the
     facts whose gates open (lazy); counts what was computed."""
@@ -326,9 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else default_checkpoints(len(facts))
     if checkpoints[-1] > len(facts):
         raise SystemExit(f"--checkpoints: {checkpoints[-1]} is more than --facts {len(facts)}")
-    signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
-                 "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]]}
-    cache = ChunkCache(out / "cache", args.chunk, signature, key_size=args.key_chunk)
+    cache = open_cache(out / "cache", db, args, facts)
     lazy = args.lazy_residuals == "on" or (args.lazy_residuals == "auto" and len(facts) > 5000)
     cache.fill_keys(db, facts)
     if not lazy:

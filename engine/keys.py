@@ -143,3 +143,30 @@ def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Se
     ctx_mean = torch.stack(parts[1:], 1).mean(1)  # (F, P, d_ff) -> (F, d_ff)
     bare_ok = torch.tensor([rows[0][1] > 0 for rows in per_fact], device=device)
     return torch.where(bare_ok[:, None], (bare + ctx_mean) / 2, ctx_mean)
+
+
+@torch.no_grad()
+def subject_states(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
+                   prefixes: Sequence[str], batch: int = 64) -> torch.Tensor:
+    """(F, d_model) float32: the output of decoder block `layer` (the residual stream after it) at
+    the subject's last token of the bare prompt, or of the first prefixed prompt where the bare
+    subject ends at position 0 (the attention sink, where the gate never opens). A residual added
+    to that layer's FFN output moves exactly this vector (MEMIT's `z` is this state + delta)."""
+    path = f"{get_arch(model).layers}.{layer}"
+    rows = []
+    for f in facts:
+        ids, last = key_inputs(tok, f, prefixes[:1])[0]
+        if last == 0 and prefixes:
+            ids, last = key_inputs(tok, f, prefixes[:1])[1]
+        rows.append((ids, last))
+    device = model_device(model)
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for group in _bucketed(len(rows), [len(r[0]) for r in rows], batch):
+        ids, mask = pad_right([rows[i][0] for i in group], tok.pad_token_id, device)  # (B, T)
+        pos = torch.tensor([rows[i][1] for i in group], device=device)
+        with Trace(model, path, retain_input=False, retain_output=True, stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden = tr.output[0] if isinstance(tr.output, tuple) else tr.output  # (B, T, d_model)
+        for i, h in zip(group, hidden[torch.arange(len(group), device=device), pos].float()):
+            out[i] = h
+    return torch.stack(out) if rows else torch.zeros(0)  # type: ignore[arg-type]
