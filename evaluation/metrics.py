@@ -188,6 +188,21 @@ def fluency(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Seque
     return 100 * float(np.mean(scores)) if scores else float("nan")
 
 
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over every predicted token of `texts` (what `retention` reports)."""
+    device = model_device(model)
+    nll, n = 0.0, 0
+    for sl in _batches(len(texts), batch_size):
+        enc = tok(list(texts[sl]), return_tensors="pt", padding=True).to(device)
+        logp = F.log_softmax(model(**enc).logits.float()[:, :-1], -1)  # (B, T-1, V)
+        m = enc["attention_mask"].bool()
+        mm = m[:, 1:] & m[:, :-1]
+        nll += float(-logp.gather(-1, enc["input_ids"][:, 1:, None])[..., 0][mm].sum())
+        n += int(mm.sum())
+    return math.exp(nll / max(n, 1))
+
+
 @dataclass(frozen=True)
 class Retention:
     false_open_rate: float  # share of gateable tokens whose gate opened

@@ -60,3 +60,13 @@ def test_no_keys_gives_minus_inf_and_minus_one() -> None:
 
     best, arg = max_cosine_triton(torch.ones(3, 8, device=DEVICE), torch.zeros(0, 8, device=DEVICE))
     assert bool(torch.isinf(best).all()) and arg.tolist() == [-1, -1, -1]
+
+
+def test_auto_picks_torch_for_tiny_problems_and_the_cpu() -> None:
+    from neuraldb.kernels import TRITON_MIN_PAIRS, choose_impl
+
+    assert choose_impl(1, 100_000, on_cuda=False, have_triton=True) == "torch"  # the CPU: always torch
+    assert choose_impl(1, 100_000, on_cuda=True, have_triton=False) == "torch"  # no Triton installed
+    assert choose_impl(1, 1_000, on_cuda=True, have_triton=True) == "torch"  # a tiny decode step
+    assert choose_impl(8, TRITON_MIN_PAIRS // 8, on_cuda=True, have_triton=True) == "triton"
+    assert choose_impl(1, TRITON_MIN_PAIRS - 1, on_cuda=True, have_triton=True) == "torch"

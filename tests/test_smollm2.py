@@ -31,3 +31,23 @@ def test_ten_counterfact_edits(smol, data_dir: Path) -> None:
     after = [db.generate(p, 8) for p in unrelated]
     assert after == before
     db.detach()
+
+
+def test_compare_bench_end_to_end(data_dir: Path, tmp_path: Path) -> None:
+    """bench/compare.py on SmolLM2 at toy size: every method edits, scores and (for the weight
+    editors) restores the original weights, which the bench checks bit for bit."""
+    if not (data_dir / "counterfact" / "counterfact-edit.json").is_file():
+        pytest.skip("CounterFact not found (set NEURALDB_DATA to the shared data directory)")
+    from neuraldb.bench import compare
+
+    cfg = tmp_path / "linear.yaml"
+    cfg.write_text("mom2_tokens: 400\n")
+    res = compare.main(["--facts", "4,8", "--eval-sample", "4", "--fluency-sample", "1", "--fluency-tokens", "4",
+                        "--retention-texts", "2", "--batch", "4", "--chunk", "4", "--config", str(cfg),
+                        "--out", str(tmp_path / "out")])
+    rows = {(r["method"], r["facts"]): r for r in res["rows"]}
+    assert sorted(rows) == sorted((m, n) for m in ("neuraldb", "memit", "alphaedit") for n in (4, 8))
+    before = res["unedited"]["efficacy"]
+    assert all(r["efficacy"] > before for r in rows.values()), (before, {k: r["efficacy"] for k, r in rows.items()})
+    assert (tmp_path / "out" / "compare.json").is_file(), res.get("plot")
+    assert res["layers"] == [2, 3, 4, 5, 6], res["layers"]
