@@ -50,6 +50,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_outputs(out: Path, name: str, result: dict[str, Any], title: str, table: str) -> None:
+    """OUT/NAME.json (the result), OUT/NAME.md (title + table), and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(f"# {title}\n\n{table}\n")
+    print(table)
+
+
 def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)

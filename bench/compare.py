@@ -25,7 +25,7 @@ import torch
 
 from neuraldb import Fact, NeuralDB, load_model
 from neuraldb.baselines import RULES, LinearEditConfig, LinearEditor, second_moments
-from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.bench.common import machine, markdown_table, write_json, write_outputs
 from neuraldb.bench.scale import SHARED, get_facts, open_cache
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import from_mapping, load_yaml, to_mapping
@@ -247,10 +247,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "unedited": pre, "rows": results, "wall_s": time.perf_counter() - t_start}
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = plot(pre, results, out)
-    write_json(out / "compare.json", result)
-    (out / "compare.md").write_text(f"# bench/compare.py: {args.model}, {args.data}, NeuralDB layer {db.layer}, "
-                                    f"MEMIT/AlphaEdit layers {list(layers)}\n\n{table}\n")
-    print(table)
+    write_outputs(out, "compare", result, f"bench/compare.py: {args.model}, {args.data}, NeuralDB layer {db.layer}, "
+                                          f"MEMIT/AlphaEdit layers {list(layers)}", table)
     return result
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from neuraldb import EditConfig, Fact, NeuralDB, load_model
-from neuraldb.bench.common import machine, markdown_table, progress, write_json
+from neuraldb.bench.common import machine, markdown_table, progress, write_json, write_outputs
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.pool import FactPool
@@ -434,10 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "wall_s": time.perf_counter() - t_start}
     out.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(pre, rows, out)
-    write_json(out / "scale.json", result)
-    (out / "scale.md").write_text(f"# bench/scale.py: {args.model}, {args.data}, layer {db.layer}, gamma "
-                                  f"{db.config.gamma}, index {db.config.index}\n\n{table}\n")
-    print(table)
+    write_outputs(out, "scale", result, f"bench/scale.py: {args.model}, {args.data}, layer {db.layer}, gamma "
+                                        f"{db.config.gamma}, index {db.config.index}", table)
     return result
 
 
