@@ -187,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     checkpoints = sorted(int(x) for x in args.facts.split(","))
     methods = args.methods.split(",")
     unknown = [m for m in methods if m != "neuraldb" and m not in RULES]
@@ -245,7 +246,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {"args": vars(args), "linear": to_mapping(lin), "layers": list(layers), "config": to_mapping(db.config),
               "model": db.fingerprint(), "machine": machine(), "sources": sources, "eval_sample": len(sample),
               "unedited": pre, "rows": results, "wall_s": time.perf_counter() - t_start}
-    out.mkdir(parents=True, exist_ok=True)
     result["plot"] = plot(pre, results, out)
     write_outputs(out, "compare", result, f"bench/compare.py: {args.model}, {args.data}, NeuralDB layer {db.layer}, "
                                           f"MEMIT/AlphaEdit layers {list(layers)}", table)

@@ -432,7 +432,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "lazy_residuals": lazy,
               "pre": pre, "rows": rows, "trace": str(trace) if trace else None,
               "wall_s": time.perf_counter() - t_start}
-    out.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(pre, rows, out)
     write_outputs(out, "scale", result, f"bench/scale.py: {args.model}, {args.data}, layer {db.layer}, gamma "
                                         f"{db.config.gamma}, index {db.config.index}", table)
