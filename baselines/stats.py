@@ -92,6 +92,10 @@ def second_moments(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: 
     moments, seen = _compute(model, tok, texts, layers, max_tokens, max_len, batch)
     if seen < max_tokens:
         log.warning("second moments: the texts hold %d tokens, fewer than the %d asked for", seen, max_tokens)
+    d = next(iter(moments.values())).shape[0]
+    if seen < d:
+        log.warning("second moments from %d tokens < d_ff %d: C is singular (MEMIT's solve needs lam * C + K K^T "
+                    "invertible)", seen, d)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

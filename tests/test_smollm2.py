@@ -41,7 +41,9 @@ def test_compare_bench_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     from neuraldb.bench import compare
 
     cfg = tmp_path / "linear.yaml"
-    cfg.write_text("mom2_tokens: 400\n")
+    # C must be full rank (d_ff = 1536: 3,000 tokens) for MEMIT's solve; a small lambda, because
+    # the authors' 15,000 leaves MEMIT's edit of 4 facts too weak to show (the full run keeps it)
+    cfg.write_text("mom2_tokens: 3000\nmom2_update_weight: 0.01\n")
     res = compare.main(["--facts", "4,8", "--eval-sample", "4", "--fluency-sample", "1", "--fluency-tokens", "4",
                         "--retention-texts", "2", "--batch", "4", "--chunk", "4", "--config", str(cfg),
                         "--out", str(tmp_path / "out")])
