@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class Memit:
     """D = R K^T (lam C + K K^T)^-1 per batch; earlier batches are not remembered (as MEMIT)."""
 
+    remembers_keys = False  # no use for the keys of edited batches
+
     def __init__(self, cfg: LinearEditConfig, moments: dict[int, torch.Tensor]) -> None:
         self.cfg, self.moments = cfg, moments
 
@@ -39,6 +41,9 @@ class Memit:
     def after_batch(self, layer: int, keys: torch.Tensor) -> None:
         pass
 
+    def reset(self) -> None:
+        pass
+
     def stats(self) -> dict[str, float]:
         return {}
 
@@ -46,6 +51,8 @@ class Memit:
 class AlphaEdit:
     """MEMIT's update projected onto the null space of C (eigenvalues below the threshold), with
     the Gram matrix of every earlier batch's keys (read after that batch's edit) kept."""
+
+    remembers_keys = True
 
     def __init__(self, cfg: LinearEditConfig, moments: dict[int, torch.Tensor]) -> None:
         self.cfg = cfg
@@ -57,6 +64,10 @@ class AlphaEdit:
 
     def after_batch(self, layer: int, keys: torch.Tensor) -> None:
         self.grams[layer] += keys.double() @ keys.double().T  # (d_in, d_in)
+
+    def reset(self) -> None:
+        for g in self.grams.values():
+            g.zero_()
 
     def stats(self) -> dict[str, float]:
         return {f"nullspace_dim_{i}": float(torch.trace(p)) for i, p in self.projectors.items()}
@@ -89,7 +100,6 @@ class LinearEditor:
                         for i in self.layers for m in [get_module(model, arch.ffn_out.format(i))]}
         self.saved = {i: w.detach().clone() for i, w in self.weights.items()}
         self.timings = {"keys_s": 0.0, "states_s": 0.0, "solve_s": 0.0}
-        self.edited = 0
 
     def targets(self, facts: Sequence[Fact], residuals: torch.Tensor) -> torch.Tensor:
         """z (F, d_model): the last edited layer's output at each subject plus its residual.
@@ -122,8 +132,9 @@ class LinearEditor:
             w = self.weights[layer]
             w.add_((d.T if self.conv1d else d).to(w.dtype))
             self.timings["solve_s"] += time.perf_counter() - t0
-        for layer in self.layers:  # what later batches must not disturb: the keys as edited now
-            self.rule.after_batch(layer, self._keys(facts, layer))
+        if self.rule.remembers_keys:  # what later batches must not disturb: the keys as edited now
+            for layer in self.layers:
+                self.rule.after_batch(layer, self._keys(facts, layer))
         return {"z_error_first": err[0], "z_error_last": err[-1]}
 
     def edit(self, facts: Sequence[Fact], targets: torch.Tensor) -> list[dict[str, float]]:
@@ -135,7 +146,6 @@ class LinearEditor:
         bs = self.cfg.batch_size
         for s in tqdm(range(0, len(facts), bs), desc="batches", unit="batch", disable=None, leave=False):
             log_rows.append(self._edit_batch(facts[s : s + bs], targets[s : s + bs]))
-            self.edited += len(facts[s : s + bs])
         return log_rows
 
     @torch.no_grad()
@@ -143,10 +153,7 @@ class LinearEditor:
         """Put the original weights back (bit-identical) and forget every edit."""
         for i, w in self.weights.items():
             w.copy_(self.saved[i])
-        self.edited = 0
-        if isinstance(self.rule, AlphaEdit):
-            for g in self.rule.grams.values():
-                g.zero_()
+        self.rule.reset()
 
     def is_restored(self) -> bool:
         return all(torch.equal(w, self.saved[i]) for i, w in self.weights.items())
