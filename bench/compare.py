@@ -77,7 +77,7 @@ def run_neuraldb(db: NeuralDB, facts: Sequence[Fact], cache: Any, checkpoints: S
                  score: Callable[[], dict[str, float]]) -> list[dict[str, Any]]:
     out, done, dev = [], 0, model_device(db.model)
     for m in checkpoints:
-        keys, res = cache.keys(done, m), residuals_of(cache, done, m)
+        keys, res = cache.keys(done, m), cache.residual_rows(done, m)
         db.insert(list(range(done, m)), facts[done:m], keys.to(dev), res.to(dev))
         done = m
         row = rows.get("neuraldb", m)
@@ -91,12 +91,6 @@ def run_neuraldb(db: NeuralDB, facts: Sequence[Fact], cache: Any, checkpoints: S
     return out
 
 
-def residuals_of(cache: Any, start: int, stop: int) -> torch.Tensor:
-    ks = range(start // cache.size, (stop + cache.size - 1) // cache.size)
-    allr = torch.cat([cache.residuals(k) for k in ks])  # (chunks * size, d)
-    return allr[start - ks[0] * cache.size : stop - ks[0] * cache.size]
-
-
 def run_linear(method: str, db: NeuralDB, facts: Sequence[Fact], cache: Any, checkpoints: Sequence[int],
                rows: Rows, score: Callable[[], dict[str, float]], lin: LinearEditConfig,
                moments: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
@@ -104,7 +98,7 @@ def run_linear(method: str, db: NeuralDB, facts: Sequence[Fact], cache: Any, che
     if all(r is not None for r in kept):
         return kept  # type: ignore[return-value]
     editor = LinearEditor(db.model, db.tok, method, lin, db.config, db.ensure_prefixes(), moments, db.layer)
-    res = residuals_of(cache, 0, checkpoints[-1])
+    res = cache.residual_rows(0, checkpoints[-1])
     z = editor.targets(facts[: checkpoints[-1]], res)  # on the unedited model
     z_s = editor.timings["states_s"]  # for every fact at once: charged per fact below
     res_s = 1 / cache.throughput(checkpoints[-1])["residuals_per_s"]

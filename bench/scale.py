@@ -122,13 +122,20 @@ class ChunkCache:
             self._write("res", k, {"residuals": res, "nll": db.last_stats.nll, "steps": db.last_stats.steps},
                         db.timings)
 
-    def keys(self, start: int, stop: int) -> torch.Tensor:
+    def _rows(self, kind: str, name: str, size: int, start: int, stop: int) -> torch.Tensor:
         parts = []
-        size = self.key_size
         for k in range(start // size, (stop + size - 1) // size):
-            t = load_file(str(self.path("keys", k)))["keys"]
+            t = load_file(str(self.path(kind, k)))[name]
             parts.append(t[max(start - k * size, 0) : min(stop - k * size, size)])
         return torch.cat(parts)
+
+    def keys(self, start: int, stop: int) -> torch.Tensor:
+        """Keys of facts [start, stop)."""
+        return self._rows("keys", "keys", self.key_size, start, stop)
+
+    def residual_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Residuals of facts [start, stop) (their chunks must be filled)."""
+        return self._rows("res", "residuals", self.size, start, stop)
 
     def residuals(self, k: int) -> torch.Tensor:
         return load_file(str(self.path("res", k)))["residuals"]

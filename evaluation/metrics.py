@@ -7,7 +7,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -195,12 +195,17 @@ def perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequ
     nll, n = 0.0, 0
     for sl in _batches(len(texts), batch_size):
         enc = tok(list(texts[sl]), return_tensors="pt", padding=True).to(device)
-        logp = F.log_softmax(model(**enc).logits.float()[:, :-1], -1)  # (B, T-1, V)
-        m = enc["attention_mask"].bool()
-        mm = m[:, 1:] & m[:, :-1]
-        nll += float(-logp.gather(-1, enc["input_ids"][:, 1:, None])[..., 0][mm].sum())
-        n += int(mm.sum())
+        s, c = _next_token_nll(F.log_softmax(model(**enc).logits.float(), -1), enc)
+        nll, n = nll + s, n + c
     return math.exp(nll / max(n, 1))
+
+
+def _next_token_nll(logp: torch.Tensor, enc: Any) -> tuple[float, int]:
+    """(sum of next-token NLL, tokens predicted) over the real tokens of a padded batch; logp (B, T, V)."""
+    m = enc["attention_mask"].bool()  # (B, T)
+    mm = m[:, 1:] & m[:, :-1]
+    nll = -logp[:, :-1].gather(-1, enc["input_ids"][:, 1:, None])[..., 0]  # (B, T-1)
+    return float(nll[mm].sum()), int(mm.sum())
 
 
 @dataclass(frozen=True)
@@ -237,11 +242,8 @@ def retention(db, texts: Sequence[str], batch_size: int = 16) -> Retention:
         n_tok += int(m.sum())
         lb, le = F.log_softmax(base, -1), F.log_softmax(edited, -1)
         kl_sum += float((lb.exp() * (lb - le)).sum(-1)[m].sum())
-        nxt = enc["input_ids"][:, 1:]
-        mm = m[:, 1:] & m[:, :-1]
-        nll_before += float(-lb[:, :-1].gather(-1, nxt[..., None])[..., 0][mm].sum())
-        nll_after += float(-le[:, :-1].gather(-1, nxt[..., None])[..., 0][mm].sum())
-        n_pred += int(mm.sum())
+        (before, n), (after, _) = _next_token_nll(lb, enc), _next_token_nll(le, enc)
+        nll_before, nll_after, n_pred = nll_before + before, nll_after + after, n_pred + n
     n_pred = max(n_pred, 1)
     return Retention(opened / max(gateable, 1), same / max(n_tok, 1), kl_sum / max(n_tok, 1),
                      math.exp(nll_before / n_pred), math.exp(nll_after / n_pred), n_tok)
