@@ -1,6 +1,11 @@
 """The gated layer: wraps the FFN output projection (keeping it as `base_layer`, as PEFT does).
 For every token of every sequence the key index is queried once as one batch; the residual of
-the best-matching fact is added where cos > gamma. Closed tokens keep the base output's bits."""
+the best-matching fact is added where cos > gamma. Closed tokens keep the base output's bits.
+
+Two ways to add, same bits: on the CPU the open rows are listed (`nonzero`) and only they are
+gathered; on an accelerator, where listing them would stall the stream on a host sync, the
+residuals are read by id from the table's dense block and added in place by a fused kernel
+(`kernels.gather_add_`), with no host sync unless hits or timings are asked for."""
 from __future__ import annotations
 
 import time
@@ -10,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..kernels import gate_add
+from ..kernels import gate_add, gather_add_
 
 if TYPE_CHECKING:
     from ..index import KeyIndex, ResidualTable
@@ -35,6 +40,7 @@ class GatedFFNOut(nn.Module):
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sims, ids, open (B, T)
         self.timings: list[float] | None = None  # set to [] to record lookup seconds per call
         self.history: list[list[Hit]] | None = None  # set to [] to keep every call's hits
+        self.sync_free: bool | None = None  # the dense gather-add path; None: off the CPU only
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GatedFFNOut":
         """`model.to(device)` moves the key index and residual table along with the weights."""
@@ -62,7 +68,6 @@ class GatedFFNOut(nn.Module):
         open_ = (ids >= 0) & (sims > self.gamma)
         if mask is not None:
             open_ &= mask.reshape(-1).to(open_.device)
-        rows = open_.nonzero()[:, 0]
         if self.timings is not None:
             if q.device.type == "cuda":
                 torch.cuda.synchronize(q.device)
@@ -70,10 +75,17 @@ class GatedFFNOut(nn.Module):
         self.last = (sims.view(lead), ids.view(lead), open_.view(lead))
         if self.history is not None:
             self.history.append(self.hits())
+        inference = not out.requires_grad and out.is_contiguous()
+        sync_free = out.device.type != "cpu" if self.sync_free is None else self.sync_free
+        if sync_free and inference:  # sync-free: no nonzero, nothing sized by the hits
+            flat = out.view(-1, d_out)  # (B*T, d_model), out's own storage
+            rows_by_id = self.table.dense(out.device)  # (capacity, d_model)
+            return gather_add_(flat, open_.to(out.device), ids.to(out.device), rows_by_id).view(out.shape)
+        rows = open_.nonzero()[:, 0]
         if rows.numel() == 0:
             return out
         res = self.table.gather(ids[rows], device=out.device).to(out.dtype)  # (n_open, d_model)
-        if not out.requires_grad and out.is_contiguous():  # inference: add in place on open rows only
+        if inference:  # add in place on open rows only
             flat = out.view(-1, d_out)  # (B*T, d_model), out's own storage
             flat.index_put_((rows,), res, accumulate=True)  # out[r] = out[r] + res: the same rounding
             return out

@@ -1,7 +1,11 @@
 """Residuals in fixed-size shards addressed by fact id: row `id % shard_size` of shard
 `id // shard_size`. Ids are allocated densely by the database, so no id->row map is needed;
 a shard is allocated when its first row is written and freed when its last row is removed.
-Shards live on a chosen device, in pinned CPU memory, or memory-mapped from a safetensors file."""
+Shards live on a chosen device, in pinned CPU memory, or memory-mapped from a safetensors file.
+
+`dense(device)` gives all rows as one tensor addressed by id, for a gate that must gather without
+a host sync (a GPU forward). Shards already on that device become views of it (no second copy;
+writes go through); otherwise it is a copy on that device, rebuilt after the next change."""
 from __future__ import annotations
 
 import json
@@ -32,13 +36,46 @@ class ResidualTable:
         self.device = self.devices[0]
         self.shards: dict[int, torch.Tensor] = {}
         self._live: dict[int, np.ndarray] = {}  # shard -> bool row mask
+        self._dense: torch.Tensor | None = None  # (capacity, dim): see dense()
+        self._dense_shared = False  # the shards are views of _dense (else it is a copy)
 
     def _shard(self, s: int) -> torch.Tensor:
         if s not in self.shards:
-            t = torch.zeros(self.shard_size, self.dim, dtype=self.dtype, device=self.devices[s % len(self.devices)])
-            self.shards[s] = t.pin_memory() if self.pin and torch.cuda.is_available() else t
+            dev = self.devices[s % len(self.devices)]
+            d = self._dense
+            if d is not None and self._dense_shared and d.device == dev and (s + 1) * self.shard_size <= d.shape[0]:
+                t = d[s * self.shard_size : (s + 1) * self.shard_size]  # (shard_size, dim) view
+                t.zero_()
+            else:
+                self._dense = None
+                t = torch.zeros(self.shard_size, self.dim, dtype=self.dtype, device=dev)
+                t = t.pin_memory() if self.pin and torch.cuda.is_available() else t
+            self.shards[s] = t
             self._live[s] = np.zeros(self.shard_size, bool)
         return self.shards[s]
+
+    def _changed(self) -> None:
+        if not self._dense_shared:
+            self._dense = None
+
+    def dense(self, device: torch.device | str) -> torch.Tensor:
+        """(capacity, dim): row i is fact i's residual (zeros where none), on `device`, at least
+        every stored id long. Rebuilt only when stale: a copy after any change, views never."""
+        device = torch.device(device)
+        need = (max(self.shards, default=-1) + 1) * self.shard_size
+        d = self._dense
+        if d is not None and d.device == device and d.shape[0] >= need:
+            return d
+        share = all(t.device == device and not getattr(t, "_neuraldb_mmap", False) for t in self.shards.values()) \
+            and len(self.devices) == 1 and self.devices[0] == device and not self.pin
+        cap = max(need, 2 * need if share else need, self.shard_size)  # shared: room to grow in place
+        d = torch.zeros(cap, self.dim, dtype=self.dtype, device=device)  # (capacity, dim)
+        for s, t in self.shards.items():
+            d[s * self.shard_size : (s + 1) * self.shard_size] = t.to(device)
+            if share:
+                self.shards[s] = d[s * self.shard_size : (s + 1) * self.shard_size]
+        self._dense, self._dense_shared = d, share
+        return d
 
     def _writable(self, s: int) -> torch.Tensor:
         """Shard `s`, copied into RAM first if it is memory-mapped (the file is never written)."""
@@ -46,6 +83,7 @@ class ResidualTable:
         if getattr(shard, "_neuraldb_mmap", False):
             shard = shard.clone().to(self.devices[s % len(self.devices)])
             self.shards[s] = shard
+            self._dense = None
         return shard
 
     def put(self, ids: Any, rows: torch.Tensor) -> None:
@@ -58,6 +96,7 @@ class ResidualTable:
             shard = self._writable(int(s))
             shard[torch.from_numpy(local).to(shard.device)] = rows[torch.from_numpy(sel)].to(shard.device, shard.dtype)
             self._live[int(s)][local] = True
+        self._changed()
 
     def remove(self, ids: Any) -> None:
         """Drop rows: their bytes are zeroed (gone from memory and from every later save), and a
@@ -70,16 +109,20 @@ class ResidualTable:
             local = ids[ids // self.shard_size == s] % self.shard_size
             self._live[s][local] = False
             if not self._live[s].any():
+                if self._dense_shared and self._dense is not None:
+                    self.shards[s].zero_()  # a view: its rows stay in the dense block
                 del self.shards[s], self._live[s]
             else:
                 shard = self._writable(s)
                 shard[torch.from_numpy(local).to(shard.device)] = 0
+        self._changed()
 
     def to(self, device: torch.device | str) -> "ResidualTable":
         """Move every shard to one device (memory-mapped shards are read into it)."""
         self.devices = [torch.device(device)]
         self.device = self.devices[0]
         self.shards = {s: t.to(self.device) for s, t in self.shards.items()}
+        self._dense, self._dense_shared = None, False
         return self
 
     def gather(self, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -111,7 +154,9 @@ class ResidualTable:
         return sum(self.nbytes_per_shard.values())
 
     def save(self, path: str | Path) -> None:
-        tensors = {f"shard_{s}": t.contiguous().cpu() for s, t in self.shards.items()}
+        # views of the dense block share its storage, which safetensors refuses: copy those
+        tensors = {f"shard_{s}": t.cpu().clone() if self._dense_shared else t.contiguous().cpu()
+                   for s, t in self.shards.items()}
         tensors.update({f"live_{s}": torch.from_numpy(m.copy()) for s, m in self._live.items()})
         save_file(tensors, str(path), metadata={"format": "neuraldb-residuals-1", "dim": str(self.dim),
                                                 "shard_size": str(self.shard_size)})

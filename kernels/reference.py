@@ -2,8 +2,10 @@
 
 max_cosine:  for unit queries q (N, d) and stored unit keys K (M, d) with a validity mask,
              (max_j q.K_j, argmax_j) over valid j; (-inf, -1) where nothing is valid.
-gate_add:    out + residual[slot] on rows whose similarity exceeds gamma, out untouched
-             (bit for bit) elsewhere.
+gate_add:    out + residual on rows whose similarity exceeds gamma, out untouched (bit for
+             bit) elsewhere.
+gather_add:  the same with the residual rows gathered by id from one dense table: the spec of
+             the fused, sync-free gate of a GPU forward.
 """
 from __future__ import annotations
 
@@ -46,3 +48,11 @@ def max_cosine(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | 
 def gate_add(out: torch.Tensor, open_: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """out (N, d) with residual (N, d) added where open_ (N,) is true; closed rows keep their bits."""
     return torch.where(open_[:, None], out + residual.to(out.dtype), out)
+
+
+def gather_add(out: torch.Tensor, open_: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out (N, d) + rows[ids] (rows (R, d), ids (N,)) where open_ (N,) is true and 0 <= id < R;
+    every other row keeps its bits. The residual is rounded to out's dtype before the add."""
+    ok = open_ & (ids >= 0) & (ids < rows.shape[0])  # (N,)
+    res = rows[ids.clamp(0, max(rows.shape[0] - 1, 0))] if rows.shape[0] else torch.zeros_like(out)  # (N, d)
+    return torch.where(ok[:, None], out + res.to(out.dtype), out)

@@ -128,6 +128,35 @@ def test_generate_through_gate(tokenizer) -> None:
     assert db._gate.history is None
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sync_free_gate_gives_the_same_bits(arch: str, tokenizer) -> None:
+    """The accelerator's path (dense residual block by id, fused gather-add, no nonzero) and the
+    CPU's (open rows listed and gathered) give bit-identical layer outputs, also after a remove
+    and an update change the table under the dense block."""
+    model = make_model(arch, tokenizer)
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
+    ids = db.add(FACTS)
+    enc = tokenizer([FACTS[0].text, UNRELATED[0], FACTS[1].text + " and more"], return_tensors="pt", padding=True)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        db.gate.sync_free = False
+        listed = ffn_outputs(model, db.path, enc)
+        db.gate.sync_free = True
+        fused = ffn_outputs(model, db.path, enc)
+        return listed, fused
+
+    ffn_outputs(model, db.path, enc)
+    db.gate.gamma = float(db.gate.last[0][db.gate.last_mask].median())  # some tokens open, some not
+    for step in range(3):
+        listed, fused = both()
+        assert db.gate.last[2].any()
+        assert torch.equal(listed.view(torch.int32), fused.view(torch.int32)), step
+        if step == 0:
+            db.remove(ids[:1])
+        elif step == 1:
+            db.table.put([ids[1]], torch.randn(1, db.d_res))  # as update() writes a new residual
+
+
 def test_first_token_and_pads_are_never_gated(tokenizer) -> None:
     model = make_model("llama", tokenizer)
     db = NeuralDB(model, tokenizer, CFG.replace(steps=1))

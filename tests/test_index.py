@@ -133,6 +133,41 @@ def test_residual_table_shards_and_mmap(tmp_path: Path) -> None:
     assert torch.equal(m.gather(torch.tensor([2])), torch.ones(1, 8))
 
 
+def test_residual_table_dense_block_stays_current(tmp_path: Path) -> None:
+    """dense(): rows by id in one block. On the table's own device the shards become views of it
+    (no second copy; puts and removes write through); growth past it, a move, or a copy-on-write
+    of a mapped shard makes a new one. It always equals gather()."""
+    t = ResidualTable(8, shard_size=4)
+    rows = torch.randn(10, 8)
+    t.put(np.arange(10), rows)
+
+    def agrees(tab: ResidualTable) -> None:
+        d = tab.dense("cpu")
+        every = torch.arange(d.shape[0])
+        assert torch.equal(d, tab.gather(every))
+
+    d = t.dense("cpu")
+    assert d.shape[0] >= 12 and all(s.data_ptr() == d[k * 4].data_ptr() for k, s in t.shards.items())
+    t.put([3], torch.full((1, 8), 5.0))
+    assert t.dense("cpu") is d and torch.equal(d[3], torch.full((8,), 5.0))  # written through
+    t.remove([8, 9])  # shard 2 freed: its rows are zeroed in the block
+    assert sorted(t.shards) == [0, 1] and not d[8:12].any()
+    agrees(t)
+    t.put([9], rows[9:10])  # shard 2 again, inside the block's capacity
+    assert t.dense("cpu") is d and torch.equal(d[9], rows[9]) and not d[8].any()
+    t.put([40], rows[:1])  # shard 10: past the capacity, so a new block
+    d2 = t.dense("cpu")
+    assert d2 is not d and torch.equal(d2[40], rows[0])
+    agrees(t)
+    t.save(tmp_path / "r.safetensors")  # views share storage; the save still works
+    m = ResidualTable.load(tmp_path / "r.safetensors", mmap=True)
+    dm = m.dense("cpu")  # mapped shards are copied, never viewed
+    agrees(m)
+    m.put([1], torch.ones(1, 8))
+    assert not torch.equal(dm[1], torch.ones(8)) and torch.equal(m.dense("cpu")[1], torch.ones(8))
+    assert torch.equal(ResidualTable.load(tmp_path / "r.safetensors").gather(torch.tensor([1])), rows[[1]])
+
+
 APPROX = ["IVF16,Flat", "IVF16,PQ8x4", "IVF16,SQ8", "HNSW16", "HNSW16,SQ8", "SQ8", "PQ8x4", "Int8"]
 
 

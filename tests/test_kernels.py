@@ -70,3 +70,30 @@ def test_auto_picks_torch_for_tiny_problems_and_the_cpu() -> None:
     assert choose_impl(1, 1_000, on_cuda=True, have_triton=True) == "torch"  # a tiny decode step
     assert choose_impl(8, TRITON_MIN_PAIRS // 8, on_cuda=True, have_triton=True) == "triton"
     assert choose_impl(1, TRITON_MIN_PAIRS - 1, on_cuda=True, have_triton=True) == "torch"
+    assert choose_impl(2048, 100_000, on_cuda=True, have_triton=True, dim=1536) == "triton"
+    assert choose_impl(2048, 100_000, on_cuda=True, have_triton=True, dim=14336) == "torch"  # cuBLAS-bound
+    assert choose_impl(16, 100_000, on_cuda=True, have_triton=True, dim=14336) == "triton"  # a decode step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,r,d", [(1, 1, 8), (7, 5, 33), (64, 40, 300)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_gather_add_matches_reference_and_leaves_closed_rows(dtype: torch.dtype, n: int, r: int, d: int,
+                                                                   seed: int) -> None:
+    """In place, bit for bit the reference's result; closed rows and ids outside the table keep
+    their bits (negative zeros included, which `x + 0` would turn positive)."""
+    from neuraldb.kernels import gather_add
+    from neuraldb.kernels.triton_gather import gather_add_triton
+
+    g = torch.Generator().manual_seed(seed * 100 + n)
+    out = torch.randn(n, d, generator=g).to(DEVICE, dtype)
+    out[0, 0] = -0.0
+    rows = torch.randn(r, d, generator=g).to(DEVICE)  # float32 residuals, as the table keeps them
+    ids = torch.randint(-1, r + 2, (n,), generator=g).to(DEVICE)  # some -1 and some past the table
+    open_ = (torch.rand(n, generator=g) > 0.4).to(DEVICE)
+    want = gather_add(out, open_, ids, rows)
+    got = gather_add_triton(out.clone(), open_, ids, rows)
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    shut = ~(open_ & (ids >= 0) & (ids < r))
+    assert torch.equal(got[shut], out[shut]) and bool(torch.signbit(got[0, 0]) == torch.signbit(out[0, 0]) or not shut[0])
