@@ -117,13 +117,16 @@ def main() -> None:
           f"decode B=1 {fwd['decode_B1']:.1f} ms, B=8 {fwd['decode_B8']:.1f} ms")
 
     keys_all = torch.cat([load_file(f)["keys"] for f in sorted(glob.glob(f"{args.keys}/keys_*.safetensors"))]).float()
+    keys_all = keys_all / keys_all.norm(dim=1, keepdim=True)  # (M, d) unit rows
     sets = [(f"real {m}", keys_all[:m]) for m in (int(v) for v in args.m.split(",") if v)]
     if args.synthetic_m:  # Gaussian keys whose covariance matches the real keys' (same spectrum)
         sample = keys_all[torch.randperm(len(keys_all))[:20000]]
         mean, cov = sample.mean(0), torch.cov(sample.T)
         chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(cov.shape[0]))
-        syn = torch.cat([mean + torch.randn(min(65536, args.synthetic_m - s), len(mean)) @ chol.T
-                         for s in range(0, args.synthetic_m, 65536)])
+        syn = torch.empty(args.synthetic_m, len(mean))  # (m, d), filled in place: no second copy
+        for s in range(0, args.synthetic_m, 65536):
+            x = mean + torch.randn(min(65536, args.synthetic_m - s), len(mean)) @ chol.T
+            syn[s : s + x.shape[0]] = x / x.norm(dim=1, keepdim=True)  # unit rows, as indexes store them
         sets.append((f"synthetic {args.synthetic_m}", syn))
     rows = []
     for name, keys in sets:
@@ -133,7 +136,7 @@ def main() -> None:
         for spec in specs:
             idx = make_index(spec, keys.shape[1], floor=cfg.gamma)
             t0 = time.perf_counter()
-            idx.add(torch.arange(m), keys)
+            idx.add(torch.arange(m), keys, unit=True)  # unit rows already: no normalised copy
             if hasattr(idx, "train"):
                 idx.train(train_q)
             idx.search(train_q[:1])  # builds codes / projections

@@ -72,10 +72,11 @@ class ProjBoundIndex(ExactBacked):
 
     def _fit(self) -> None:
         n = self.exact._n
-        live = self.exact._keys[:n][self.exact._valid[:n]].double()  # (M, d)
+        rows = self.exact._valid[:n].nonzero()[:, 0]  # live rows
         g = torch.Generator(device="cpu").manual_seed(0)
-        pick = torch.randperm(live.shape[0], generator=g)[: self.sample].to(self.device)
-        parts = [live[pick]] + ([self._queries.double()] if self._queries is not None else [])
+        pick = rows[torch.randperm(rows.shape[0], generator=g)[: self.sample].to(rows.device)]
+        parts = [self.exact._keys[pick].double()]  # (sample, d): only the sample goes to float64
+        parts += [self._queries.double()] if self._queries is not None else []
         x = torch.cat(parts)  # (s, d)
         if x.shape[0] < self.rank:
             self._basis = None  # too few rows: exact scans until there are more
@@ -89,10 +90,13 @@ class ProjBoundIndex(ExactBacked):
     def _project(self, keys: torch.Tensor) -> torch.Tensor:
         """[P k, |k - P^T P k|] (n, r+1), the residual norm computed directly (not 1 - |Pk|^2)."""
         assert self._basis is not None
-        k = keys.float()
-        pk = k @ self._basis.T  # (n, r)
-        perp = (k.double() - pk.double() @ self._basis.double()).norm(dim=1)  # (n,)
-        return torch.cat([pk, perp.float()[:, None]], 1)
+        out = torch.empty(keys.shape[0], self.rank + 1, device=self.device)  # (n, r+1)
+        for s in range(0, keys.shape[0], 1 << 15):  # float64 temporaries of 32k rows, not of all
+            k = keys[s : s + (1 << 15)].float()
+            pk = k @ self._basis.T  # (b, r)
+            out[s : s + k.shape[0], :-1] = pk
+            out[s : s + k.shape[0], -1] = (k.double() - pk.double() @ self._basis.double()).norm(dim=1).float()
+        return out
 
     def _sync(self) -> None:
         n = self.exact._n

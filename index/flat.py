@@ -66,7 +66,7 @@ class FlatIndex(KeyIndex):
         new = ~present
         if new.any():
             start = int(self.index.ntotal)
-            self.index.add(x[new])
+            self.index.add(x if new.all() else x[new])  # no boolean-index copy of an all-new batch
             self._row_ids = np.concatenate([self._row_ids, ids[new]])
             self._slot.update((int(i), start + k) for k, i in enumerate(ids[new]))
         self._changed()

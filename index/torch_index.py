@@ -58,7 +58,7 @@ class TorchIndex(KeyIndex):
         if n:
             self._grow(self._n + n)
             rows = slice(self._n, self._n + n)
-            self._keys[rows] = x[torch.from_numpy(new).to(self.device)]
+            self._keys[rows] = x if new.all() else x[torch.from_numpy(new).to(self.device)]
             self._ids[rows] = torch.from_numpy(ids[new]).to(self.device)
             self._valid[rows] = True
             for k, i in enumerate(ids[new]):
