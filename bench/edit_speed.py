@@ -1,7 +1,8 @@
 """Edit throughput on one machine, in one run: keys by the reference recipe (every row run in
 full) and with the prefix KV cache, and residuals; the keys of both paths compared.
 
-    python3 bench/edit_speed.py --facts 256 --residual-facts 16
+    python3 bench/edit_speed.py --facts 256 --residual-facts 16 --whole-rows
+    python3 bench/edit_speed.py --facts 256 --residual-facts 64 --residual-batch 16,32,64
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def main() -> None:
     g.add_argument("--residual-facts", type=int, default=16, help="facts whose residuals are timed (0: skip)")
     r = ap.add_argument_group("run")
     r.add_argument("--key-batch", type=int, default=None, help="rows per key batch (default: the config's)")
+    r.add_argument("--residual-batch", default="", help="facts per residual batch, comma-separated (default: the config's)")
+    r.add_argument("--whole-rows", action="store_true", help="also time residuals with whole rows run every step")
     r.add_argument("--out", default="results/edit_speed")
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -42,23 +45,29 @@ def main() -> None:
         rows.append({"what": name, "facts": len(facts), "seconds": dt, "facts_per_s": len(facts) / dt})
     diff = float((keys[True] - keys[False]).abs().max())
     res = {}
-    for name, suffix in (("residuals, whole rows every step", False), ("residuals, suffix + KV cache", True)):
+    runs = [("residuals, whole rows every step", False, cfg.residual_batch_size)] if args.whole_rows else []
+    runs += [("residuals, suffix + KV cache", True, int(b)) for b in (args.residual_batch.split(",") if args.residual_batch
+                                                                      else [cfg.residual_batch_size])]
+    for name, suffix, batch in runs:
         if not args.residual_facts:
             break
         sub = facts[: args.residual_facts]
         t0 = time.perf_counter()
-        res[suffix], stats = compute_residuals(model, tok, sub, db.layer, prefixes, cfg.replace(residual_suffix=suffix))
+        res[(suffix, batch)], stats = compute_residuals(model, tok, sub, db.layer, prefixes,
+                                                        cfg.replace(residual_suffix=suffix, residual_batch_size=batch))
         dt = time.perf_counter() - t0
-        rows.append({"what": name, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
+        rows.append({"what": name, "batch": batch, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
                      "mean_final_nll": float(stats.nll.mean()), "max_final_nll": float(stats.nll.max()),
                      "mean_steps": float(stats.steps.float().mean())})
-    table = markdown_table(rows, ["what", "facts", "seconds", "facts_per_s", "mean_final_nll", "max_final_nll",
-                                  "mean_steps"])
+    table = markdown_table(rows, ["what", "batch", "facts", "seconds", "facts_per_s", "mean_final_nll",
+                                  "max_final_nll", "mean_steps"])
     print(table)
     print(f"max |key(cache) - key(reference)| = {diff:.3g}")
-    if len(res) == 2:
-        rel = float(((res[True] - res[False]).norm(dim=1) / res[False].norm(dim=1)).max())
-        print(f"max relative |residual(suffix) - residual(whole rows)| = {rel:.3g}")
+    whole = [r for (suffix, _), r in res.items() if not suffix]
+    for (suffix, batch), r in res.items():
+        if suffix and whole:
+            rel = float(((r - whole[0]).norm(dim=1) / whole[0].norm(dim=1)).max())
+            print(f"max relative |residual(suffix, batch {batch}) - residual(whole rows)| = {rel:.3g}")
     write_json(Path(args.out) / "edit_speed.json", {"args": vars(args), "machine": machine(), "rows": rows,
                                                      "key_max_abs_diff": diff, "config": cfg.__dict__})
 

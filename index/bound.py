@@ -47,6 +47,8 @@ class ProjBoundIndex(ExactBacked):
     """Options: floor (the gate's gamma; required for any pruning), max_candidates (candidates
     per query above which that query takes an fp32 scan of all keys instead), device."""
 
+    block_elems = 1 << 26  # queries are bounded in blocks of at most this many (query, key) pairs
+
     def __init__(self, dim: int, rank: int, floor: float = -1.0, max_candidates: int = 256,
                  device: Any = "cpu", sample: int = 8192) -> None:
         if not 0 < rank < dim:
@@ -179,6 +181,14 @@ class ProjBoundIndex(ExactBacked):
             self.stats["full_scans"] += n
             best, rows = self._full_scan(q64)
             return best.to(queries.device), self.exact._ids[rows].to(queries.device)
+        step = max(1, self.block_elems // max(1, self._proj.shape[0]))  # (step, M) bound blocks
+        parts = [self._bounded(q64[s : s + step]) for s in range(0, n, step)]
+        return (torch.cat([p[0] for p in parts]).to(queries.device),
+                torch.cat([p[1] for p in parts]).to(queries.device))
+
+    def _bounded(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search unit float64 queries (n, d) through the bound: (similarity, id) per query."""
+        n = q64.shape[0]
         q = q64.float()
         pq = q @ self._basis.T  # (n, r)
         qperp = (q64 - pq.double() @ self._basis.double()).norm(dim=1).float()  # (n,)
@@ -198,8 +208,7 @@ class ProjBoundIndex(ExactBacked):
         self.stats["decided"] += int((counts == 0).sum())
         self.stats["candidates"] += int(counts.sum())
         self.stats["full_scans"] += int(over.sum())
-        out_ids = torch.where(arg >= 0, self.exact._ids[arg.clamp_min(0)], arg)
-        return best.to(queries.device), out_ids.to(queries.device)
+        return best, torch.where(arg >= 0, self.exact._ids[arg.clamp_min(0)], arg)
 
     @property
     def nbytes(self) -> int:

@@ -48,7 +48,10 @@ def test_random_and_clustered_keys(seed: int, rank: int) -> None:
         idx = make_index(f"Proj{rank}", d, floor=GAMMA)
         idx.add(np.arange(m) * 3 + 1, keys)
         near = keys[torch.randint(0, m, (40,), generator=g)] + 0.3 * torch.randn(40, d, generator=g)
-        check(idx, torch.cat([near, torch.randn(40, d, generator=g), clustered(40, d, g)]))
+        queries = torch.cat([near, torch.randn(40, d, generator=g), clustered(40, d, g)])
+        check(idx, queries)
+        idx.block_elems = 7 * m  # 7 queries per bound block: the blocked search answers the same
+        check(idx, queries)
 
 
 def test_adversarial_near_gamma_and_ties() -> None:
