@@ -98,3 +98,11 @@ def timed(fn: Any, device: torch.device, repeats: int) -> list[float]:
         sync()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (the floor for a scan of the keys)."""
+    x = torch.empty(2**28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    t = min(timed(lambda: y.copy_(x), device, 5))
+    return 2 * 2**30 / t  # read + write

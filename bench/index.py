@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuraldb.bench.common import machine, markdown_table, timed, write_json
+from neuraldb.bench.common import copy_bandwidth, machine, markdown_table, timed, write_json
 from neuraldb.index import make_index
 from neuraldb.kernels import l2_normalize, max_cosine
 
@@ -49,14 +49,6 @@ def queries_for(keys: torch.Tensor, batch: int, seed: int) -> dict[str, torch.Te
     near = keys[pick].cpu() + 0.48 / d**0.5 * torch.randn(batch, d, generator=g)  # cos ~ 0.9
     unrelated = activation_like(batch, d, seed + 7, torch.device("cpu"))
     return {"near": l2_normalize(near).to(keys.device), "unrelated": unrelated.to(keys.device)}
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (the floor for a scan of the keys)."""
-    x = torch.empty(2**28, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    t = min(timed(lambda: y.copy_(x), device, 5))
-    return 2 * 2**30 / t  # read + write
 
 
 def build_gflop(spec: str, m: int, d: int, nlist: int) -> float:

@@ -68,7 +68,7 @@ class ResidualTable:
             return d
         share = all(t.device == device and not getattr(t, "_neuraldb_mmap", False) for t in self.shards.values()) \
             and len(self.devices) == 1 and self.devices[0] == device and not self.pin
-        cap = max(need, 2 * need if share else need, self.shard_size)  # shared: room to grow in place
+        cap = max(2 * need if share else need, self.shard_size)  # shared: room to grow in place
         d = torch.zeros(cap, self.dim, dtype=self.dtype, device=device)  # (capacity, dim)
         for s, t in self.shards.items():
             d[s * self.shard_size : (s + 1) * self.shard_size] = t.to(device)

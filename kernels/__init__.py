@@ -62,5 +62,5 @@ def gather_add_(out: torch.Tensor, open_: torch.Tensor, ids: torch.Tensor, rows:
     return gather_add(out, open_, ids, rows)
 
 
-__all__ = ["TORCH_MIN_DIM", "TORCH_MIN_QUERIES", "TRITON_MIN_PAIRS", "choose_impl", "gate_add", "gather_add", "gather_add_", "l2_normalize", "lookup",
-           "max_cosine", "triton_available"]
+__all__ = ["TORCH_MIN_DIM", "TORCH_MIN_QUERIES", "TRITON_MIN_PAIRS", "choose_impl", "gate_add", "gather_add",
+           "gather_add_", "l2_normalize", "lookup", "max_cosine", "triton_available"]

@@ -55,4 +55,4 @@ def gather_add(out: torch.Tensor, open_: torch.Tensor, ids: torch.Tensor, rows: 
     every other row keeps its bits. The residual is rounded to out's dtype before the add."""
     ok = open_ & (ids >= 0) & (ids < rows.shape[0])  # (N,)
     res = rows[ids.clamp(0, max(rows.shape[0] - 1, 0))] if rows.shape[0] else torch.zeros_like(out)  # (N, d)
-    return torch.where(ok[:, None], out + res.to(out.dtype), out)
+    return gate_add(out, ok, res)
