@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     facts, _, sources = get_facts(args.data, checkpoints[-1], args.seed, extra=1)
     cache = open_cache(Path(args.cache) if args.cache else out / "cache", db, args, facts)
     cache.fill_keys(db, facts)
-    cache.fill_residuals(db, facts, cache._chunks(len(facts)))
+    cache.fill_residuals(db, facts, range(len(facts)))
 
     first = facts[: checkpoints[0]]
     sample = random.Random(args.seed).sample(first, min(args.eval_sample, len(first)))

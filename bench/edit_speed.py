@@ -3,6 +3,7 @@ full) and with the prefix KV cache, and residuals; the keys of both paths compar
 
     python3 bench/edit_speed.py --facts 256 --residual-facts 16 --whole-rows
     python3 bench/edit_speed.py --facts 256 --residual-facts 64 --residual-batch 16,32,64
+    python3 bench/edit_speed.py --facts 64 --residual-facts 64 --unpacked
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main() -> None:
     r.add_argument("--key-batch", type=int, default=None, help="rows per key batch (default: the config's)")
     r.add_argument("--residual-batch", default="", help="facts per residual batch, comma-separated (default: the config's)")
     r.add_argument("--whole-rows", action="store_true", help="also time residuals with whole rows run every step")
+    r.add_argument("--unpacked", action="store_true",
+                   help="also time residual suffixes run as one padded batch (rows not grouped by length)")
     r.add_argument("--out", default="results/edit_speed")
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -45,16 +48,18 @@ def main() -> None:
         rows.append({"what": name, "facts": len(facts), "seconds": dt, "facts_per_s": len(facts) / dt})
     diff = float((keys[True] - keys[False]).abs().max())
     res = {}
-    runs = [("residuals, whole rows every step", False, cfg.residual_batch_size)] if args.whole_rows else []
-    runs += [("residuals, suffix + KV cache", True, int(b)) for b in (args.residual_batch.split(",") if args.residual_batch
-                                                                      else [cfg.residual_batch_size])]
-    for name, suffix, batch in runs:
+    batches = [int(b) for b in args.residual_batch.split(",")] if args.residual_batch else [cfg.residual_batch_size]
+    runs = [("residuals, whole rows every step", False, False, batches[0])] if args.whole_rows else []
+    runs += [("residuals, suffix, one padded batch", True, False, b) for b in batches] if args.unpacked else []
+    runs += [("residuals, suffix, rows grouped by length", True, True, b) for b in batches]
+    for name, suffix, pack, batch in runs:
         if not args.residual_facts:
             break
         sub = facts[: args.residual_facts]
         t0 = time.perf_counter()
-        res[(suffix, batch)], stats = compute_residuals(model, tok, sub, db.layer, prefixes,
-                                                        cfg.replace(residual_suffix=suffix, residual_batch_size=batch))
+        res[(suffix, pack, batch)], stats = compute_residuals(
+            model, tok, sub, db.layer, prefixes,
+            cfg.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch))
         dt = time.perf_counter() - t0
         rows.append({"what": name, "batch": batch, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
                      "mean_final_nll": float(stats.nll.mean()), "max_final_nll": float(stats.nll.max()),
@@ -63,11 +68,12 @@ def main() -> None:
                                   "max_final_nll", "mean_steps"])
     print(table)
     print(f"max |key(cache) - key(reference)| = {diff:.3g}")
-    whole = [r for (suffix, _), r in res.items() if not suffix]
-    for (suffix, batch), r in res.items():
-        if suffix and whole:
-            rel = float(((r - whole[0]).norm(dim=1) / whole[0].norm(dim=1)).max())
-            print(f"max relative |residual(suffix, batch {batch}) - residual(whole rows)| = {rel:.3g}")
+    ref = [(name, r) for (suffix, pack, _), r in res.items() for name in ["whole rows" if not suffix else "one padded batch"]
+           if not pack][:1]
+    for (suffix, pack, batch), r in res.items():
+        if pack and ref:
+            rel = float(((r - ref[0][1]).norm(dim=1) / ref[0][1].norm(dim=1)).max())
+            print(f"max relative |residual(grouped, batch {batch}) - residual({ref[0][0]})| = {rel:.3g}")
     write_json(Path(args.out) / "edit_speed.json", {"args": vars(args), "machine": machine(), "rows": rows,
                                                      "key_max_abs_diff": diff, "config": cfg.__dict__})
 

@@ -17,10 +17,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -77,10 +78,11 @@ def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[FactPool, list[
 
 
 class ChunkCache:
-    """Keys of facts [k*key_size, (k+1)*key_size) in OUT/cache/keys_k.safetensors, residuals of
-    facts [k*size, (k+1)*size) in res_k.safetensors. Residuals are computed per whole chunk,
-    eagerly or on demand: the same chunking either way, so lazy and eager evaluation see
-    bit-identical residuals (small chunks waste little when computed on demand)."""
+    """Keys of facts [k*key_size, (k+1)*key_size) in OUT/cache/keys_k.safetensors. Residuals in
+    res_n.safetensors, each file the residuals of at most `size` facts computed in one call
+    (the optimiser batches them by suffix length) with their ids: eagerly, consecutive facts;
+    lazily, the facts whose gates opened. A residual is computed once and read from here ever
+    after, so lazy and eager evaluation over one cache see the same residuals."""
 
     def __init__(self, root: Path, size: int, signature: dict[str, Any], key_size: int | None = None) -> None:
         self.root, self.size, self.key_size = root, size, key_size or size
@@ -92,6 +94,11 @@ class ChunkCache:
                 raise SystemExit(f"{meta}: the cache was made with other settings; use another --out or delete it")
         else:
             meta.write_text(json.dumps(signature, indent=1))
+        self._where: dict[int, tuple[int, int]] = {}  # fact id -> (residual file, row)
+        self._files = sorted(int(p.stem.split("_")[1]) for p in root.glob("res_*.safetensors"))
+        for n in self._files:
+            with safe_open(str(self.path("res", n)), framework="pt") as fh:
+                self._where.update((i, (n, r)) for r, i in enumerate(fh.get_tensor("ids").tolist()))
 
     def path(self, kind: str, k: int) -> Path:
         return self.root / f"{kind}_{k:06d}.safetensors"
@@ -115,46 +122,60 @@ class ChunkCache:
             keys = db.encode_keys(chunk)
             self._write("keys", k, {"keys": keys}, {"keys_s": time.perf_counter() - t0, "facts": len(chunk)})
 
-    def fill_residuals(self, db: NeuralDB, facts: Sequence[Fact], chunks: Sequence[int]) -> None:
-        todo = [k for k in chunks if not self.path("res", k).is_file()]
-        for k in progress(todo, len(todo), "residual chunks"):
-            res = db.encode_residuals(facts[k * self.size : (k + 1) * self.size])
-            self._write("res", k, {"residuals": res, "nll": db.last_stats.nll, "steps": db.last_stats.steps},
-                        db.timings)
-
-    def _rows(self, kind: str, name: str, size: int, start: int, stop: int) -> torch.Tensor:
-        parts = []
-        for k in range(start // size, (stop + size - 1) // size):
-            t = load_file(str(self.path(kind, k)))[name]
-            parts.append(t[max(start - k * size, 0) : min(stop - k * size, size)])
-        return torch.cat(parts)
+    def fill_residuals(self, db: NeuralDB, facts: Sequence[Fact], ids: Iterable[int]) -> None:
+        """Residuals of the facts `ids` (indices into `facts`) that are not cached yet."""
+        todo = sorted(set(ids) - self._where.keys())
+        calls = [todo[i : i + self.size] for i in range(0, len(todo), self.size)]
+        for batch in progress(calls, len(calls), "residual files"):
+            res = db.encode_residuals([facts[i] for i in batch])
+            n = self._files[-1] + 1 if self._files else 0
+            self._write("res", n, {"ids": torch.tensor(batch), "residuals": res, "nll": db.last_stats.nll,
+                                   "steps": db.last_stats.steps}, db.timings)
+            self._files.append(n)
+            self._where.update((i, (n, r)) for r, i in enumerate(batch))
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
         """Keys of facts [start, stop)."""
-        return self._rows("keys", "keys", self.key_size, start, stop)
+        parts = []
+        for k in range(start // self.key_size, (stop + self.key_size - 1) // self.key_size):
+            t = load_file(str(self.path("keys", k)))["keys"]
+            parts.append(t[max(start - k * self.key_size, 0) : min(stop - k * self.key_size, self.key_size)])
+        return torch.cat(parts)
+
+    def residuals(self, ids: Sequence[int]) -> torch.Tensor:
+        """Residuals of the facts `ids`, in that order (they must be cached): (len(ids), d)."""
+        missing = [i for i in ids if i not in self._where]
+        if missing:
+            raise KeyError(f"{self.root}: no cached residual for facts {missing[:5]}")
+        by_file: dict[int, list[int]] = {}
+        for j, i in enumerate(ids):
+            by_file.setdefault(self._where[i][0], []).append(j)
+        out: torch.Tensor | None = None
+        for n, js in by_file.items():
+            t = load_file(str(self.path("res", n)))["residuals"]
+            if out is None:
+                out = t.new_empty(len(ids), t.shape[1])
+            out[js] = t[[self._where[ids[j]][1] for j in js]]
+        return out if out is not None else torch.empty(0, 0)
 
     def residual_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Residuals of facts [start, stop) (their chunks must be filled)."""
-        return self._rows("res", "residuals", self.size, start, stop)
+        """Residuals of facts [start, stop) (they must be cached)."""
+        return self.residuals(range(start, stop))
 
-    def residuals(self, k: int) -> torch.Tensor:
-        return load_file(str(self.path("res", k)))["residuals"]
-
-    def computed(self) -> list[int]:
-        """Chunks whose residuals exist."""
-        return sorted(int(p.stem.split("_")[1]) for p in self.root.glob("res_*.safetensors"))
+    def computed(self) -> int:
+        """How many residuals are cached."""
+        return len(self._where)
 
     def throughput(self, n: int) -> dict[str, float]:
-        from safetensors import safe_open
-
         totals = {"keys": [0.0, 0], "res": [0.0, 0]}
-        for kind, field, size in (("keys", "keys_s", self.key_size), ("res", "residuals_s", self.size)):
-            for k in self._chunks(n, size):
-                if self.path(kind, k).is_file():
-                    with safe_open(str(self.path(kind, k)), framework="pt") as fh:
-                        meta = fh.metadata()
-                    totals[kind][0] += float(meta[field])
-                    totals[kind][1] += int(float(meta["facts"]))
+        files = [("keys", "keys_s", k) for k in self._chunks(n, self.key_size)] + [("res", "residuals_s", k)
+                                                                                    for k in self._files]
+        for kind, field, k in files:
+            if self.path(kind, k).is_file():
+                with safe_open(str(self.path(kind, k)), framework="pt") as fh:
+                    meta = fh.metadata()
+                totals[kind][0] += float(meta[field])
+                totals[kind][1] += int(float(meta["facts"]))
         (ks, kn), (rs, rn) = totals["keys"], totals["res"]
         return {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan")}
 
@@ -163,37 +184,28 @@ def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequen
     """The cache of `facts` for this model and config (args: data, seed, chunk, key_chunk); a
     cache made with other settings is refused."""
     signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
-                 "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]]}
+                 "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]],
+                 "residual_files": "ids"}
     return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk)
 
 
 class Residuals:
-    """Puts cached residual chunks into the database: all of them (eager), or on demand for the
-    facts whose gates open (lazy); counts what was computed."""
+    """Puts cached residuals into the database: every fact's (eager), or on demand those of the
+    facts whose gates open (lazy)."""
 
     def __init__(self, db: NeuralDB, cache: ChunkCache, facts: Sequence[Fact]) -> None:
         self.db, self.cache, self.facts = db, cache, facts
         self.loaded: set[int] = set()
 
     def load(self, ids: set[int]) -> int:
-        """Residuals of every fact in `ids` (and the rest of its chunk) that are not loaded yet."""
-        want = sorted({i // self.cache.size for i in ids} - self.loaded)
-        self.cache.fill_residuals(self.db, self.facts, want)
-        for k in want:
-            lo = k * self.cache.size
-            res = self.cache.residuals(k)
-            in_db = [i for i in range(lo, lo + len(res)) if i in self.db.facts]
-            self.db.table.put(in_db, res[[i - lo for i in in_db]].to(self.db.table.device))
-            self.loaded.add(k)
+        """Residuals of the facts in `ids` that are in the database and not loaded yet (computed
+        first where the cache lacks them); returns how many were put."""
+        want = sorted(i for i in ids - self.loaded if i in self.db.facts)
+        if want:
+            self.cache.fill_residuals(self.db, self.facts, want)
+            self.db.table.put(want, self.cache.residuals(want).to(self.db.table.device))
+            self.loaded.update(want)
         return len(want)
-
-    def refresh(self, start: int) -> None:
-        """Facts from id `start` on just entered the database: only a loaded chunk that straddles
-        `start` holds rows of theirs (chunks after it were never loaded), so it alone is put again."""
-        k = start // self.cache.size
-        if start % self.cache.size and k in self.loaded:
-            self.loaded.discard(k)
-            self.load({start})
 
 
 def default_checkpoints(n: int) -> list[int]:
@@ -305,7 +317,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
     e.add_argument("--index", help="key index spec (Flat, torch, ...)")
-    e.add_argument("--chunk", type=int, default=16, help="facts per residual chunk (one optimisation batch)")
+    e.add_argument("--chunk", type=int, default=64,
+                   help="facts per residual file (computed together, in optimisation batches of the config's "
+                        "residual_batch_size, like suffix lengths together)")
     e.add_argument("--key-chunk", type=int, default=256, help="facts per cached key file")
     e.add_argument("--lazy-residuals", choices=["auto", "on", "off"], default="auto",
                    help="compute residuals only for facts whose gates open on evaluated tokens (exact; "
@@ -345,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lazy = args.lazy_residuals == "on" or (args.lazy_residuals == "auto" and len(facts) > 5000)
     cache.fill_keys(db, facts)
     if not lazy:
-        cache.fill_residuals(db, facts, cache._chunks(len(facts)))
+        cache.fill_residuals(db, facts, range(len(facts)))
     resid = Residuals(db, cache, facts)
 
     rng = random.Random(args.seed)
@@ -376,7 +390,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows, done = [], 0
     for m in checkpoints:
         db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
-        resid.refresh(done)
         done = m
         kept = cache.root / f"row_{m}.json"
         earlier = json.loads(kept.read_text()) if kept.is_file() else {}
@@ -405,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "payload_bytes_per_fact": 4 * (db.d_key + db.d_res),  # one fp32 key + residual
                **cache.throughput(m), **latency(db, texts, args.latency_batch, args.latency_repeats),
                **peak_memory(), "eval_s": time.perf_counter() - t0,
-               "residuals_in_db": len(db.table.ids()), "residual_chunks_computed": len(cache.computed())}
+               "residuals_in_db": len(db.table.ids()), "residuals_computed": cache.computed()}
         rows.append(row)
         write_json(kept, {"eval": eval_sig, "row": row})
         print(f"m={m}: efficacy {row['efficacy']:.1f} generalization {row['generalization']:.1f} specificity "

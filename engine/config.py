@@ -109,6 +109,7 @@ class EditConfig:
     kl_prompt: str = "{} is a"
     residual_batch_size: int = 16
     residual_suffix: bool = True  # steps run only the tokens from the subject on (False: whole rows)
+    residual_pack: bool = True  # suffix rows run in groups of like length, facts batched by it (False: one padded batch)
 
     def __post_init__(self) -> None:
         checks = {

@@ -109,62 +109,118 @@ def kl_now_init(init_logp: torch.Tensor, now_logp: torch.Tensor) -> torch.Tensor
     return (now_logp.exp() * (now_logp - init_logp)).sum(-1)
 
 
-def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """LM-head logits at selected (row, pos) only: (N, V) float32."""
-    logits = model.get_output_embeddings()(hidden[rows, pos]).float()  # (N, V)
+def head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+    """LM-head logits of final hidden states (N, d): (N, V) float32."""
+    logits = model.get_output_embeddings()(h).float()  # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """LM-head logits at selected (row, pos) only: (N, V) float32."""
+    return head(model, hidden[rows, pos])
+
+
 @dataclass
 class _Steps:
-    """What every optimisation step runs from block l* up: token ids (R, S), the attention mask,
-    the hidden states entering block l* (R, S, d), where the delta is added (R,), where targets
-    and the KL distribution are read (N,), (F,); and, on the suffix path, position ids and the
-    constant keys/values of the tokens before each row's subject (one (K, V) per layer)."""
+    """What every optimisation step runs from block l* up for some rows of the batch: the rows
+    (Rg,), their token ids (Rg, S), the attention mask, the hidden states entering block l*
+    (Rg, S, d), where the delta is added (Rg,); the targets it scores (indices into the batch's
+    targets, (Ng,)) with their row in the group and position, the facts whose KL row it runs
+    (Fg,) likewise; on the suffix path, position ids and the constant keys/values of the tokens
+    before each row's subject (one (K, V) per layer)."""
 
+    rows: torch.Tensor
     ids: torch.Tensor
     mask: torch.Tensor
     hidden: torch.Tensor
     delta_pos: torch.Tensor
+    tgt: torch.Tensor
+    tgt_row: torch.Tensor
     tgt_pos: torch.Tensor
+    kl: torch.Tensor
+    kl_row: torch.Tensor
     kl_pos: torch.Tensor
     position_ids: torch.Tensor | None = None
     past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def run(self, model: PreTrainedModel) -> torch.Tensor:
+    def run(self, model: PreTrainedModel, layer: int, tuple_len: int, delta: torch.Tensor) -> torch.Tensor:
+        """Blocks l* up with `delta` (Rg, d) added to the FFN output of l* at `delta_pos`."""
+        arch = get_arch(model)
+        rows = torch.arange(len(self.rows), device=self.ids.device)
+
+        def add(out: torch.Tensor) -> torch.Tensor:
+            return out.index_put((rows, self.delta_pos), delta.to(out.dtype), accumulate=True)
+
         cache = DynamicCache(ddp_cache_data=self.past, config=model.config) if self.past is not None else None
-        return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
-                                past_key_values=cache, use_cache=cache is not None)[0]  # (R, S, d)
+        with start_at_layer(model, arch.layers, layer, self.hidden, tuple_len), \
+                Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add):
+            return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
+                                    past_key_values=cache, use_cache=cache is not None)[0]  # (Rg, S, d)
 
 
-def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> _Steps:
+def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
     """Every row in full, every step (the reference path)."""
-    return _Steps(b.ids, b.mask, hidden_in, b.lookup, b.tgt_pos, b.lookup[b.kl_row])
+    every = lambda n: torch.arange(n, device=b.ids.device)  # noqa: E731
+    return [_Steps(every(len(b.ids)), b.ids, b.mask, hidden_in, b.lookup, every(len(b.tgt_row)), b.tgt_row, b.tgt_pos,
+                   every(len(b.kl_row)), b.kl_row, b.lookup[b.kl_row])]
+
+
+GROUP_COST = 48  # what one more group of rows costs per step, in padded tokens (call overhead, small GEMMs)
+
+
+def length_groups(lengths: Sequence[int], cost: int = GROUP_COST) -> list[list[int]]:
+    """Rows split into groups (each run padded to its longest row) that minimise padded tokens
+    + `cost` per group: an exact partition of the sorted lengths into runs, by dynamic programming."""
+    vals = sorted(set(lengths))
+    count = [sum(1 for x in lengths if x == v) for v in vals]
+    best, cut = [0.0] + [float("inf")] * len(vals), [0] * (len(vals) + 1)
+    for j in range(1, len(vals) + 1):  # best[j]: the first j lengths grouped
+        for i in range(j):
+            c = best[i] + cost + sum(count[i:j]) * vals[j - 1]
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    bounds, j = [], len(vals)
+    while j:
+        bounds.append((vals[cut[j]], vals[j - 1]))
+        j = cut[j]
+    return [[r for r, x in enumerate(lengths) if lo <= x <= hi] for lo, hi in reversed(bounds)]
 
 
 @torch.no_grad()
 def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hidden_in: torch.Tensor,
-                  tuple_len: int) -> _Steps:
+                  tuple_len: int, pack: bool) -> list[_Steps]:
     """Only each row's tokens from its subject's last token on: the tokens before it never see
     the delta (causal attention), so their keys and values at blocks >= l* are computed once
-    here and served from a cache at every step; positions keep their true values."""
+    here and served from a cache at every step; positions keep their true values. With `pack`,
+    rows of like suffix length run together (a KL row is one token long, a target row several),
+    so little of a step is padding."""
     device = b.ids.device
     R, T = b.ids.shape
     start, lengths = b.lookup, b.mask.sum(1)  # (R,), (R,)
-    P, S = int(start.max()), int((lengths - start).max())
     with start_at_layer(model, layers, layer, hidden_in, tuple_len):
         cache = DynamicCache(config=model.config)
         model.base_model(input_ids=b.ids, attention_mask=b.mask, past_key_values=cache, use_cache=True)
-    live = [(lay.keys[:, :, :P], lay.values[:, :, :P]) for lay in cache.layers[layer:]]
-    past = [live[0]] * layer + live  # blocks below l* are skipped; their slots only carry the length P
-    pos = start[:, None] + torch.arange(S, device=device)  # (R, S) true positions
-    valid = pos < lengths[:, None]
-    pos = pos.clamp(max=T - 1)
-    mask = torch.cat([torch.arange(P, device=device)[None] < start[:, None], valid], 1).long()  # (R, P + S)
-    rows = torch.arange(R, device=device)
-    return _Steps(b.ids.gather(1, pos), mask, hidden_in[rows[:, None], pos], torch.zeros_like(start),
-                  b.tgt_pos - start[b.tgt_row], torch.zeros_like(b.kl_row), pos, past)
+    kv = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (R, kv_heads, T, head_dim) each
+    suffix = lengths - start  # (R,)
+    groups = length_groups(suffix.tolist()) if pack else [list(range(R))]
+    out = []
+    for g in groups:
+        g = torch.tensor(g, device=device)
+        P, S = max(1, int(start[g].max())), int(suffix[g].max())
+        live = [(k[g, :, :P], v[g, :, :P]) for k, v in kv]
+        past = [live[0]] * layer + live  # blocks below l* are skipped; their slots only carry the length P
+        pos = start[g, None] + torch.arange(S, device=device)  # (Rg, S) true positions
+        valid = pos < lengths[g, None]
+        pos = pos.clamp(max=T - 1)
+        mask = torch.cat([torch.arange(P, device=device)[None] < start[g, None], valid], 1).long()  # (Rg, P + S)
+        local = torch.full((R,), -1, dtype=torch.long, device=device)
+        local[g] = torch.arange(len(g), device=device)
+        tgt, kl = (local[b.tgt_row] >= 0).nonzero()[:, 0], (local[b.kl_row] >= 0).nonzero()[:, 0]
+        out.append(_Steps(g, b.ids[g].gather(1, pos), mask, hidden_in[g[:, None], pos], torch.zeros_like(g),
+                          tgt, local[b.tgt_row[tgt]], b.tgt_pos[tgt] - start[b.tgt_row[tgt]],
+                          kl, local[b.kl_row[kl]], torch.zeros_like(kl), pos, past))
+    return out
 
 
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
@@ -172,7 +228,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
-    n_facts, arange_r = len(facts), torch.arange(len(b.ids), device=device)  # (R,)
+    n_facts = len(facts)
     # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
     with torch.no_grad(), Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
         model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
@@ -181,32 +237,37 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)  # (F,)
 
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0
-    st = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len) if suffix else _full_steps(b, hidden_in)
+    groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
+        else _full_steps(b, hidden_in)
+    # targets and KL rows in the order the groups score them
+    tgt = torch.cat([g.tgt for g in groups])  # (N,)
+    tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
+    kl_fact = torch.cat([g.kl for g in groups])  # (F,)
 
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_facts, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     max_norm = cfg.clamp_norm * z_norm  # (F,)
 
-    def add_delta(out: torch.Tensor) -> torch.Tensor:
-        return out.index_put((arange_r, st.delta_pos), delta[b.row_fact].to(out.dtype), accumulate=True)
-
     kl_init = None
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     steps = torch.zeros(n_facts, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)
-    with frozen_params(model), torch.enable_grad(), \
-            start_at_layer(model, arch.layers, layer, st.hidden, tuple_len), \
-            Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add_delta):
+    with frozen_params(model), torch.enable_grad():
         for _ in range(cfg.steps):
-            hidden = st.run(model)  # (R, S, d)
-            logp = F.log_softmax(logits_at(model, hidden, b.tgt_row, st.tgt_pos), -1)  # (N, V)
-            tok_nll = -logp.gather(1, b.tgt_tok[:, None])[:, 0] * b.tgt_weight  # (N,)
-            nll_f = torch.zeros(n_facts, device=device).index_add(0, b.row_fact[b.tgt_row], tok_nll)
-            kl_logp = F.log_softmax(logits_at(model, hidden, b.kl_row, st.kl_pos), -1)  # (F, V)
+            h_tgt, h_kl = [], []
+            for g in groups:
+                hidden = g.run(model, layer, tuple_len, delta[b.row_fact[g.rows]])  # (Rg, S, d)
+                h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
+                h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Fg, d)
+            logits = head(model, torch.cat(h_tgt + h_kl))  # (N + F, V): one LM-head call per step
+            logp = F.log_softmax(logits[: len(tgt)], -1)  # (N, V)
+            tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
+            nll_f = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)
+            kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (F, V), facts in kl_fact order
             if kl_init is None:
                 kl_init = kl_logp.detach()
-            kl_f = kl_now_init(kl_init, kl_logp)  # (F,)
+            kl_f = torch.zeros(n_facts, device=device).index_add(0, kl_fact, kl_now_init(kl_init, kl_logp))
             wd_f = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2
             loss_f = nll_f + cfg.kl_factor * kl_f + wd_f  # (F,)
             active &= loss_f.detach() >= cfg.loss_stop
@@ -224,15 +285,24 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     return delta.detach().float(), ResidualStats(nll_f.detach(), steps)
 
 
+def suffix_length(tok: PreTrainedTokenizerBase, fact: Fact) -> int:
+    """Tokens a fact's target rows run from its subject's last token on (prompt tail + target)."""
+    enc = encode_with_subject(tok, "", fact.prompt, fact.subject)
+    return len(enc.ids) - enc.subject_last + len(target_ids(tok, fact.target_new)) - 1
+
+
 def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
                       prefixes: Sequence[str], cfg: EditConfig) -> tuple[torch.Tensor, ResidualStats]:
     """(F, d_model) float32 residuals and per-fact optimisation stats."""
     contexts = ["", *prefixes[: cfg.residual_prefixes]]
+    order = list(range(len(facts)))
+    if cfg.residual_pack and cfg.residual_suffix:  # batches of like suffix length pad little
+        order.sort(key=lambda i: suffix_length(tok, facts[i]))
     outs, nll, steps = [], [], []
     bs = cfg.residual_batch_size
     bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=None, leave=False)
     for start in range(0, len(facts), bs):
-        chunk = facts[start : start + bs]
+        chunk = [facts[i] for i in order[start : start + bs]]
         r, st = _optimise(model, tok, chunk, layer, contexts, cfg)
         outs.append(r)
         nll.append(st.nll)
@@ -240,4 +310,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
         bar.update(len(chunk))
         bar.set_postfix(nll=f"{float(st.nll.mean()):.3f}")
     bar.close()
-    return torch.cat(outs), ResidualStats(torch.cat(nll), torch.cat(steps))
+    back = torch.empty(len(facts), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(facts))  # sorted position of each fact
+    cat = lambda xs: torch.cat(xs)[back.to(xs[0].device)]  # noqa: E731  facts in the caller's order
+    return cat(outs), ResidualStats(cat(nll), cat(steps))

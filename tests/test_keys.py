@@ -46,3 +46,51 @@ def test_suffix_residuals_match_full_rows(arch: str, tokenizer) -> None:
     assert full.norm(dim=1).min() > 0  # the optimisation moved every residual
     if get_arch(model).suffix_cache:  # the suffix path really ran (bit-identical would mean it did not)
         assert not torch.equal(fast, full)
+
+
+def test_length_groups_are_the_cheapest_partition() -> None:
+    """The dynamic programme against every split of the sorted distinct lengths into runs."""
+    import itertools
+    import random
+
+    from neuraldb.engine.residuals import length_groups
+
+    rng = random.Random(0)
+    for trial in range(200):
+        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 14))]
+        cost = rng.choice([0, 1, 8, 50])
+        groups = length_groups(lengths, cost)
+        assert sorted(r for g in groups for r in g) == list(range(len(lengths)))  # a partition of the rows
+        price = lambda gs: sum(cost + len(g) * max(lengths[r] for r in g) for g in gs)  # noqa: E731
+        vals = sorted(set(lengths))
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=len(vals) - 1):
+            runs, cur = [], [vals[0]]
+            for v, c in zip(vals[1:], cuts):
+                if c:
+                    runs.append(cur)
+                    cur = []
+                cur.append(v)
+            runs.append(cur)
+            best = min(best, price([[r for r, x in enumerate(lengths) if x in run] for run in runs]))
+        assert price(groups) == best, (lengths, cost, groups)
+    assert length_groups([3, 1, 3, 1], cost=0) == [[1, 3], [0, 2]]
+    assert length_groups([3, 1, 3, 1], cost=100) == [[0, 1, 2, 3]]
+
+
+def test_grouped_suffix_rows_match_one_padded_batch(tokenizer) -> None:
+    """Rows run in groups of like length (KL rows apart from target rows) optimise the same
+    function as one padded batch, and results come back in the caller's order."""
+    from neuraldb.engine.residuals import compute_residuals, suffix_length
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=5, residual_batch_size=2, loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    lens = [suffix_length(tokenizer, f) for f in FACTS]
+    assert lens != sorted(lens)  # the batches really are reordered
+    one, s_one = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_pack=False))
+    grouped, s_grouped = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    assert torch.equal(s_one.steps, s_grouped.steps)
+    assert torch.allclose(grouped, one, atol=1e-4, rtol=1e-3), (grouped - one).abs().max()
+    assert torch.allclose(s_grouped.nll, s_one.nll, atol=1e-4)
+    assert not torch.equal(grouped, one)
