@@ -6,8 +6,9 @@ the lookup's share of SmolLM2's own forward, measured in the same run.
 
 Keys: the fp32 keys a `bench/scale.py` run cached (CounterFact first, then synthetic facts).
 Queries: every token (but the first) of WikiText-2 passages at layer l*, plus the rewrite prompts
-and paraphrases of the first CounterFact facts. The first --train-passages passages only train
-the `Proj` bases (`index.train`); the rest are measured. Decisions are checked against a float64
+and paraphrases of the first CounterFact facts. `Proj` bases are trained (`index.train`) on
+the first --train-passages passages (never measured), on text the model samples itself (what
+`NeuralDB` does, `--train generated`), or on nothing but the keys (`--train none`). Decisions are checked against a float64
 scan for every measured query."""
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from neuraldb.bench.common import machine, markdown_table, timed, write_json
 from neuraldb.engine.arch import get_arch
 from neuraldb.engine.config import model_defaults
 from neuraldb.engine.hooks import Trace
+from neuraldb.engine.keys import calibration_queries
 from neuraldb.evaluation.metrics import prompts_of
 from neuraldb.evaluation.texts import wikitext_passages
 from neuraldb.index import make_index
@@ -89,6 +91,9 @@ def main() -> None:
     g.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
     g.add_argument("--passages", type=int, default=48, help="measured WikiText passages")
     g.add_argument("--train-passages", type=int, default=24, help="passages that train Proj bases")
+    g.add_argument("--train", default="wikitext",
+                   help="what trains Proj bases, comma-separated: wikitext (--train-passages passages), generated "
+                        "(the model's own sampled text, as NeuralDB does), none (the keys alone)")
     g.add_argument("--edit-facts", type=int, default=100)
     g = ap.add_argument_group("indexes")
     g.add_argument("--spec", action="append", help="index spec (repeatable); default Flat, Int8, Proj256, Proj384")
@@ -105,7 +110,9 @@ def main() -> None:
     cfg = model_defaults(args.model, model.config.model_type)
     path = get_arch(model).ffn_out.format(cfg.layer)
     passages = wikitext_passages(args.wikitext, args.train_passages + args.passages)
-    train_q = layer_inputs(model, tok, passages[: args.train_passages], path)
+    trainers = {"wikitext": lambda: layer_inputs(model, tok, passages[: args.train_passages], path),
+                "generated": lambda: calibration_queries(model, tok, cfg.layer, cfg), "none": lambda: None}
+    train_sets = {name: trainers[name]() for name in args.train.split(",")}
     facts = load_facts(args.counterfact, limit=args.edit_facts)
     edit_texts = prompts_of(facts, "efficacy")[0] + prompts_of(facts, "generalization")[0]
     wiki_q = layer_inputs(model, tok, passages[args.train_passages :], path)
@@ -133,15 +140,16 @@ def main() -> None:
         m = keys.shape[0]
         qs = queries if not name.startswith("synthetic") else {k: q[: args.synthetic_queries] for k, q in queries.items()}
         want = {k: float64_search(keys, q) for k, q in qs.items()}
-        for spec in specs:
+        runs = [(spec, t) for spec in specs for t in (train_sets if spec.startswith("Proj") else [""])]
+        for spec, trained_on in runs:
             idx = make_index(spec, keys.shape[1], floor=cfg.gamma)
             t0 = time.perf_counter()
             idx.add(torch.arange(m), keys, unit=True)  # unit rows already: no normalised copy
-            if hasattr(idx, "train"):
-                idx.train(train_q)
-            idx.search(train_q[:1])  # builds codes / projections
-            row: dict[str, Any] = {"keys": name, "spec": spec, "build_s": time.perf_counter() - t0,
-                                   "bytes_per_fact": idx.nbytes / m}
+            if train_sets.get(trained_on) is not None:
+                idx.train(train_sets[trained_on])
+            idx.search(wiki_q[:1])  # builds codes / projections
+            row: dict[str, Any] = {"keys": name, "spec": spec, "trained on": trained_on,
+                                   "build_s": time.perf_counter() - t0, "bytes_per_fact": idx.nbytes / m}
             for kind, q in qs.items():
                 stats0 = dict(getattr(idx, "stats", {}))
                 sims, ids = idx.search(q)

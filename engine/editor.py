@@ -18,7 +18,7 @@ from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gated import GatedFFNOut, Hit, gate_mask_hook
-from .keys import compute_keys, generate_prefixes
+from .keys import calibration_queries, compute_keys, generate_prefixes
 from .residuals import ResidualStats, compute_residuals
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class NeuralDB:
         self.next_id = 0
         self.last_stats: ResidualStats | None = None
         self.timings: dict[str, float] = {}
+        self._trained: KeyIndex | None = None  # the index train_index() last trained
         self._gate: GatedFFNOut | None = None
         self._hooks: list[Any] = []
         self.generate_hits: list[Hit] = []  # hits of every step of the last generate()
@@ -144,6 +145,20 @@ class NeuralDB:
                 self.prefixes = generate_prefixes(self.model, self.tok, self.config)
         return self.prefixes
 
+    def train_index(self, queries: torch.Tensor | None = None) -> bool:
+        """Give an index that fits itself to real queries (`Proj`'s basis) a sample of them: by
+        default the gate queries of text the model generates itself (`calibration_queries`).
+        Speed only: such an index answers exactly whatever it was trained on. Returns whether the
+        index takes training; done once per index, on the first insert or load."""
+        train = getattr(self.index, "train", None)
+        if train is not None:
+            if queries is None:
+                with self.disabled():
+                    queries = calibration_queries(self.model, self.tok, self.layer, self.config)
+            train(queries)
+        self._trained = self.index
+        return train is not None
+
     def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Keys (F, d_key) of facts on the unedited model."""
         prefixes = self.ensure_prefixes()
@@ -190,6 +205,8 @@ class NeuralDB:
             raise ValueError(f"keys must have dim {self.d_key} and residuals {self.d_res}, got "
                              f"{keys.shape[1]} and {None if residuals is None else residuals.shape[1]}")
         arr = np.asarray(ids, dtype=np.int64)
+        if self._trained is not self.index:
+            self.train_index()
         self.index.add(arr, keys)
         if residuals is not None:
             self.table.put(arr, residuals)

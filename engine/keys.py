@@ -40,6 +40,29 @@ def generate_prefixes(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg:
     return out
 
 
+@torch.no_grad()
+def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layer: int, cfg: EditConfig,
+                        texts: int = 8, tokens: int = 64) -> torch.Tensor:
+    """Gate queries of ordinary text, for an index that fits itself to them (`Proj`'s basis):
+    the down-projection input at `layer` of every token but the first (never gated) of `texts`
+    continuations the model samples from the prefix seeds; deterministic under `cfg.seed`.
+    Returns (n, d_ff) float32. No data file: the model writes its own calibration text."""
+    seeds = [cfg.prefix_seeds[i % len(cfg.prefix_seeds)] for i in range(texts)]
+    device = model_device(model)
+    path = get_arch(model).ffn_out.format(layer)
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 1)  # not the prefixes' draw
+        for s in seeds:
+            ids = tok(s, return_tensors="pt")["input_ids"].to(device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=40,
+                                 max_new_tokens=tokens, pad_token_id=tok.pad_token_id)  # (1, T)
+            with Trace(model, path, stop=True) as tr:
+                model(input_ids=gen, attention_mask=torch.ones_like(gen), use_cache=False)
+            out.append(tr.input[0, 1:].float())  # (T - 1, d_ff)
+    return torch.cat(out)
+
+
 def key_inputs(tok: PreTrainedTokenizerBase, fact: Fact, prefixes: Sequence[str]) -> list[tuple[list[int], int]]:
     """(ids, subject-last index) for the bare prompt and each prefixed prompt; the text after
     the subject cannot change the key under causal attention, so it is cut off."""

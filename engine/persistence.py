@@ -367,5 +367,6 @@ def load_db(cls: type["NeuralDB"], directory: Path, model: "PreTrainedModel", to
         db.index = stored.index
     db.table, db.facts, db.next_id = stored.table, stored.facts, stored.next_id
     db.prefixes = stored.meta["prefixes"]
+    db.train_index()  # a fitted index (Proj) refits to the same seeded calibration text
     db.attach()
     return db

@@ -353,3 +353,33 @@ def test_kl_term_is_memit_direction() -> None:
     assert torch.allclose(kl_now_init(init, now), want, atol=1e-6)
     reverse = (init.exp() * (init - now)).sum(-1)
     assert not torch.allclose(kl_now_init(init, now), reverse, atol=1e-3)
+
+
+def test_proj_index_trains_on_the_models_own_text(tokenizer, tmp_path) -> None:
+    """A `Proj` index gets a query sample on the first insert: the gate queries of text the
+    model generates from the prefix seeds (seeded: a reload gets the same sample); answers stay
+    those of exact search."""
+    from neuraldb.engine.keys import calibration_queries
+
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=3, index="Proj4"))
+    assert db.index._queries is None
+    ids = db.add(FACTS)
+    with db.disabled():
+        q = calibration_queries(model, tokenizer, db.layer, db.config)
+    assert q.shape[0] >= 8 * 2 and q.shape[1] == db.d_key  # 8 texts, every token but the first
+    assert torch.allclose(db.index._queries.cpu(), q / q.norm(dim=1, keepdim=True), atol=1e-6)  # the same draw
+    probe = [f.text for f in FACTS] + UNRELATED
+    want = logits(model, tokenizer, probe)
+    want_open = db.gate.last[2].clone()
+    queries = db.index._queries.clone()
+    db.save(tmp_path / "db")
+    db.detach()
+    back = NeuralDB.load(tmp_path / "db", model, tokenizer)
+    assert back.index.spec == "Proj4" and back.index._queries is not None
+    got = logits(model, tokenizer, probe)
+    assert torch.equal(back.index._queries, queries)  # the basis may differ: it is fitted to the keys present
+    assert torch.equal(back.gate.last[2], want_open) and torch.allclose(got, want, atol=1e-5)
+    assert ids == sorted(back.facts)
+    flat = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG.replace(steps=3))
+    assert flat.train_index() is False  # Flat takes no training
