@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="EditConfig YAML")
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
-    e.add_argument("--index", help="key index spec, e.g. Flat, torch, HNSW32")
+    e.add_argument("--index", help="key index spec, e.g. Auto, Flat, torch, Proj512, HNSW32")
     e.add_argument("--no-eval", action="store_true", help="skip the efficacy summary")
     e.set_defaults(fn=cmd_edit)
     a = sub.add_parser("ask", help="greedy answer from an edited model, and which fact fired")

@@ -316,7 +316,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--config", help="EditConfig YAML (default: the model's defaults)")
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
-    e.add_argument("--index", help="key index spec (Flat, torch, ...)")
+    e.add_argument("--index", help="key index spec (Auto, Flat, Proj512, torch, ...)")
     e.add_argument("--chunk", type=int, default=64,
                    help="facts per residual file (computed together, in optimisation batches of the config's "
                         "residual_batch_size, like suffix lengths together)")

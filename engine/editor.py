@@ -147,17 +147,20 @@ class NeuralDB:
 
     def train_index(self, queries: torch.Tensor | None = None) -> bool:
         """Give an index that fits itself to real queries (`Proj`'s basis) a sample of them: by
-        default the gate queries of text the model generates itself (`calibration_queries`).
-        Speed only: such an index answers exactly whatever it was trained on. Returns whether the
-        index takes training; done once per index, on the first insert or load."""
+        default the gate queries of text the model generates itself (`calibration_queries`),
+        handed over as a function so that an index which needs them only later (`Auto`, below
+        its switch) never pays for them. Speed only: such an index answers exactly whatever it
+        was trained on. Returns whether the index takes training; done once per index, on the
+        first insert or load."""
         train = getattr(self.index, "train", None)
         if train is not None:
-            if queries is None:
-                with self.disabled():
-                    queries = calibration_queries(self.model, self.tok, self.layer, self.config)
-            train(queries)
+            train(self._calibration if queries is None else queries)
         self._trained = self.index
         return train is not None
+
+    def _calibration(self) -> torch.Tensor:
+        with self.disabled():
+            return calibration_queries(self.model, self.tok, self.layer, self.config)
 
     def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Keys (F, d_key) of facts on the unedited model."""

@@ -14,7 +14,7 @@ smallest id."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -65,9 +65,12 @@ class ProjBoundIndex(ExactBacked):
         self.stats = {"queries": 0, "decided": 0, "candidates": 0, "full_scans": 0}
 
     # -- basis ----------------------------------------------------------------------------------
-    def train(self, queries: torch.Tensor) -> None:
-        """Give the basis a sample of real queries (activations of ordinary text at the layer):
-        the bound is tight when both keys and queries lie mostly in the span. Refits now."""
+    def train(self, queries: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        """Give the basis a sample of real queries (activations of ordinary text at the layer), or
+        a function that makes them: the bound is tight when both keys and queries lie mostly in
+        the span. Refits now."""
+        if not isinstance(queries, torch.Tensor):
+            queries = queries()
         q = queries.detach().reshape(-1, self.dim).double()
         self._queries = (q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)).float().to(self.device)
         self._fit()

@@ -21,15 +21,17 @@ def reference(keys: torch.Tensor, ids: np.ndarray, queries: torch.Tensor) -> tup
     return best, tied.min(1).values
 
 
-def check(idx: KeyIndex, queries: torch.Tensor) -> None:
+def check(idx: KeyIndex, queries: torch.Tensor, atol: float = 1e-12) -> None:
+    """Float64 decisions and ids; `atol` 1e-6 for an fp32 scan (`Flat`), whose similarities are fp32."""
     ids, keys = idx.export()
     want_sim, want_id = reference(keys, ids, queries)
     sim, got = idx.search(queries)
+    sim = sim.double()
     want_open, got_open = want_sim > GAMMA, sim > GAMMA
     assert torch.equal(got_open, want_open)
     assert torch.equal(got[want_open], want_id[want_open])
-    assert torch.allclose(sim[want_open], want_sim[want_open], rtol=0, atol=1e-12)
-    assert bool((sim[~want_open] >= want_sim[~want_open] - 1e-12).all())  # closed: a bound, never below
+    assert torch.allclose(sim[want_open], want_sim[want_open], rtol=0, atol=atol)
+    assert bool((sim[~want_open] >= want_sim[~want_open] - atol).all())  # closed: a bound, never below
 
 
 def clustered(m: int, d: int, g: torch.Generator) -> torch.Tensor:
@@ -118,3 +120,39 @@ def test_few_keys_and_no_floor_scan_exactly() -> None:
     assert torch.equal(got, want_id) and torch.allclose(sim, want_sim, atol=1e-12)
     with pytest.raises(ValueError, match="rank"):
         make_index("Proj24", 24)
+
+
+def test_auto_switches_from_flat_to_proj_at_its_size(tmp_path) -> None:
+    """`Auto{n}` is `Flat` below n keys and `Proj` from n on; the stored keys move bit for bit,
+    the query sample is made only when the switch needs it, answers stay exact throughout."""
+    g = torch.Generator().manual_seed(11)
+    d = 48
+    keys = clustered(600, d, g)
+    made = []
+
+    def sample() -> torch.Tensor:
+        made.append(1)
+        return clustered(64, d, g)
+
+    idx = make_index("Auto500", d, floor=GAMMA)
+    idx.train(sample)
+    idx.add(np.arange(400), keys[:400])
+    assert idx.inner.spec == "Flat" and not made  # below the switch: no sample made
+    queries = torch.cat([keys[:40] + 0.2 * torch.randn(40, d, generator=g), torch.randn(40, d, generator=g)])
+    check(idx, queries, atol=1e-6)
+    before = idx.export()[1]
+    idx.add(np.arange(400, 600), keys[400:])
+    assert idx.inner.spec == f"Proj{d // 3}" and made == [1] and idx.inner._queries is not None
+    assert torch.equal(idx.export()[1][:400], before)  # moved bit for bit
+    check(idx, queries)
+    assert idx.stats["queries"] == queries.shape[0]
+    idx.remove(np.arange(300))
+    assert idx.inner.spec.startswith("Proj")  # stays: exact either way
+    check(idx, queries)
+    idx.save(tmp_path / "a.safetensors")
+    back = KeyIndex.load(tmp_path / "a.safetensors", floor=GAMMA)
+    assert back.spec == "Auto500" and back.inner.spec == "Flat"  # 300 keys: a reload picks by size
+    check(back, queries, atol=1e-6)
+    assert make_index("Auto", 1536, floor=GAMMA).choice(20000) == "Proj512"
+    assert make_index("Auto", 1536, floor=GAMMA).choice(19999) == "Flat"
+    assert make_index("Auto", 1536).choice(10**6) == "Flat"  # no gamma, nothing to prune with

@@ -383,3 +383,29 @@ def test_proj_index_trains_on_the_models_own_text(tokenizer, tmp_path) -> None:
     assert ids == sorted(back.facts)
     flat = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG.replace(steps=3))
     assert flat.train_index() is False  # Flat takes no training
+
+
+def test_auto_index_switches_inside_a_database(tokenizer, tmp_path) -> None:
+    """`Auto{n}`: `Flat` below n facts, `Proj` from n on, fitted to the model's own text only
+    when the switch comes; gate decisions equal a `Flat` database's, before and after a reload."""
+    model = make_model("llama", tokenizer)
+    probe = [f.text for f in FACTS] + UNRELATED
+    flat = NeuralDB(model, tokenizer, CFG.replace(steps=3))
+    flat.add(FACTS)
+    logits(model, tokenizer, probe)
+    want_open, want_ids = flat.gate.last[2].clone(), flat.gate.last[1].clone()
+    flat.detach()
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=3, index="Auto3"))
+    db.add(FACTS[:2])
+    assert db.index.inner.spec == "Flat" and not isinstance(db.index._queries, torch.Tensor)  # not made yet
+    db.add(FACTS[2:])
+    assert db.index.inner.spec == f"Proj{db.d_key // 3}" and isinstance(db.index._queries, torch.Tensor)
+    logits(model, tokenizer, probe)
+    assert torch.equal(db.gate.last[2], want_open)
+    assert torch.equal(db.gate.last[1][want_open], want_ids[want_open])
+    db.save(tmp_path / "db")
+    db.detach()
+    back = NeuralDB.load(tmp_path / "db", model, tokenizer)
+    assert back.index.spec == "Auto3" and back.index.inner.spec == f"Proj{back.d_key // 3}"
+    logits(model, tokenizer, probe)
+    assert torch.equal(back.gate.last[2], want_open)
