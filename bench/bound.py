@@ -182,7 +182,7 @@ def main() -> None:
         row["prefill % of fwd"] = 100 * row["prefill ms"] / fwd["prefill"]
         for b in (1, 8):
             row[f"decode B{b} % of fwd"] = 100 * row[f"decode B{b} ms"] / fwd[f"decode_B{b}"]
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for row in rows for k in row))  # Flat rows lack the bound's columns
     print(markdown_table(rows, cols))
     out = Path(args.out)
     write_json(out / "bound.json", {"machine": machine(), "args": vars(args), "forward_ms": fwd,

@@ -90,7 +90,7 @@ class EditConfig:
 
     layer: int = -1  # -1: take the model's default from defaults/<name>.yaml
     gamma: float = 0.65
-    index: str = "Flat"
+    index: str = "Auto"  # exact: Flat below 5,000 keys, then Proj{d/3} (CPU); torch on a GPU
     gate_first_token: bool = False  # the first real token is an attention sink: never gate it
     # keys (MEMIT compute_ks recipe)
     n_prefixes: int = 5

@@ -153,6 +153,6 @@ def test_auto_switches_from_flat_to_proj_at_its_size(tmp_path) -> None:
     back = KeyIndex.load(tmp_path / "a.safetensors", floor=GAMMA)
     assert back.spec == "Auto500" and back.inner.spec == "Flat"  # 300 keys: a reload picks by size
     check(back, queries, atol=1e-6)
-    assert make_index("Auto", 1536, floor=GAMMA).choice(20000) == "Proj512"
-    assert make_index("Auto", 1536, floor=GAMMA).choice(19999) == "Flat"
+    assert make_index("Auto", 1536, floor=GAMMA).choice(5000) == "Proj512"
+    assert make_index("Auto", 1536, floor=GAMMA).choice(4999) == "Flat"
     assert make_index("Auto", 1536).choice(10**6) == "Flat"  # no gamma, nothing to prune with

@@ -381,7 +381,7 @@ def test_proj_index_trains_on_the_models_own_text(tokenizer, tmp_path) -> None:
     assert torch.equal(back.index._queries, queries)  # the basis may differ: it is fitted to the keys present
     assert torch.equal(back.gate.last[2], want_open) and torch.allclose(got, want, atol=1e-5)
     assert ids == sorted(back.facts)
-    flat = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG.replace(steps=3))
+    flat = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG.replace(steps=3, index="Flat"))
     assert flat.train_index() is False  # Flat takes no training
 
 
@@ -390,7 +390,7 @@ def test_auto_index_switches_inside_a_database(tokenizer, tmp_path) -> None:
     when the switch comes; gate decisions equal a `Flat` database's, before and after a reload."""
     model = make_model("llama", tokenizer)
     probe = [f.text for f in FACTS] + UNRELATED
-    flat = NeuralDB(model, tokenizer, CFG.replace(steps=3))
+    flat = NeuralDB(model, tokenizer, CFG.replace(steps=3, index="Flat"))
     flat.add(FACTS)
     logits(model, tokenizer, probe)
     want_open, want_ids = flat.gate.last[2].clone(), flat.gate.last[1].clone()

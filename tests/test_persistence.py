@@ -105,7 +105,7 @@ def test_sigkill_at_random_instants(tmp_path: Path) -> None:
 
 
 # ----- 3. removed facts are gone from the bytes on disk ---------------------------------------
-@pytest.mark.parametrize("spec", ["Flat", "torch", "Int8", "Proj8", "torch,shards"])
+@pytest.mark.parametrize("spec", ["Flat", "torch", "Int8", "Proj8", "torch,shards", "Auto"])
 def test_removed_rows_absent_from_saved_bytes(spec: str, tmp_path: Path) -> None:
     s = dbstate.version(0, spec)
     gone = s["ids"][[2, 17]]
