@@ -95,10 +95,10 @@ class AutoIndex(KeyIndex):
         if (device.type == "cpu") != (self.device.type == "cpu"):  # host <-> accelerator: re-plan
             ids, keys = self.inner.export()
             self.device = device
-            self.inner = self._make(self.choice(len(ids)))
+            self.inner = self._make(self.choice(0))
             if len(ids):
                 self.inner.add(ids, keys.to(device), unit=True)
-            self._switch()
+            self._switch()  # as in add: a Proj gets its query sample
         else:
             self.device = device
             self.inner.to(device)
