@@ -4,6 +4,8 @@ full) and with the prefix KV cache, and residuals; the keys of both paths compar
     python3 bench/edit_speed.py --facts 256 --residual-facts 16 --whole-rows
     python3 bench/edit_speed.py --facts 256 --residual-facts 64 --residual-batch 16,32,64
     python3 bench/edit_speed.py --facts 64 --residual-facts 64 --unpacked
+    python3 bench/edit_speed.py --facts 64 --residual-facts 64 --residual-batch 64 \
+        --variant lr=0.5,steps=25 --variant lr=2,steps=14     # optimiser settings side by side
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from neuraldb import NeuralDB, load_facts, load_model
 from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.engine.config import EditConfig, from_mapping, to_mapping
 from neuraldb.engine.keys import compute_keys
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.residuals import compute_residuals
@@ -33,6 +36,9 @@ def main() -> None:
     r.add_argument("--whole-rows", action="store_true", help="also time residuals with whole rows run every step")
     r.add_argument("--unpacked", action="store_true",
                    help="also time residual suffixes run as one padded batch (rows not grouped by length)")
+    r.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
+                   help="residual config changes timed on the same facts (repeatable; the first is the "
+                        "reference each fact's final NLL is compared with)")
     r.add_argument("--out", default="results/edit_speed")
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -49,33 +55,46 @@ def main() -> None:
     diff = float((keys[True] - keys[False]).abs().max())
     res = {}
     batches = [int(b) for b in args.residual_batch.split(",")] if args.residual_batch else [cfg.residual_batch_size]
-    runs = [("residuals, whole rows every step", False, False, batches[0])] if args.whole_rows else []
-    runs += [("residuals, suffix, one padded batch", True, False, b) for b in batches] if args.unpacked else []
-    runs += [("residuals, suffix, rows grouped by length", True, True, b) for b in batches]
-    for name, suffix, pack, batch in runs:
+    runs = [("residuals, whole rows every step", False, False, batches[0], cfg)] if args.whole_rows else []
+    runs += [("residuals, suffix, one padded batch", True, False, b, cfg) for b in batches] if args.unpacked else []
+    if not args.variant:
+        runs += [("residuals, suffix, rows grouped by length", True, True, b, cfg) for b in batches]
+    runs += [(f"residuals, {v}", True, True, b, variant(cfg, v)) for v in args.variant for b in batches]
+    first_nll = None
+    for name, suffix, pack, batch, base in runs:
         if not args.residual_facts:
             break
         sub = facts[: args.residual_facts]
         t0 = time.perf_counter()
-        res[(suffix, pack, batch)], stats = compute_residuals(
+        res[(suffix, pack, batch, name)], stats = compute_residuals(
             model, tok, sub, db.layer, prefixes,
-            cfg.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch))
+            base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch))
         dt = time.perf_counter() - t0
+        first_nll = stats.nll if first_nll is None else first_nll
         rows.append({"what": name, "batch": batch, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
-                     "mean_final_nll": float(stats.nll.mean()), "max_final_nll": float(stats.nll.max()),
+                     "mean_final_nll": float(stats.nll.mean()), "p90_final_nll": float(stats.nll.quantile(0.9)),
+                     "max_final_nll": float(stats.nll.max()), "facts_nll_le_first": int((stats.nll <= first_nll).sum()),
+                     "facts_nll_over_0.05": int((stats.nll > 0.05).sum()), "facts_nll_over_0.5": int((stats.nll > 0.5).sum()),
                      "mean_steps": float(stats.steps.float().mean())})
     table = markdown_table(rows, ["what", "batch", "facts", "seconds", "facts_per_s", "mean_final_nll",
-                                  "max_final_nll", "mean_steps"])
+                                  "p90_final_nll", "max_final_nll", "facts_nll_le_first", "facts_nll_over_0.05",
+                                  "facts_nll_over_0.5", "mean_steps"])
     print(table)
     print(f"max |key(cache) - key(reference)| = {diff:.3g}")
-    ref = [(name, r) for (suffix, pack, _), r in res.items() for name in ["whole rows" if not suffix else "one padded batch"]
+    ref = [(name, r) for (suffix, pack, _, _), r in res.items() for name in ["whole rows" if not suffix else "one padded batch"]
            if not pack][:1]
-    for (suffix, pack, batch), r in res.items():
+    for (suffix, pack, batch, _), r in res.items():
         if pack and ref:
             rel = float(((r - ref[0][1]).norm(dim=1) / ref[0][1].norm(dim=1)).max())
             print(f"max relative |residual(grouped, batch {batch}) - residual({ref[0][0]})| = {rel:.3g}")
     write_json(Path(args.out) / "edit_speed.json", {"args": vars(args), "machine": machine(), "rows": rows,
                                                      "key_max_abs_diff": diff, "config": cfg.__dict__})
+
+
+def variant(cfg: EditConfig, spec: str) -> EditConfig:
+    """`cfg` with the changes "key=value,key=value" (values converted to each field's type)."""
+    changes = dict(item.split("=", 1) for item in spec.split(",") if item)
+    return from_mapping(EditConfig, {**to_mapping(cfg), **changes}, source=f"--variant {spec}")
 
 
 if __name__ == "__main__":

@@ -177,7 +177,21 @@ class ChunkCache:
                 totals[kind][0] += float(meta[field])
                 totals[kind][1] += int(float(meta["facts"]))
         (ks, kn), (rs, rn) = totals["keys"], totals["res"]
-        return {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan")}
+        return {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan"),
+                **self.residual_stats()}
+
+    def residual_stats(self) -> dict[str, float]:
+        """Final target NLL and optimisation steps over every cached residual."""
+        nll, steps = [], []
+        for k in self._files:
+            t = load_file(str(self.path("res", k)))
+            nll.append(t["nll"])
+            steps.append(t["steps"].float())
+        if not nll:
+            return {}
+        n, st = torch.cat(nll), torch.cat(steps)
+        return {"residual_nll_mean": float(n.mean()), "residual_nll_p90": float(n.quantile(0.9)),
+                "residual_nll_max": float(n.max()), "residual_steps_mean": float(st.mean())}
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:

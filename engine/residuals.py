@@ -144,6 +144,21 @@ class _Steps:
     position_ids: torch.Tensor | None = None
     past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def keep(self, rows: torch.Tensor) -> "_Steps | None":
+        """Only the group's rows where `rows` (Rg,) bool is set, with the targets and KL rows they
+        score (None when no row is left): a fact that stopped no longer costs its tokens."""
+        if bool(rows.all()):
+            return self
+        if not bool(rows.any()):
+            return None
+        local = torch.cumsum(rows, 0) - 1  # new index of each kept row
+        t, k = rows[self.tgt_row], rows[self.kl_row]  # (Ng,), (Fg,) scored by a kept row
+        past = None if self.past is None else [(kk[rows], vv[rows]) for kk, vv in self.past]
+        pos = None if self.position_ids is None else self.position_ids[rows]
+        return _Steps(self.rows[rows], self.ids[rows], self.mask[rows], self.hidden[rows], self.delta_pos[rows],
+                      self.tgt[t], local[self.tgt_row[t]], self.tgt_pos[t], self.kl[k], local[self.kl_row[k]],
+                      self.kl_pos[k], pos, past)
+
     def run(self, model: PreTrainedModel, layer: int, tuple_len: int, delta: torch.Tensor) -> torch.Tensor:
         """Blocks l* up with `delta` (Rg, d) added to the FFN output of l* at `delta_pos`."""
         arch = get_arch(model)
@@ -239,37 +254,39 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0
     groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
         else _full_steps(b, hidden_in)
-    # targets and KL rows in the order the groups score them
-    tgt = torch.cat([g.tgt for g in groups])  # (N,)
-    tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
-    kl_fact = torch.cat([g.kl for g in groups])  # (F,)
-
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_facts, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     max_norm = cfg.clamp_norm * z_norm  # (F,)
 
-    kl_init = None
+    kl_init: torch.Tensor | None = None  # (F, V) each fact's KL distribution before any step
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     steps = torch.zeros(n_facts, dtype=torch.long, device=device)
-    nll_f = torch.zeros(n_facts, device=device)
+    nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
     with frozen_params(model), torch.enable_grad():
         for _ in range(cfg.steps):
+            # targets and KL rows of the facts still optimising, in the order the groups score them
+            tgt = torch.cat([g.tgt for g in groups])  # (N,)
+            tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
+            kl_fact = torch.cat([g.kl for g in groups])  # (Fa,)
             h_tgt, h_kl = [], []
             for g in groups:
                 hidden = g.run(model, layer, tuple_len, delta[b.row_fact[g.rows]])  # (Rg, S, d)
                 h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
                 h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Fg, d)
-            logits = head(model, torch.cat(h_tgt + h_kl))  # (N + F, V): one LM-head call per step
+            logits = head(model, torch.cat(h_tgt + h_kl))  # (N + Fa, V): one LM-head call per step
             logp = F.log_softmax(logits[: len(tgt)], -1)  # (N, V)
             tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
-            nll_f = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)
-            kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (F, V), facts in kl_fact order
+            nll_now = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)  # (F,) 0 where stopped
+            kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Fa, V), facts in kl_fact order
             if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl_f = torch.zeros(n_facts, device=device).index_add(0, kl_fact, kl_now_init(kl_init, kl_logp))
+                kl_init = kl_logp.new_empty(n_facts, kl_logp.shape[1])
+                kl_init[kl_fact] = kl_logp.detach()
+            kl_f = torch.zeros(n_facts, device=device).index_add(0, kl_fact, kl_now_init(kl_init[kl_fact], kl_logp))
             wd_f = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2
-            loss_f = nll_f + cfg.kl_factor * kl_f + wd_f  # (F,)
+            loss_f = nll_now + cfg.kl_factor * kl_f + wd_f  # (F,)
+            nll_f = torch.where(active, nll_now.detach(), nll_f)
+            was = active.clone()
             active &= loss_f.detach() >= cfg.loss_stop
             if not bool(active.any()):
                 break
@@ -282,6 +299,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 delta[~active] = before[~active]  # stopped facts stay where they stopped
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
+            if not torch.equal(was, active):  # facts that stopped leave the rows every step runs
+                groups = [k for g in groups if (k := g.keep(active[b.row_fact[g.rows]])) is not None]
     return delta.detach().float(), ResidualStats(nll_f.detach(), steps)
 
 

@@ -94,3 +94,21 @@ def test_grouped_suffix_rows_match_one_padded_batch(tokenizer) -> None:
     assert torch.allclose(grouped, one, atol=1e-4, rtol=1e-3), (grouped - one).abs().max()
     assert torch.allclose(s_grouped.nll, s_one.nll, atol=1e-4)
     assert not torch.equal(grouped, one)
+
+
+def test_stopped_facts_leave_the_batch(arch: str, tokenizer) -> None:
+    """Facts stop at different steps (loss below `loss_stop`) and their rows leave every later
+    step; each fact's residual, NLL and step count equal those of optimising it alone."""
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model(arch, tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=8, lr=0.5, weight_decay=0.1, residual_batch_size=5)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    _, probe = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(loss_stop=0.0))
+    cfg = cfg.replace(loss_stop=float(probe.nll.median()) + 1e-3)  # about half the facts stop early
+    together, s_together = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    alone, s_alone = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_batch_size=1))
+    assert len(set(s_together.steps.tolist())) > 1 and int(s_together.steps.min()) < cfg.steps  # facts stopped apart
+    assert torch.equal(s_together.steps, s_alone.steps)
+    assert torch.allclose(together, alone, atol=1e-4, rtol=1e-3), (together - alone).abs().max()
+    assert torch.allclose(s_together.nll, s_alone.nll, atol=1e-4)
