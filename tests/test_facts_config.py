@@ -83,3 +83,16 @@ def test_config_rejects_unknown_keys_and_converts(tmp_path: Path) -> None:
 def test_model_defaults() -> None:
     assert model_defaults("smollm2-135m", "llama").layer >= 0
     assert model_defaults("unknown", "unknown") == EditConfig()
+
+
+def test_smollm2_residual_defaults_and_bench_variants() -> None:
+    """SmolLM2's residual optimiser settings come from its defaults file; bench/edit_speed.py's
+    `--variant` changes fields with their types and rejects unknown keys by name."""
+    from neuraldb.bench.edit_speed import variant
+
+    cfg = model_defaults("smollm2-135m", "llama")
+    assert (cfg.lr, cfg.steps) == (2.0, 16) and (EditConfig().lr, EditConfig().steps) == (0.5, 25)
+    v = variant(cfg, "lr=0.5,steps=25")
+    assert (v.lr, v.steps, v.layer) == (0.5, 25, cfg.layer) and isinstance(v.steps, int)
+    with pytest.raises(ConfigError, match="--variant lrr=1: unknown key"):
+        variant(cfg, "lrr=1")
