@@ -37,8 +37,8 @@ def main() -> None:
     r.add_argument("--unpacked", action="store_true",
                    help="also time residual suffixes run as one padded batch (rows not grouped by length)")
     r.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
-                   help="residual config changes timed on the same facts (repeatable; the first is the "
-                        "reference each fact's final NLL is compared with)")
+                   help="residual config changes timed on the same facts (repeatable); each fact's final NLL "
+                        "is compared with the first residual run's")
     r.add_argument("--out", default="results/edit_speed")
     args = ap.parse_args()
     model, tok = load_model(args.model)

@@ -167,31 +167,28 @@ class ChunkCache:
         return len(self._where)
 
     def throughput(self, n: int) -> dict[str, float]:
+        """Keys and residuals per second over the cached files (facts [0, n) for keys, every
+        residual file), and the final target NLL and optimisation steps of every cached residual."""
         totals = {"keys": [0.0, 0], "res": [0.0, 0]}
+        nll, steps = [], []
         files = [("keys", "keys_s", k) for k in self._chunks(n, self.key_size)] + [("res", "residuals_s", k)
                                                                                     for k in self._files]
         for kind, field, k in files:
             if self.path(kind, k).is_file():
                 with safe_open(str(self.path(kind, k)), framework="pt") as fh:
                     meta = fh.metadata()
+                    if kind == "res":
+                        nll.append(fh.get_tensor("nll"))
+                        steps.append(fh.get_tensor("steps").float())
                 totals[kind][0] += float(meta[field])
                 totals[kind][1] += int(float(meta["facts"]))
         (ks, kn), (rs, rn) = totals["keys"], totals["res"]
-        return {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan"),
-                **self.residual_stats()}
-
-    def residual_stats(self) -> dict[str, float]:
-        """Final target NLL and optimisation steps over every cached residual."""
-        nll, steps = [], []
-        for k in self._files:
-            t = load_file(str(self.path("res", k)))
-            nll.append(t["nll"])
-            steps.append(t["steps"].float())
-        if not nll:
-            return {}
-        n, st = torch.cat(nll), torch.cat(steps)
-        return {"residual_nll_mean": float(n.mean()), "residual_nll_p90": float(n.quantile(0.9)),
-                "residual_nll_max": float(n.max()), "residual_steps_mean": float(st.mean())}
+        out = {"keys_per_s": kn / ks if ks else float("nan"), "residuals_per_s": rn / rs if rs else float("nan")}
+        if nll:
+            nl, st = torch.cat(nll), torch.cat(steps)
+            out.update(residual_nll_mean=float(nl.mean()), residual_nll_p90=float(nl.quantile(0.9)),
+                       residual_nll_max=float(nl.max()), residual_steps_mean=float(st.mean()))
+        return out
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:
