@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from neuraldb import load_facts, load_model
 from neuraldb.bench.common import machine, markdown_table, timed, write_json
-from neuraldb.engine.arch import get_arch
+from neuraldb.engine.arch import cache_kwargs, get_arch
 from neuraldb.engine.config import model_defaults
 from neuraldb.engine.hooks import Trace
 from neuraldb.engine.keys import calibration_queries
@@ -75,7 +75,7 @@ def forward_times(model: Any, tok: Any, text: str, repeats: int) -> dict[str, fl
             step = batch[:, -1:]
 
             def decode() -> None:
-                model(step, past_key_values=cache, use_cache=True)
+                model(step, use_cache=True, **cache_kwargs(model, cache))
                 cache.crop(-1)  # drop the step: the cache stays at the prefill length
             out[f"decode_B{b}"] = 1e3 * median_s(decode, repeats)
     return out

@@ -190,8 +190,10 @@ def random_model(shape: dict[str, Any], dtype: torch.dtype) -> Any:
 @torch.no_grad()
 def gated_forward(label: str, shape: dict[str, Any], m: int, layer: int, dtype: torch.dtype, gamma: float,
                   spec: str, seed: int) -> dict[str, Any]:
+    from neuraldb.engine.arch import cache_kwargs
     from neuraldb.engine.gated import GatedFFNOut
     from neuraldb.engine.hooks import Trace
+    from neuraldb.engine.space import key_space
     from neuraldb.index import ResidualTable, make_index
 
     model = random_model(shape, dtype)
@@ -214,7 +216,7 @@ def gated_forward(label: str, shape: dict[str, Any], m: int, layer: int, dtype: 
     for s in range(0, m, 1 << 15):
         table.put(np.arange(s, min(m, s + (1 << 15))), torch.randn(min(1 << 15, m - s), d_model, device="cuda"))
     build_s = time.perf_counter() - t0
-    gate = GatedFFNOut(base, index, table, gamma)
+    gate = GatedFFNOut(base, index, table, gamma, key_space(model, layer))  # FFN-only keys
     model.get_submodule(f"model.layers.{layer}.mlp").down_proj = gate
     out: dict[str, Any] = {"model": label, "dtype": str(dtype).split(".")[1], "m": m, "spec": spec,
                            "index_bytes_per_fact": index.nbytes / m, "build_s": build_s}
@@ -260,7 +262,7 @@ def gated_forward(label: str, shape: dict[str, Any], m: int, layer: int, dtype: 
         cache = pre.past_key_values
 
         def step() -> None:
-            model(nxt, past_key_values=cache, use_cache=True)
+            model(nxt, use_cache=True, **cache_kwargs(model, cache))
             cache.crop(-1)  # drop the step's token: the same step again, not a growing cache
 
         out[f"decode_b{b}_off_ms"], out[f"decode_b{b}_on_ms"] = on_off_ms(gate, step)

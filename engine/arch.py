@@ -1,6 +1,8 @@
 """Architecture paths as data, keyed by `config.model_type` (never by sniffing model names)."""
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -11,23 +13,27 @@ from torch import nn
 class Arch:
     layers: str  # the ModuleList of decoder blocks
     ffn_out: str  # the FFN's down/out projection of layer {}; its input is the key
+    attn: str  # the self-attention module of layer {}; its output (first element) joins a context key
     conv1d: bool = False  # GPT-2 style Conv1D: weight is (in, out)
     suffix_cache: bool = True  # residual steps may serve earlier tokens from a KV cache (not with sliding windows)
 
 
 ARCHITECTURES: dict[str, Arch] = {
-    "gpt2": Arch("transformer.h", "transformer.h.{}.mlp.c_proj", conv1d=True),
-    "gptj": Arch("transformer.h", "transformer.h.{}.mlp.fc_out"),
-    "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
-    "llama": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "mistral": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "qwen2": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "qwen3": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "gemma": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
-    "gemma2": Arch("model.layers", "model.layers.{}.mlp.down_proj", suffix_cache=False),
-    "gemma3_text": Arch("model.layers", "model.layers.{}.mlp.down_proj", suffix_cache=False),
-    "gemma3": Arch("model.language_model.layers", "model.language_model.layers.{}.mlp.down_proj", suffix_cache=False),
-    "phi3": Arch("model.layers", "model.layers.{}.mlp.down_proj"),
+    "gpt2": Arch("transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.h.{}.attn", conv1d=True),
+    "gptj": Arch("transformer.h", "transformer.h.{}.mlp.fc_out", "transformer.h.{}.attn"),
+    "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.attention"),
+    "llama": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
+    "mistral": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
+    "qwen2": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
+    "qwen3": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
+    "gemma": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
+    "gemma2": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn",
+                        suffix_cache=False),
+    "gemma3_text": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn",
+                        suffix_cache=False),
+    "gemma3": Arch("model.language_model.layers", "model.language_model.layers.{}.mlp.down_proj",
+                   "model.language_model.layers.{}.self_attn", suffix_cache=False),
+    "phi3": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
 }
 
 
@@ -77,3 +83,21 @@ def ffn_dims(model: nn.Module, layer: int) -> tuple[int, int]:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
+    """The KV-cache keyword of `model.forward`: `cache` on transformers >= 5.2x, where
+    `past_key_values` is deprecated, `past_key_values` before."""
+    return {_cache_name(type(model)): cache}
+
+
+def passed_cache(kwargs: dict[str, object]) -> object:
+    """The KV cache a forward call received, under either keyword."""
+    got = kwargs.get("cache")
+    return got if got is not None else kwargs.get("past_key_values")

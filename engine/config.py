@@ -92,6 +92,11 @@ class EditConfig:
     gamma: float = 0.65
     index: str = "Auto"  # exact: Flat below 5,000 keys, then Proj{d/3} (CPU); torch on a GPU
     gate_first_token: bool = False  # the first real token is an attention sink: never gate it
+    # the gate's space (engine/space.py): 0 = the FFN input at l* alone; c > 0 adds the summed
+    # self-attention output of the c blocks ending at l* (what the token read from the words
+    # before it), weighted `gate_context_weight` in the cosine
+    gate_context: int = 0
+    gate_context_weight: float = 0.5
     # keys (MEMIT compute_ks recipe)
     n_prefixes: int = 5
     prefix_len: int = 10
@@ -109,6 +114,7 @@ class EditConfig:
     kl_prompt: str = "{} is a"
     residual_batch_size: int = 16
     residual_suffix: bool = True  # steps run only the tokens from the subject on (False: whole rows)
+    subject_groups: bool = True  # facts about one subject share one jointly optimised residual
     residual_pack: bool = True  # suffix rows run in groups of like length, facts batched by it (False: one padded batch)
 
     def __post_init__(self) -> None:
@@ -122,6 +128,8 @@ class EditConfig:
             "key_batch_size": self.key_batch_size >= 1,
             "residual_batch_size": self.residual_batch_size >= 1,
             "kl_prompt": "{}" in self.kl_prompt,
+            "gate_context": self.gate_context >= 0,
+            "gate_context_weight": 0.0 < self.gate_context_weight < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -18,10 +18,17 @@ from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gated import GatedFFNOut, Hit, gate_mask_hook
+from .persistence import Stored, check_model, read_db, save_state
 from .keys import calibration_queries, compute_keys, generate_prefixes
 from .residuals import ResidualStats, compute_residuals
+from .space import key_space
 
 log = logging.getLogger(__name__)
+
+
+def subject_key(fact: Fact) -> str:
+    """How facts are grouped by subject: the subject as written, outer spaces stripped."""
+    return fact.subject.strip()
 
 
 def model_name(model: PreTrainedModel) -> str:
@@ -59,11 +66,13 @@ class NeuralDB:
             raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "
                               f"(set EditConfig.layer or --layer)")
         self.layer = self.config.layer
-        self.d_key, self.d_res = ffn_dims(model, self.layer)
+        self.space = key_space(model, self.layer, self.config)
+        self.d_key, self.d_res = self.space.dim, ffn_dims(model, self.layer)[1]
         device = model_device(model)
         self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
         self.table = ResidualTable(self.d_res, device=device)
         self.facts: dict[int, Fact] = {}
+        self._by_subject: dict[str, set[int]] = {}  # subject_key -> ids of the facts about it
         self.prefixes: list[str] | None = None
         self.next_id = 0
         self.last_stats: ResidualStats | None = None
@@ -90,8 +99,9 @@ class NeuralDB:
         base = get_module(self.model, self.path)
         if isinstance(base, GatedFFNOut):
             raise RuntimeError(f"{self.path} is already gated by another NeuralDB; detach it first")
-        self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma)
+        self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma, self.space)
         set_module(self.model, self.path, self._gate)
+        self._hooks += self.space.context_hooks(self.model, self._gate)
         # On the decoder, not the LM wrapper: every path (model(...), generate, model.base_model(...)
         # as the metrics call it) passes through it, so the mask is never stale.
         self._hooks.append(self.model.base_model.register_forward_pre_hook(
@@ -166,14 +176,18 @@ class NeuralDB:
         """Keys (F, d_key) of facts on the unedited model."""
         prefixes = self.ensure_prefixes()
         with self.disabled():
-            return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config)
+            return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space)
 
     def encode_residuals(self, facts: Sequence[Fact]) -> torch.Tensor:
-        """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`)."""
+        """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`).
+        With `subject_groups`, facts about one subject among `facts` share one residual,
+        optimised jointly over all their prompts and targets."""
         prefixes = self.ensure_prefixes()
+        groups = [subject_key(f) for f in facts] if self.config.subject_groups else None
         with self.disabled():
             t0 = time.perf_counter()
-            res, self.last_stats = compute_residuals(self.model, self.tok, facts, self.layer, prefixes, self.config)
+            res, self.last_stats = compute_residuals(self.model, self.tok, facts, self.layer, prefixes, self.config,
+                                                     groups=groups)
         self.timings = {"residuals_s": time.perf_counter() - t0, "facts": float(len(facts))}
         return res
 
@@ -186,14 +200,38 @@ class NeuralDB:
         self.timings["keys_s"] = keys_s
         return keys, res
 
+    # ----- facts about one subject ----------------------------------------------------
+    def same_subject(self, subjects: Iterable[str], exclude: Iterable[int] = ()) -> list[int]:
+        """Ids of stored facts about any of `subjects` (as `subject_key` spells them)."""
+        skip = set(exclude)
+        return sorted(i for s in set(subjects) for i in self._by_subject.get(s, ()) if i not in skip)
+
+    def _regroup(self, subjects: Iterable[str]) -> None:
+        """Re-optimise the shared residual of every stored fact about `subjects` (after one of
+        them was added, removed or replaced) and write it to each of their rows."""
+        ids = self.same_subject(subjects) if self.config.subject_groups else []
+        if ids:
+            self.table.put(np.asarray(ids, dtype=np.int64), self.encode_residuals([self.facts[i] for i in ids]))
+
     def add(self, facts: Fact | Iterable[Fact]) -> list[int]:
-        """Edit facts into the model; returns their ids."""
+        """Edit facts into the model; returns their ids. With `subject_groups` (the default),
+        a fact about a subject the database already holds facts about joins them: one residual,
+        optimised for all of their prompts at once, is written to each of their rows."""
         facts = [facts] if isinstance(facts, Fact) else list(facts)
         if not facts:
             return []
-        keys, res = self.encode(facts)
         ids = list(range(self.next_id, self.next_id + len(facts)))
-        self.insert(ids, facts, keys, res)
+        t0 = time.perf_counter()
+        keys = self.encode_keys(facts)
+        keys_s = time.perf_counter() - t0
+        old = self.same_subject(map(subject_key, facts)) if self.config.subject_groups else []
+        # a group's facts are optimised in id order (the stored ones, then the new), whatever
+        # order they arrived in: Adam's first steps follow gradient signs, so order matters
+        res = self.encode_residuals([self.facts[i] for i in old] + facts)  # (O + F, d_res)
+        self.timings["keys_s"] = keys_s
+        self.insert(ids, facts, keys, res[len(old) :])
+        if old:
+            self.table.put(np.asarray(old, dtype=np.int64), res[: len(old)])
         return ids
 
     def insert(self, ids: Sequence[int], facts: Sequence[Fact], keys: torch.Tensor,
@@ -214,10 +252,23 @@ class NeuralDB:
         if residuals is not None:
             self.table.put(arr, residuals)
         for i, f in zip(ids, facts):
+            self._forget(int(i))
             self.facts[int(i)] = f
+            self._by_subject.setdefault(subject_key(f), set()).add(int(i))
         self.next_id = max(self.next_id, int(arr.max()) + 1)
 
+    def _forget(self, id_: int) -> None:
+        """Drop `id_` from the subject map (its record, key and residual are the caller's)."""
+        old = self.facts.get(id_)
+        if old is not None:
+            group = self._by_subject.get(subject_key(old), set())
+            group.discard(id_)
+            if not group:
+                self._by_subject.pop(subject_key(old), None)
+
     def remove(self, ids: int | Iterable[int]) -> int:
+        """Remove facts; the other facts about their subjects get their shared residual
+        re-optimised without them."""
         ids = [ids] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
         missing = [i for i in ids if i not in self.facts]
         if missing:
@@ -225,16 +276,23 @@ class NeuralDB:
         arr = np.asarray(ids, dtype=np.int64)
         n = self.index.remove(arr)
         self.table.remove(arr)
+        subjects = {subject_key(self.facts[i]) for i in ids}
         for i in ids:
+            self._forget(i)
             del self.facts[i]
+        self._regroup(subjects)
         return n
 
     def update(self, id_: int, fact: Fact) -> None:
-        """Replace fact `id_` with `fact`, keeping its id."""
+        """Replace fact `id_` with `fact`, keeping its id. The facts about its old and its new
+        subject get their shared residuals re-optimised."""
         if id_ not in self.facts:
             raise KeyError(f"no fact with id {id_}")
-        keys, res = self.encode([fact])
-        self.insert([id_], [fact], keys, res)
+        before = subject_key(self.facts[id_])
+        keys = self.encode_keys([fact])
+        self.insert([id_], [fact], keys, None if self.config.subject_groups else self.encode_residuals([fact]))
+        if self.config.subject_groups:
+            self._regroup({before, subject_key(fact)})
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -259,15 +317,41 @@ class NeuralDB:
                 "num_layers": num_layers(self.model), "layer": self.layer, "d_key": self.d_key,
                 "d_res": self.d_res, "layer_sha256": layer_fingerprint(self.model, self.layer)}
 
+    # ----- state: what persistence reads and writes -------------------------------------
+    def state(self) -> Stored:
+        """The whole database as plain parts (no model): what `save` writes."""
+        return Stored({"model": self.fingerprint(), "prefixes": self.prefixes}, self.config, self.facts,
+                      self.table, self.index, self.next_id)
+
+    @classmethod
+    def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: Stored,
+                   index: str | None = None, where: str | Path = "<state>") -> "NeuralDB":
+        """A database over `model` from a state (`read_db`'s, or another database's), after
+        checking that the state was built for this model. `index` re-indexes the keys."""
+        db = cls(model, tokenizer, state.config.replace(index=index), attach=False)
+        check_model(state.meta, db.fingerprint(), Path(where))
+        if index is not None and index != state.index.spec:  # another spec: re-index the stored keys
+            ids, keys = state.index.export()
+            db.index = make_index(index, db.d_key, device=model_device(model), floor=db.config.gamma)
+            if len(ids):
+                db.index.add(ids, keys.to(model_device(model)), unit=True)
+        else:
+            db.index = state.index
+        db.table, db.next_id, db.prefixes = state.table, state.next_id, state.prefixes
+        for i, f in state.facts.items():
+            db.facts[i] = f
+            db._by_subject.setdefault(subject_key(f), set()).add(i)
+        db.train_index()  # a fitted index (Proj) refits to the same seeded calibration text
+        db.attach()
+        return db
+
     def save(self, directory: str | Path) -> Path:
         """Write the database (atomic, crash-safe; refuses a path that holds anything else)."""
-        from .persistence import save_db
-
-        return save_db(self, Path(directory))
+        return save_state(Path(directory), self.state())
 
     @classmethod
     def load(cls, directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              index: str | None = None, residual_mmap: bool = False) -> "NeuralDB":
-        from .persistence import load_db
-
-        return load_db(cls, Path(directory), model, tokenizer, index=index, residual_mmap=residual_mmap)
+        """Open a saved database for `model` (every file verified, then the model checked)."""
+        stored = read_db(Path(directory), device=model_device(model), residual_mmap=residual_mmap)
+        return cls.from_state(model, tokenizer, stored, index=index, where=directory)

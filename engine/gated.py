@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..kernels import gate_add, gather_add_
+from .arch import passed_cache
 
 if TYPE_CHECKING:
     from ..index import KeyIndex, ResidualTable
+    from .space import KeySpace
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,12 @@ class Hit:
 
 
 class GatedFFNOut(nn.Module):
-    def __init__(self, base_layer: nn.Module, index: "KeyIndex", table: "ResidualTable", gamma: float) -> None:
+    def __init__(self, base_layer: nn.Module, index: "KeyIndex", table: "ResidualTable", gamma: float,
+                 space: "KeySpace") -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.index, self.table, self.gamma = index, table, gamma
+        self.index, self.table, self.gamma, self.space = index, table, gamma, space
+        self.context: torch.Tensor | None = None  # (B, T, d_ctx): left by the space's hooks, read once
         self.enabled = True
         self.token_mask: torch.Tensor | None = None  # (B, T): tokens the next forward may gate
         self.last_mask: torch.Tensor | None = None  # (B, T): the mask the last forward used
@@ -54,6 +58,7 @@ class GatedFFNOut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         mask, self.token_mask = self.token_mask, None  # consumed: a mask never outlives its forward
+        context, self.context = self.context, None  # likewise the attention context
         self.last_mask = mask
         if not self.enabled or self.index.ntotal == 0:
             self.last = None
@@ -63,7 +68,7 @@ class GatedFFNOut(nn.Module):
             raise RuntimeError(f"gate mask {tuple(mask.shape)} does not fit the layer input {tuple(lead)}; "
                                f"the decoder's pre-hook and this layer saw different batches")
         t0 = time.perf_counter() if self.timings is not None else 0.0
-        q = x.reshape(-1, x.shape[-1])  # (B*T, d_ff)
+        q = self.space.query(x, context)  # (B*T, d_key)
         sims, ids = self.index.search(q)  # (B*T,), (B*T,)
         open_ = (ids >= 0) & (sims > self.gamma)
         if mask is not None:
@@ -117,7 +122,7 @@ def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
         am = kwargs.get("attention_mask")
         if am is None or am.dim() != 2:
             am = torch.ones(b, t, dtype=torch.long, device=ids.device)
-        cache = kwargs.get("past_key_values")
+        cache = passed_cache(kwargs)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else am.shape[1] - t
         mask = am[:, -t:].bool().clone()  # (B, T)
         if not gate_first_token and past == 0:

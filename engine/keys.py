@@ -10,10 +10,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .arch import get_arch, model_device
+from .arch import cache_kwargs, get_arch, model_device
 from .config import EditConfig
 from .facts import Fact
 from .hooks import Trace
+from .space import Capture, KeySpace, key_space
 from .tokens import encode_with_subject, pad_right
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,13 @@ def generate_prefixes(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg:
 def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layer: int, cfg: EditConfig,
                         texts: int = 8, tokens: int = 64) -> torch.Tensor:
     """Gate queries of ordinary text, for an index that fits itself to them (`Proj`'s basis):
-    the down-projection input at `layer` of every token but the first (never gated) of `texts`
-    continuations the model samples from the prefix seeds; deterministic under `cfg.seed`.
-    Returns (n, d_ff) float32. No data file: the model writes its own calibration text."""
+    the gate vector (`key_space(model, layer, cfg)`) at `layer` of every token but the first
+    (never gated) of `texts` continuations the model samples from the prefix seeds;
+    deterministic under `cfg.seed`. Returns (n, d_key) float32. No data file: the model writes
+    its own calibration text."""
     seeds = [cfg.prefix_seeds[i % len(cfg.prefix_seeds)] for i in range(texts)]
     device = model_device(model)
-    path = get_arch(model).ffn_out.format(layer)
+    space = key_space(model, layer, cfg)
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 1)  # not the prefixes' draw
@@ -57,9 +59,9 @@ def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, la
             ids = tok(s, return_tensors="pt")["input_ids"].to(device)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=40,
                                  max_new_tokens=tokens, pad_token_id=tok.pad_token_id)  # (1, T)
-            with Trace(model, path, stop=True) as tr:
+            with Capture(model, space) as cap:
                 model(input_ids=gen, attention_mask=torch.ones_like(gen), use_cache=False)
-            out.append(tr.input[0, 1:].float())  # (T - 1, d_ff)
+            out.append(space.combine(cap.raw[0, 1:]))  # (T - 1, d_key)
     return torch.cat(out)
 
 
@@ -79,23 +81,23 @@ def _bucketed(n: int, lengths: Sequence[int], batch: int) -> list[list[int]]:
     return [order[s : s + batch] for s in range(0, n, batch)]
 
 
-def _run_to_key(model: PreTrainedModel, path: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+def _run_to_key(model: PreTrainedModel, space: KeySpace, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                 cache: Any = None) -> torch.Tensor:
-    """The down/out projection's input at one position per row: (B, d_ff) float32."""
-    with Trace(model, path, stop=True) as tr:
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
-    return tr.input[torch.arange(ids.shape[0], device=ids.device), pos].float()
+    """The raw activations of `space` at one position per row: (B, d_raw) float32."""
+    with Capture(model, space) as cap:
+        model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, **cache_kwargs(model, cache))
+    return cap.raw[torch.arange(ids.shape[0], device=ids.device), pos]
 
 
 def _plain_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: Sequence[tuple[list[int], int]],
-                path: str, batch: int, bar: Any) -> torch.Tensor:
-    """Each row run in full (rows bucketed by length): (R, d_ff)."""
+                space: KeySpace, batch: int, bar: Any) -> torch.Tensor:
+    """Each row run in full (rows bucketed by length): (R, d_raw)."""
     device = model_device(model)
     out: list[torch.Tensor | None] = [None] * len(rows)
     for group in _bucketed(len(rows), [len(r[0]) for r in rows], batch):
         ids, mask = pad_right([rows[i][0] for i in group], tok.pad_token_id, device)  # (B, T)
         pos = torch.tensor([rows[i][1] for i in group], device=device)
-        for i, k in zip(group, _run_to_key(model, path, ids, mask, pos)):
+        for i, k in zip(group, _run_to_key(model, space, ids, mask, pos)):
             out[i] = k
         bar.update(len(group))
     return torch.stack(out) if rows else torch.zeros(0)  # type: ignore[arg-type]
@@ -114,18 +116,18 @@ def _shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) ->
 
 
 def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: str,
-                 rows: Sequence[tuple[list[int], int]], path: str, batch: int, bar: Any) -> torch.Tensor:
+                 rows: Sequence[tuple[list[int], int]], space: KeySpace, batch: int, bar: Any) -> torch.Tensor:
     """Rows that share a generated prefix: the prefix runs once, its KV cache serves every row,
     and only each row's own tokens run. Exact under causal attention (equal to `_plain_keys`
     up to float rounding)."""
     device = model_device(model)
     shared = _shared_len(tok(prefix)["input_ids"], rows)
     if shared == 0:
-        return _plain_keys(model, tok, rows, path, batch, bar)
+        return _plain_keys(model, tok, rows, space, batch, bar)
     head = torch.tensor([rows[0][0][:shared]], device=device)  # (1, S)
-    with Trace(model, path, stop=True):
+    with Capture(model, space):
         cache = DynamicCache(config=model.config)
-        model(input_ids=head, attention_mask=torch.ones_like(head), past_key_values=cache, use_cache=True)
+        model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True, **cache_kwargs(model, cache))
     out: list[torch.Tensor | None] = [None] * len(rows)
     for group in _bucketed(len(rows), [len(r[0]) for r in rows], batch):
         ids, mask = pad_right([rows[i][0][shared:] for i in group], tok.pad_token_id, device)  # (B, T - S)
@@ -133,7 +135,7 @@ def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: s
         pos = torch.tensor([rows[i][1] - shared for i in group], device=device)
         c = copy.deepcopy(cache)
         c.batch_repeat_interleave(len(group))
-        for i, k in zip(group, _run_to_key(model, path, ids, mask, pos, c)):
+        for i, k in zip(group, _run_to_key(model, space, ids, mask, pos, c)):
             out[i] = k
         bar.update(len(group))
     return torch.stack(out)
@@ -141,31 +143,34 @@ def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: s
 
 @torch.no_grad()
 def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact],
-                 layer: int, prefixes: Sequence[str], cfg: EditConfig, reuse_prefix_cache: bool = True) -> torch.Tensor:
-    """(F, d_ff) float32 keys. The key is mean(bare key, mean of prefixed keys); where the bare
-    subject token is the sequence's first token (an attention sink) only prefixed keys count.
+                 layer: int, prefixes: Sequence[str], cfg: EditConfig, reuse_prefix_cache: bool = True,
+                 space: KeySpace | None = None) -> torch.Tensor:
+    """(F, d_key) float32 keys in `space` (default: the FFN input at `layer`, MEMIT's key). The
+    raw key is mean(bare, mean of prefixed) activations; where the bare subject token is the
+    sequence's first token (an attention sink) only prefixed ones count; `space.combine` then
+    makes the gate vector.
 
     With `reuse_prefix_cache` each generated prefix is encoded once and its KV cache reused
     for every fact (the reference path, False, runs every row in full)."""
-    path = get_arch(model).ffn_out.format(layer)
+    space = space or key_space(model, layer)
     device = model_device(model)
     per_fact = [key_inputs(tok, f, prefixes) for f in facts]  # F x (1 + P) rows
     bs = max(1, cfg.key_batch_size)
     bar = tqdm(total=len(facts) * (1 + len(prefixes)), desc="keys", unit="row", disable=None, leave=False)
     cols = [[r[c] for r in per_fact] for c in range(1 + len(prefixes))]  # (1 + P) x F
     if reuse_prefix_cache and prefixes:
-        parts = [_plain_keys(model, tok, cols[0], path, bs, bar)]
-        parts += [_cached_keys(model, tok, p, cols[1 + k], path, bs, bar) for k, p in enumerate(prefixes)]
+        parts = [_plain_keys(model, tok, cols[0], space, bs, bar)]
+        parts += [_cached_keys(model, tok, p, cols[1 + k], space, bs, bar) for k, p in enumerate(prefixes)]
     else:
-        flat = _plain_keys(model, tok, [r for col in cols for r in col], path, bs, bar)  # ((1+P) F, d_ff)
+        flat = _plain_keys(model, tok, [r for col in cols for r in col], space, bs, bar)  # ((1+P) F, d_raw)
         parts = list(flat.view(1 + len(prefixes), len(facts), -1))
     bar.close()
-    bare = parts[0]  # (F, d_ff)
+    bare = parts[0]  # (F, d_raw)
     if not prefixes:
-        return bare
-    ctx_mean = torch.stack(parts[1:], 1).mean(1)  # (F, P, d_ff) -> (F, d_ff)
+        return space.combine(bare)
+    ctx_mean = torch.stack(parts[1:], 1).mean(1)  # (F, P, d_raw) -> (F, d_raw)
     bare_ok = torch.tensor([rows[0][1] > 0 for rows in per_fact], device=device)
-    return torch.where(bare_ok[:, None], (bare + ctx_mean) / 2, ctx_mean)
+    return space.combine(torch.where(bare_ok[:, None], (bare + ctx_mean) / 2, ctx_mean))
 
 
 @torch.no_grad()

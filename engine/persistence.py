@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +39,6 @@ from ..index import IndexError_, KeyIndex, ResidualTable, make_index
 from .config import ConfigError, EditConfig, from_mapping, to_mapping
 from .facts import Fact, FactError, fact_from_json
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from .editor import NeuralDB
 
 log = logging.getLogger(__name__)
 FORMAT = "neuraldb-db-2"
@@ -217,15 +213,16 @@ def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, F
     return directory
 
 
-def save_db(db: "NeuralDB", directory: Path, fault: Callable[[str], None] | None = None) -> Path:
-    ids = np.asarray(sorted(db.facts), dtype=np.int64)
-    for name, other in (("residual table", db.table.ids()), ("key index", db.index.ids())):
+def save_state(directory: Path, state: "Stored", fault: Callable[[str], None] | None = None) -> Path:
+    """Write a database's state (`NeuralDB.state()`) to `directory`, crash-safely."""
+    ids = np.asarray(sorted(state.facts), dtype=np.int64)
+    for name, other in (("residual table", state.table.ids()), ("key index", state.index.ids())):
         if not np.array_equal(np.sort(other), ids):
             raise DatabaseError(f"{directory}: not saved: the {name} holds {len(other)} ids for {len(ids)} facts "
                                 f"(facts inserted without residuals?)")
-    meta = {"format": FORMAT, "model": db.fingerprint(), "next_id": db.next_id, "prefixes": db.prefixes,
-            "config": to_mapping(db.config), "num_facts": len(ids)}
-    return write_db(directory, meta, [(int(i), db.facts[int(i)]) for i in ids], db.table, db.index, fault)
+    meta = {**state.meta, "format": FORMAT, "next_id": state.next_id, "config": to_mapping(state.config),
+            "num_facts": len(ids)}
+    return write_db(directory, meta, [(int(i), state.facts[int(i)]) for i in ids], state.table, state.index, fault)
 
 
 # ----- reading -------------------------------------------------------------------------------
@@ -274,7 +271,9 @@ def read_meta(directory: Path, verify_files: bool = True) -> dict[str, Any]:
 
 @dataclass
 class Stored:
-    """A verified database read from disk, with no model involved."""
+    """A database's whole state, with no model involved: what `read_db` verified on disk, or
+    what `NeuralDB.state()` hands to `save_state`. `meta` holds at least "model" (the
+    fingerprint) and "prefixes"."""
 
     meta: dict[str, Any]
     config: EditConfig
@@ -282,6 +281,10 @@ class Stored:
     table: ResidualTable
     index: KeyIndex
     next_id: int
+
+    @property
+    def prefixes(self) -> list[str] | None:
+        return self.meta.get("prefixes")
 
 
 def _read_facts(path: Path) -> dict[int, Fact]:
@@ -348,25 +351,3 @@ def check_model(meta: dict[str, Any], fp: dict[str, Any], directory: Path) -> No
     if want.get("layer_sha256") != fp.get("layer_sha256"):
         raise DatabaseError(f"{directory}: database was built for model {want.get('name')!r}; the weights of "
                             f"layer {want['layer']} of the model given ({fp.get('name')!r}) differ")
-
-
-def load_db(cls: type["NeuralDB"], directory: Path, model: "PreTrainedModel", tok: "PreTrainedTokenizerBase",
-            index: str | None = None, residual_mmap: bool = False) -> "NeuralDB":
-    from .arch import model_device
-
-    device = model_device(model)
-    stored = read_db(directory, device=device, residual_mmap=residual_mmap)
-    db = cls(model, tok, stored.config.replace(index=index), attach=False)
-    check_model(stored.meta, db.fingerprint(), directory)
-    if index is not None and index != stored.index.spec:  # another spec: re-index the stored keys
-        ids, keys = stored.index.export()
-        db.index = make_index(index, db.d_key, device=device, floor=db.config.gamma)
-        if len(ids):
-            db.index.add(ids, keys.to(device), unit=True)
-    else:
-        db.index = stored.index
-    db.table, db.facts, db.next_id = stored.table, stored.facts, stored.next_id
-    db.prefixes = stored.meta["prefixes"]
-    db.train_index()  # a fitted index (Proj) refits to the same seeded calibration text
-    db.attach()
-    return db

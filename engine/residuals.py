@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .arch import get_arch, model_device
+from .arch import cache_kwargs, get_arch, model_device
 from .config import EditConfig
 from .facts import Fact
 from .hooks import Trace, first_hidden, start_at_layer
@@ -171,7 +171,7 @@ class _Steps:
         with start_at_layer(model, arch.layers, layer, self.hidden, tuple_len), \
                 Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add):
             return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
-                                    past_key_values=cache, use_cache=cache is not None)[0]  # (Rg, S, d)
+                                    use_cache=cache is not None, **cache_kwargs(model.base_model, cache))[0]  # (Rg, S, d)
 
 
 def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
@@ -181,6 +181,7 @@ def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
                    every(len(b.kl_row)), b.kl_row, b.lookup[b.kl_row])]
 
 
+GROUP_STEPS = 2  # a residual shared by several facts may take this many times the configured steps
 GROUP_COST = 48  # what one more group of rows costs per step, in padded tokens (call overhead, small GEMMs)
 
 
@@ -215,7 +216,7 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
     start, lengths = b.lookup, b.mask.sum(1)  # (R,), (R,)
     with start_at_layer(model, layers, layer, hidden_in, tuple_len):
         cache = DynamicCache(config=model.config)
-        model.base_model(input_ids=b.ids, attention_mask=b.mask, past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=True, **cache_kwargs(model.base_model, cache))
     kv = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (R, kv_heads, T, head_dim) each
     suffix = lengths - start  # (R,)
     groups = length_groups(suffix.tolist()) if pack else [list(range(R))]
@@ -239,39 +240,56 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
 
 
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
-              contexts: Sequence[str], cfg: EditConfig) -> tuple[torch.Tensor, ResidualStats]:
+              contexts: Sequence[str], cfg: EditConfig,
+              slots: Sequence[int] | None = None) -> tuple[torch.Tensor, ResidualStats]:
+    """One delta per slot (`slots[i]`: fact i's slot, 0..S-1; default one slot per fact). Facts
+    that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
+    terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
+    (F, d_model) delta of every fact (a slot's delta repeated for each of its facts)."""
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
     n_facts = len(facts)
+    slot = torch.tensor(range(n_facts) if slots is None else slots, dtype=torch.long, device=device)  # (F,)
+    n_slots = int(slot.max()) + 1 if n_facts else 0
+    per_slot = torch.zeros(n_slots, device=device).index_add(0, slot, torch.ones(n_facts, device=device))  # (S,)
+    first = torch.full((n_slots,), n_facts, dtype=torch.long, device=device).scatter_reduce(
+        0, slot, torch.arange(n_facts, device=device), "amin")  # (S,) each slot's first fact
     # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
     with torch.no_grad(), Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
         model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
     hidden_in = tr.input.detach()  # (R, T, d_model)
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
-    z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)  # (F,)
+    z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)[first]  # (S,)
 
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0
     groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
         else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]
-    delta = torch.zeros(n_facts, d_model, device=device, requires_grad=True)
+    delta = torch.zeros(n_slots, d_model, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    max_norm = cfg.clamp_norm * z_norm  # (F,)
+    # one vector carries n > 1 objects: a norm budget sqrt(n) times larger, twice the steps
+    max_norm = cfg.clamp_norm * z_norm * per_slot.sqrt()  # (S,)
+    limit = torch.where(per_slot > 1, GROUP_STEPS * cfg.steps, cfg.steps).long()  # (S,)
 
     kl_init: torch.Tensor | None = None  # (F, V) each fact's KL distribution before any step
-    active = torch.ones(n_facts, dtype=torch.bool, device=device)
-    steps = torch.zeros(n_facts, dtype=torch.long, device=device)
+    active = torch.ones(n_slots, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
     with frozen_params(model), torch.enable_grad():
-        for _ in range(cfg.steps):
+        for it in range(int(limit.max()) if n_slots else 0):
+            if it == cfg.steps and bool((active & (limit <= it)).any()):  # single facts end here
+                active &= limit > it
+                if not bool(active.any()):
+                    break
+                groups = [k for g in groups if (k := g.keep(active[slot[b.row_fact[g.rows]]])) is not None]
             # targets and KL rows of the facts still optimising, in the order the groups score them
             tgt = torch.cat([g.tgt for g in groups])  # (N,)
             tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
             kl_fact = torch.cat([g.kl for g in groups])  # (Fa,)
             h_tgt, h_kl = [], []
             for g in groups:
-                hidden = g.run(model, layer, tuple_len, delta[b.row_fact[g.rows]])  # (Rg, S, d)
+                hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]])  # (Rg, S, d)
                 h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
                 h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Fg, d)
             logits = head(model, torch.cat(h_tgt + h_kl))  # (N + Fa, V): one LM-head call per step
@@ -283,16 +301,17 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 kl_init = kl_logp.new_empty(n_facts, kl_logp.shape[1])
                 kl_init[kl_fact] = kl_logp.detach()
             kl_f = torch.zeros(n_facts, device=device).index_add(0, kl_fact, kl_now_init(kl_init[kl_fact], kl_logp))
-            wd_f = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2
-            loss_f = nll_now + cfg.kl_factor * kl_f + wd_f  # (F,)
-            nll_f = torch.where(active, nll_now.detach(), nll_f)
+            wd = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2  # (S,)
+            terms = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now + cfg.kl_factor * kl_f)
+            loss = terms / per_slot + wd  # (S,)
+            nll_f = torch.where(active[slot], nll_now.detach(), nll_f)
             was = active.clone()
-            active &= loss_f.detach() >= cfg.loss_stop
+            active &= loss.detach() >= cfg.loss_stop
             if not bool(active.any()):
                 break
             steps += active.long()
             opt.zero_grad(set_to_none=True)
-            (loss_f * active).sum().backward()
+            (loss * active).sum().backward()
             before = delta.detach().clone()
             opt.step()
             with torch.no_grad():
@@ -300,8 +319,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
             if not torch.equal(was, active):  # facts that stopped leave the rows every step runs
-                groups = [k for g in groups if (k := g.keep(active[b.row_fact[g.rows]])) is not None]
-    return delta.detach().float(), ResidualStats(nll_f.detach(), steps)
+                groups = [k for g in groups if (k := g.keep(active[slot[b.row_fact[g.rows]]])) is not None]
+    return delta.detach().float()[slot], ResidualStats(nll_f.detach(), steps[slot])
 
 
 def suffix_length(tok: PreTrainedTokenizerBase, fact: Fact) -> int:
@@ -310,19 +329,40 @@ def suffix_length(tok: PreTrainedTokenizerBase, fact: Fact) -> int:
     return len(enc.ids) - enc.subject_last + len(target_ids(tok, fact.target_new)) - 1
 
 
+def _batches(units: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Consecutive units (lists of facts optimised together) packed into batches of at most
+    `size` facts; a unit is never split (a larger one is a batch of its own)."""
+    out: list[list[list[int]]] = []
+    n = size
+    for u in units:
+        if n + len(u) > size:
+            out.append([])
+            n = 0
+        out[-1].append(u)
+        n += len(u)
+    return out
+
+
 def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
-                      prefixes: Sequence[str], cfg: EditConfig) -> tuple[torch.Tensor, ResidualStats]:
-    """(F, d_model) float32 residuals and per-fact optimisation stats."""
+                      prefixes: Sequence[str], cfg: EditConfig,
+                      groups: Sequence[Any] | None = None) -> tuple[torch.Tensor, ResidualStats]:
+    """(F, d_model) float32 residuals and per-fact optimisation stats. Facts with equal `groups`
+    labels (NeuralDB passes the subject) get one residual, optimised jointly over all of their
+    prompts and targets; by default every fact is its own group."""
     contexts = ["", *prefixes[: cfg.residual_prefixes]]
-    order = list(range(len(facts)))
+    members: dict[Any, list[int]] = {}
+    for i in range(len(facts)):
+        members.setdefault(i if groups is None else groups[i], []).append(i)
+    units = list(members.values())
     if cfg.residual_pack and cfg.residual_suffix:  # batches of like suffix length pad little
-        order.sort(key=lambda i: suffix_length(tok, facts[i]))
+        units.sort(key=lambda u: min(suffix_length(tok, facts[i]) for i in u))
+    order = [i for u in units for i in u]
     outs, nll, steps = [], [], []
-    bs = cfg.residual_batch_size
     bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=None, leave=False)
-    for start in range(0, len(facts), bs):
-        chunk = [facts[i] for i in order[start : start + bs]]
-        r, st = _optimise(model, tok, chunk, layer, contexts, cfg)
+    for batch in _batches(units, cfg.residual_batch_size):
+        chunk = [facts[i] for u in batch for i in u]
+        slots = [k for k, u in enumerate(batch) for _ in u]
+        r, st = _optimise(model, tok, chunk, layer, contexts, cfg, slots if len(slots) > len(batch) else None)
         outs.append(r)
         nll.append(st.nll)
         steps.append(st.steps)

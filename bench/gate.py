@@ -1,0 +1,371 @@
+"""The gate's instrument: how often each gate design opens on what it should and on what it
+should not, at m = 1k .. 100k facts, from cached activations.
+
+    python bench/gate.py                                   # 1k CounterFact facts, a few minutes
+    python bench/gate.py --data counterfact,synthetic --m 1000,10000,100000 --out results/gate-100k
+
+One pass over every fact records, at the subject's last token and averaged over the key
+contexts exactly as `compute_keys` averages, the FFN input at l* and each attention block's
+output up to l* (OUT/cache, chunked, resumable). Every design's keys and queries are derived
+from those activations by the engine's own `KeySpace.combine` (a test checks them against
+`compute_keys`). Queries, at the gated layer of the unedited model:
+
+- **positives**: the subject's last token of the rewrite prompt and of each paraphrase of a
+  fixed sample of the first m0 facts; a positive counts when the fact's own key wins the
+  argmax and passes the threshold ("own-open");
+- **negatives**: every token but the first of WikiText-2 passages not used for fitting,
+  split into **spurious** (the passage does not contain the winning fact's subject before the
+  token) and **mention**, and every token of the sample's neighbourhood prompts.
+
+Per design: ROC curves (own-open against spurious-open, log x, one panel per m) in
+OUT/gate_roc.png, and operating points (at fixed spurious-open rates and at fixed gammas) in
+OUT/gate.json and OUT/gate.md. Designs are named like `ffn`, `ffn+ctx5`, `ffn+ctx5@0.6`
+(context weight), `ffn,white` (whitened on the fitting passages), `ffn+ctx5,bank` (per-fact
+thresholds: max(gamma, the key's best cosine over the fitting passages + margin))."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from neuraldb import NeuralDB, load_model
+from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_outputs
+from neuraldb.bench.scale import get_facts
+from neuraldb.data import resolve
+from neuraldb.engine.arch import model_device
+from neuraldb.engine.facts import Fact
+from neuraldb.engine.keys import compute_keys
+from neuraldb.engine.models import DEFAULT_MODEL
+from neuraldb.engine.space import Capture, KeySpace, key_space
+from neuraldb.engine.tokens import encode_with_subject
+from neuraldb.evaluation.texts import wikitext_passages
+
+log = logging.getLogger("bench.gate")
+
+
+class WideSpace(KeySpace):
+    """Records the FFN input at l* and every attention output of blocks 0..l* side by side
+    (no sum, no normalisation), so that any design's keys derive from one pass."""
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def context_hooks(self, model: torch.nn.Module, sink: Any) -> list[Any]:
+        from neuraldb.engine.arch import get_module
+
+        handles = []
+        for k, path in enumerate(self.attn_paths):
+            def hook(_mod: torch.nn.Module, _args: Any, out: Any, first: bool = k == 0) -> None:
+                a = (out[0] if isinstance(out, tuple) else out).float()  # (B, T, d_model)
+                sink.context = a if first else torch.cat([sink.context, a], -1)
+            handles.append(get_module(model, path).register_forward_hook(hook))
+        return handles
+
+    @property
+    def dim(self) -> int:
+        return self.d_ffn + self.d_ctx * len(self.attn_paths)
+
+
+def wide_space(model: torch.nn.Module, layer: int) -> WideSpace:
+    base = key_space(model, layer, None)
+    attn = key_space(model, layer, _cfg(layer + 1)).attn_paths  # blocks 0..l*
+    return WideSpace(base.ffn_path, attn, base.d_ffn, base.d_ctx, 0.5)
+
+
+def _cfg(context: int, weight: float = 0.5) -> Any:
+    from neuraldb import EditConfig
+
+    return EditConfig(gate_context=context, gate_context_weight=weight)
+
+
+# ----- designs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Design:
+    name: str
+    context: int  # attention blocks ending at l* summed into the context part (0: FFN only)
+    weight: float  # context weight in the cosine
+    white: bool  # whitened on the fitting passages (FFN part)
+    bank: bool  # per-fact thresholds from the fitting passages
+
+    @classmethod
+    def parse(cls, spec: str) -> "Design":
+        m = re.fullmatch(r"ffn(?:\+ctx(\d+)(?:@([0-9.]+))?)?((?:,white|,bank)*)", spec)
+        if not m:
+            raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC[@W]][,white][,bank]")
+        return cls(spec, int(m.group(1) or 0), float(m.group(2) or 0.5), ",white" in m.group(3), ",bank" in m.group(3))
+
+
+def derive(wide: WideSpace, d: Design, raw: torch.Tensor, white: torch.Tensor | None) -> torch.Tensor:
+    """Gate vectors (N, dim) of design `d` from wide activations (N, d_wide): the engine's
+    KeySpace.combine over [FFN input, sum of the last `context` attention outputs]."""
+    f = raw[:, : wide.d_ffn]  # (N, d_ffn)
+    if white is not None:
+        f = (f - white[0]) @ white[1]  # (N, d_ffn)
+    if d.context == 0:
+        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    L = len(wide.attn_paths)
+    attn = raw[:, wide.d_ffn :].view(raw.shape[0], L, wide.d_ctx)  # (N, L, d_model)
+    ctx = attn[:, L - d.context :].sum(1)  # (N, d_model)
+    space = KeySpace(wide.ffn_path, wide.attn_paths[L - d.context :], wide.d_ffn, wide.d_ctx, d.weight)
+    return space.combine(torch.cat([f, ctx], -1))
+
+
+def whitening(x: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, W) with W = (C + shrink * mean eigenvalue * I)^(-1/2) of the rows of x."""
+    mu = x.mean(0)
+    ev, v = torch.linalg.eigh(torch.cov((x - mu).T.double()))
+    ev = ev.clamp_min(0) + shrink * ev.mean()
+    return mu, (v @ torch.diag(ev.rsqrt()) @ v.T).float()
+
+
+def top1(keys: torch.Tensor, q: torch.Tensor, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (max cosine, argmax) of unit queries against unit keys, in blocks: (N,), (N,)."""
+    sims, ids = [], []
+    for s in range(0, q.shape[0], block):
+        v, i = (q[s : s + block] @ keys.T).max(1)  # (b, m) -> (b,)
+        sims.append(v)
+        ids.append(i)
+    return torch.cat(sims), torch.cat(ids)
+
+
+# ----- activations -----------------------------------------------------------------------------
+def fact_keys(db: NeuralDB, wide: WideSpace, facts: Sequence[Fact], cache: Path, chunk: int) -> torch.Tensor:
+    """Wide raw keys (F, d_wide) of every fact, by chunks cached under `cache`."""
+    cache.mkdir(parents=True, exist_ok=True)
+    prefixes = db.ensure_prefixes()
+    n_chunks = math.ceil(len(facts) / chunk)
+    def have(k: int) -> bool:  # a chunk cut short by an earlier, smaller run is redone
+        path = cache / f"keys_{k:06d}.safetensors"
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_slice("keys").get_shape()[0] >= len(facts[k * chunk : (k + 1) * chunk])
+
+    todo = [k for k in range(n_chunks) if not have(k)]
+    for k in progress(todo, len(todo), "key chunks"):
+        part = facts[k * chunk : (k + 1) * chunk]
+        with db.disabled(), torch.no_grad():
+            raw = compute_keys(db.model, db.tok, part, db.layer, prefixes, db.config, space=wide)
+        tmp = cache / f"keys_{k:06d}.tmp"
+        save_file({"keys": raw.half().contiguous()}, str(tmp))  # fp16: 100k x 5.6k floats = 1.1 GB
+        tmp.rename(cache / f"keys_{k:06d}.safetensors")
+    return torch.cat([load_file(str(cache / f"keys_{k:06d}.safetensors"))["keys"] for k in range(n_chunks)])[: len(facts)]
+
+
+@torch.no_grad()
+def text_queries(db: NeuralDB, wide: WideSpace, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Wide activations (N, d_wide) of every token but the first of `texts`, and for each its
+    (text index, character offset of the token's end)."""
+    out, where = [], []
+    for ti, text in enumerate(texts):
+        enc = db.tok(text, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"][:max_tokens]], device=model_device(db.model))  # (1, T)
+        with db.disabled(), Capture(db.model, wide) as cap:
+            db.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        out.append(cap.raw[0, 1:].cpu())  # (T - 1, d_wide)
+        where += [(ti, enc["offset_mapping"][j][1]) for j in range(1, ids.shape[1])]
+    return torch.cat(out), where
+
+
+@torch.no_grad()
+def subject_queries(db: NeuralDB, wide: WideSpace, rows: Sequence[tuple[Fact, str]]) -> torch.Tensor:
+    """Wide activations (N, d_wide) at the subject's last token of each (fact, prompt text)."""
+    out = []
+    for fact, text in rows:
+        tmpl = text if "{}" in text else text.replace(fact.subject, "{}", 1)
+        enc = encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True)
+        ids = torch.tensor([enc.ids], device=model_device(db.model))
+        with db.disabled(), Capture(db.model, wide) as cap:
+            db.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        out.append(cap.raw[0, enc.subject_last].cpu())
+    return torch.stack(out) if out else torch.zeros(0, wide.dim)
+
+
+# ----- measuring -------------------------------------------------------------------------------
+def rates(score: torch.Tensor, ok: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
+    return [float(((score > t) & ok).float().mean()) if len(score) else float("nan") for t in thresholds]
+
+
+def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+            mention: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor | None, gammas: Sequence[float],
+            fprs: Sequence[float]) -> dict[str, Any]:
+    """Operating points and the ROC of one design over m keys."""
+    res: dict[str, Any] = {}
+    s: dict[str, torch.Tensor] = {}
+    ok: dict[str, torch.Tensor] = {}
+    for name, q in queries.items():
+        sims, ids = top1(keys, q)
+        if bank is not None:  # open iff cos > max(gamma, bank_j): score = cos - max(0, bank_j - gamma) per gamma
+            s[name + ":bank"] = bank[ids]
+        s[name], ok[name] = sims, (ids == own[name]) if name in own else torch.ones_like(sims, dtype=torch.bool)
+        if name == "wikitext":  # the winner's subject occurs earlier in the passage: a mention
+            ok["mention"] = mention(ids)
+            ok["spurious"] = ~ok["mention"]
+            res["mention_tokens"] = int(ok["mention"].sum())
+
+    def opened(name: str, g: float, mask: torch.Tensor) -> float:
+        base = s[name]
+        thr = torch.maximum(torch.full_like(base, g), s[name + ":bank"]) if name + ":bank" in s else g
+        hit = (base > thr) & mask
+        return float(hit.float().mean()) if len(base) else float("nan")
+
+    neg = "wikitext"
+    def point(g: float) -> dict[str, float]:
+        return {"gamma": g, "paraphrase_own_open": opened("paraphrase", g, ok["paraphrase"]),
+                "rewrite_own_open": opened("rewrite", g, ok["rewrite"]),
+                "spurious_open": opened(neg, g, ok["spurious"]), "mention_open": opened(neg, g, ok["mention"]),
+                "neighbourhood_open": opened("neighbourhood", g, ok["neighbourhood"])}
+
+    grid = np.round(np.arange(0.40, 1.0001, 0.005), 3)
+    curve = [point(float(g)) for g in grid]
+    res["roc"] = [(c["spurious_open"], c["paraphrase_own_open"], c["gamma"]) for c in curve]
+    res["at_gamma"] = [point(g) for g in gammas]
+    res["at_spurious"] = []
+    for f in fprs:  # the lowest gamma whose spurious-open rate is <= f
+        best = next((c for c in curve if c["spurious_open"] <= f), curve[-1])
+        res["at_spurious"].append({"target": f, **best})
+    return res
+
+
+def plot(results: dict[int, dict[str, Any]], out: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib missing: no ROC plot (pip install neuraldb[plots])")
+        return None
+    ms = sorted(results)
+    fig, axes = plt.subplots(1, len(ms), figsize=(5 * len(ms), 4.2), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], ms):
+        for name, r in results[m].items():
+            xs = [max(x, 1e-5) for x, _, _ in r["roc"]]
+            ax.plot(xs, [100 * y for _, y, _ in r["roc"]], label=name)
+        ax.set_xscale("log")
+        ax.set_xlim(1e-5, 0.1)
+        ax.set_title(f"m = {m:,} facts")
+        ax.set_xlabel("spurious-open share of WikiText-2 tokens")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("paraphrase own-open (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out / "gate_roc.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--layer", type=int, help="default: the model's")
+    g.add_argument("--data", default="counterfact", help="as bench/scale.py --data")
+    g.add_argument("--data-dir", help="root of the named data sources")
+    g.add_argument("--m", default="1000", help="comma-separated database sizes")
+    g.add_argument("--seed", type=int, default=0)
+    d = ap.add_argument_group("designs")
+    d.add_argument("--design", action="append", default=[],
+                   help="ffn[+ctxC[@W]][,white][,bank] (repeatable; default: ffn, ffn,bank, ffn,white, ffn+ctx3, "
+                        "ffn+ctx5, ffn+ctx7, ffn+ctx5@0.6)")
+    d.add_argument("--gammas", default="0.65,0.7,0.75,0.8,0.85", help="operating points reported per design")
+    d.add_argument("--bank-margin", type=float, default=0.05, help="per-fact threshold margin (',bank')")
+    q = ap.add_argument_group("queries")
+    q.add_argument("--sample", type=int, default=500, help="facts of the first m whose prompts are the positives")
+    q.add_argument("--fit-texts", type=int, default=40, help="WikiText-2 passages for whitening and banks")
+    q.add_argument("--test-texts", type=int, default=120, help="WikiText-2 passages measured (after the fit ones)")
+    q.add_argument("--max-tokens", type=int, default=160)
+    r = ap.add_argument_group("run")
+    r.add_argument("--chunk", type=int, default=1024, help="facts per cached key file")
+    r.add_argument("--out", default="results/gate")
+    return ap.parse_args(argv)
+
+
+DEFAULT_DESIGNS = ("ffn", "ffn,bank", "ffn,white", "ffn+ctx3", "ffn+ctx5", "ffn+ctx7", "ffn+ctx5@0.6")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    ms = [int(x) for x in args.m.split(",")]
+    designs = [Design.parse(s) for s in (args.design or DEFAULT_DESIGNS)]
+    model, tok = load_model(args.model)
+    db = NeuralDB(model, tok, layer=args.layer, attach=False)
+    wide = wide_space(model, db.layer)
+    if max(d.context for d in designs) > len(wide.attn_paths):
+        raise SystemExit(f"--design: layer {db.layer} has only {len(wide.attn_paths)} attention blocks")
+    pool, _, sources = get_facts(args.data, ms[-1], args.seed, extra=1, data_dir=args.data_dir)
+    facts = list(pool)
+    cache = out / "cache" / f"{Path(args.model).name}-L{db.layer}-{args.data.replace(',', '+')}-s{args.seed}"
+    keys_raw = fact_keys(db, wide, facts, cache, args.chunk).float()  # (M, d_wide)
+    log.warning("keys of %d facts ready (%.0f s)", len(facts), time.perf_counter() - t0)
+
+    rng = np.random.default_rng(args.seed)
+    sample = sorted(rng.choice(ms[0], size=min(args.sample, ms[0]), replace=False).tolist())
+    para_rows = [(i, p) for i in sample for p in facts[i].paraphrases if facts[i].subject in p or "{}" in p]
+    rew_rows = [(i, facts[i].prompt) for i in sample]
+    neigh = [p for i in sample for p in facts[i].neighborhood]
+    pas = wikitext_passages(resolve("wikitext", args.data_dir).path, args.fit_texts + args.test_texts, max_words=110)
+    fit, test = pas[: args.fit_texts], pas[args.fit_texts :]
+    q_para = subject_queries(db, wide, [(facts[i], p) for i, p in para_rows])
+    q_rew = subject_queries(db, wide, [(facts[i], p) for i, p in rew_rows])
+    q_fit, _ = text_queries(db, wide, fit, args.max_tokens)
+    q_wiki, where = text_queries(db, wide, test, args.max_tokens)
+    q_neigh, _ = text_queries(db, wide, neigh, args.max_tokens)
+    log.warning("queries: %d paraphrase, %d rewrite, %d WikiText, %d neighbourhood tokens (%.0f s)",
+                len(q_para), len(q_rew), len(q_wiki), len(q_neigh), time.perf_counter() - t0)
+
+    def mention(ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([facts[j].subject in test[t][:end] for j, (t, end) in zip(ids.tolist(), where)],
+                            dtype=torch.bool)
+
+    gammas = [float(x) for x in args.gammas.split(",")]
+    fprs = (1e-2, 1e-3, 1e-4)
+    results: dict[int, dict[str, Any]] = {m: {} for m in ms}
+    for design in designs:
+        white = whitening(q_fit[:, : wide.d_ffn]) if design.white else None
+        dv = lambda x: derive(wide, design, x, white)  # noqa: E731
+        K_all = dv(keys_raw)  # (M, dim)
+        queries = {"paraphrase": dv(q_para), "rewrite": dv(q_rew), "wikitext": dv(q_wiki), "neighbourhood": dv(q_neigh)}
+        own = {"paraphrase": torch.tensor([i for i, _ in para_rows]), "rewrite": torch.tensor([i for i, _ in rew_rows])}
+        bank_all = top1(dv(q_fit), K_all)[0] + args.bank_margin if design.bank else None  # (M,) per key
+        for m in ms:
+            r = measure(K_all[:m], queries, own, mention, None if bank_all is None else bank_all[:m], gammas, fprs)
+            results[m][design.name] = r
+            log.warning("m=%d %-16s own-open at 0.1%% spurious: %.1f%% (gamma %.3f)", m, design.name,
+                        100 * r["at_spurious"][1]["paraphrase_own_open"], r["at_spurious"][1]["gamma"])
+    rows = []
+    for m in ms:
+        for name, r in results[m].items():
+            for p in r["at_spurious"]:
+                rows.append({"m": m, "design": name, "target": f"{100 * p['target']:g}%", "gamma": p["gamma"],
+                             "paraphrase own-open": f"{100 * p['paraphrase_own_open']:.1f}%",
+                             "rewrite own-open": f"{100 * p['rewrite_own_open']:.1f}%",
+                             "spurious-open": f"{100 * p['spurious_open']:.3f}%",
+                             "neighbourhood-open": f"{100 * p['neighbourhood_open']:.2f}%"})
+    table = markdown_table(rows, list(rows[0]))
+    result = {"args": vars(args), "machine": machine(), "layer": db.layer, "sources": sources,
+              "queries": {"paraphrase": len(q_para), "rewrite": len(q_rew), "wikitext_tokens": len(q_wiki),
+                          "neighbourhood_tokens": len(q_neigh)},
+              "results": {str(m): v for m, v in results.items()}, "wall_s": time.perf_counter() - t0}
+    result["plot"] = plot(results, out)
+    write_outputs(out, "gate", result, f"bench/gate.py: {args.model}, layer {db.layer}, {args.data}", table)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    run_main(main, "bench/gate.py")
