@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .data import source_file
 from .engine import ConfigError, DatabaseError, EditConfig, FactError, NeuralDB, load_facts, load_model
 from .engine.arch import UnsupportedModelError
 from .engine.config import load_yaml
@@ -35,8 +36,8 @@ def _summary(db: NeuralDB, facts: Sequence, kind: str) -> dict:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    facts = load_facts(source_file(args.facts, args.data_dir), limit=args.limit)  # before the model: fail fast
     model, tok = load_model(args.model)
-    facts = load_facts(args.facts, limit=args.limit)
     db = NeuralDB(model, tok, _edit_config(args), layer=args.layer, gamma=args.gamma, index=args.index)
     print(f"editing {len(facts)} facts into {args.model} at layer {db.layer} (gamma {db.config.gamma}, "
           f"index {db.config.index})", file=sys.stderr)
@@ -92,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     db = _open_db(args)
-    facts = load_facts(args.facts, limit=args.limit) if args.facts else list(db.facts.values())
+    facts = load_facts(source_file(args.facts, args.data_dir), limit=args.limit) if args.facts else list(db.facts.values())
     kind = args.kind or facts[0].kind
     result = _summary(db, facts, kind)
     texts = [p for f in facts for p in f.neighborhood][: args.retention_texts]
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("edit", help="edit facts into a model and save the database")
     e.add_argument("--model", default=DEFAULT_MODEL)
-    e.add_argument("--facts", required=True, help="CounterFact / zsRE / neuraldb JSONL file")
+    e.add_argument("--facts", required=True, help="CounterFact / zsRE / neuraldb JSONL file, or a source name "
+                                                  "(counterfact, zsre)")
+    e.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
     e.add_argument("--limit", type=int)
     e.add_argument("--out", required=True, help="database directory to write")
     e.add_argument("--config", help="EditConfig YAML")
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="CounterFact / zsRE metrics and retention of an edited model")
     v.add_argument("--db", required=True)
     v.add_argument("--model")
-    v.add_argument("--facts", help="facts to score (default: the database's own)")
+    v.add_argument("--facts", help="facts to score: a file or a source name (default: the database's own)")
+    v.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
     v.add_argument("--limit", type=int)
     v.add_argument("--kind", choices=["counterfact", "zsre"])
     v.add_argument("--index")

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from neuraldb import NeuralDB, load_facts, load_model
-from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.bench.common import machine, markdown_table, run_main, write_json
 from neuraldb.engine.config import model_defaults
+from neuraldb.data import source_file
 from neuraldb.engine.models import DEFAULT_MODEL
 
 
@@ -40,8 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL)
-    g.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
-                                         "counterfact" / "counterfact-edit.json"))
+    g.add_argument("--data", default="counterfact", help="a source name (counterfact, zsre) or a facts file")
+    g.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
     g.add_argument("--facts", type=int, default=300)
     g.add_argument("--unrelated", type=int, default=300, help="facts whose neighbourhood prompts are the unrelated text")
     s = ap.add_argument_group("sweep")
@@ -52,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
-    all_facts = load_facts(args.data, limit=args.facts + args.unrelated)
+    all_facts = load_facts(source_file(args.data, args.data_dir), limit=args.facts + args.unrelated)
     facts, others = all_facts[: args.facts], all_facts[args.facts:]
     unrelated = [p for f in others for p in f.neighborhood]
     gammas = [float(x) for x in args.gammas.split(",")]
@@ -83,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "bench/choose_layer.py")

@@ -106,3 +106,15 @@ def copy_bandwidth(device: torch.device) -> float:
     y = torch.empty_like(x)
     t = min(timed(lambda: y.copy_(x), device, 5))
     return 2 * 2**30 / t  # read + write
+
+
+def run_main(main: Any, name: str) -> None:
+    """A bench's entry point: user errors (a data source found nowhere, a bad facts file or
+    config) are one line on stderr and exit code 2, never a traceback."""
+    from neuraldb.engine import ConfigError, FactError
+
+    try:
+        main()
+    except (FileNotFoundError, FactError, ConfigError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -25,8 +25,9 @@ import torch
 
 from neuraldb import Fact, NeuralDB, load_model
 from neuraldb.baselines import RULES, LinearEditConfig, LinearEditor, second_moments
-from neuraldb.bench.common import machine, markdown_table, write_json, write_outputs
-from neuraldb.bench.scale import SHARED, get_facts, open_cache
+from neuraldb.bench.common import machine, markdown_table, run_main, write_json, write_outputs
+from neuraldb.bench.scale import get_facts, open_cache
+from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import from_mapping, load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
@@ -155,6 +156,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--data", default="counterfact", help="as bench/scale.py --data")
     g.add_argument("--facts", default="100,1000,2000", help="comma-separated checkpoints (facts edited)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", help="root of the named data sources (default: $NEURALDB_DATA, ../shared/data, "
+                                      "then the bundled sample)")
     e = ap.add_argument_group("methods")
     e.add_argument("--methods", default="neuraldb,memit,alphaedit", help=f"neuraldb and any of {sorted(RULES)}")
     e.add_argument("--config", help="LinearEditConfig YAML for MEMIT / AlphaEdit")
@@ -196,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     layers = lin.layer_range(db.layer)
     if layers[-1] != db.layer:
         raise SystemExit(f"--layers: the last edited layer must be NeuralDB's layer {db.layer} (its residuals are z)")
-    facts, _, sources = get_facts(args.data, checkpoints[-1], args.seed, extra=1)
+    facts, _, sources = get_facts(args.data, checkpoints[-1], args.seed, extra=1, data_dir=args.data_dir)
     cache = open_cache(Path(args.cache) if args.cache else out / "cache", db, args, facts)
     cache.fill_keys(db, facts)
     cache.fill_residuals(db, facts, range(len(facts)))
@@ -204,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     first = facts[: checkpoints[0]]
     sample = random.Random(args.seed).sample(first, min(args.eval_sample, len(first)))
     flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))][: args.fluency_sample]
-    texts = wikitext_passages(SHARED / "wikitext" / "wiki.test.raw", args.retention_texts)
+    texts = wikitext_passages(resolve("wikitext", args.data_dir).path, args.retention_texts)
 
     def score() -> dict[str, float]:
         return evaluate(model, tok, sample, flu_prompts, texts, args.fluency_tokens)
@@ -227,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         db.detach()  # the weights alone carry these edits
         try:
             if moments is None:
-                corpus = wikitext_passages(SHARED / "wikitext" / "wiki.test.raw", None, max_words=400, min_words=1)
+                corpus = wikitext_passages(resolve("wikitext", args.data_dir).path, None, max_words=400, min_words=1)
                 # every layer up to l* in one pass (any layer range ending there reuses the file)
                 moments = second_moments(model, tok, corpus, range(db.layer + 1), lin.mom2_tokens,
                                          cache_dir=Path(args.stats) if args.stats else out / "stats")
@@ -248,4 +251,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main()
+    run_main(main, "bench/compare.py")

@@ -14,20 +14,19 @@ import time
 from pathlib import Path
 
 from neuraldb import NeuralDB, load_facts, load_model
-from neuraldb.bench.common import machine, markdown_table, write_json
+from neuraldb.bench.common import machine, markdown_table, run_main, write_json
 from neuraldb.engine.config import EditConfig, from_mapping, to_mapping
 from neuraldb.engine.keys import compute_keys
+from neuraldb.data import source_file
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.residuals import compute_residuals
-
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL)
-    g.add_argument("--data", default=str(SHARED / "counterfact" / "counterfact-edit.json"))
+    g.add_argument("--data", default="counterfact", help="a source name (counterfact, zsre) or a facts file")
+    g.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
     g.add_argument("--facts", type=int, default=256, help="facts whose keys are timed")
     g.add_argument("--residual-facts", type=int, default=16, help="facts whose residuals are timed (0: skip)")
     r = ap.add_argument_group("run")
@@ -44,7 +43,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     db = NeuralDB(model, tok, attach=False)
     cfg = db.config.replace(key_batch_size=args.key_batch)
-    facts = load_facts(args.data, limit=args.facts)
+    facts = load_facts(source_file(args.data, args.data_dir), limit=args.facts)
     prefixes = db.ensure_prefixes()
     rows, keys = [], {}
     for name, reuse in (("keys, reference (rows in full)", False), ("keys, prefix KV cache", True)):
@@ -98,4 +97,4 @@ def variant(cfg: EditConfig, spec: str) -> EditConfig:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "bench/edit_speed.py")

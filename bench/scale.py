@@ -26,7 +26,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from neuraldb import EditConfig, Fact, NeuralDB, load_model
-from neuraldb.bench.common import machine, markdown_table, progress, write_json, write_outputs
+from neuraldb.data import is_source, resolve
+from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_json, write_outputs
+from neuraldb.engine.arch import cache_kwargs
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.pool import FactPool
@@ -37,23 +39,19 @@ from neuraldb.evaluation.texts import wikitext_passages
 from neuraldb.evaluation.synthetic import synthetic_facts
 
 log = logging.getLogger("bench.scale")
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def _source(name: str, n: int, seed: int) -> FactPool:
+def _source(name: str, n: int, seed: int, data_dir: str | None = None) -> FactPool:
     if name == "synthetic":
         return FactPool.from_facts(synthetic_facts(n, seed=seed))
-    files = {"counterfact": [SHARED / "counterfact" / "counterfact-edit.json", SHARED / "counterfact" / "counterfact-train.json"],
-             "zsre": [SHARED / "zsre" / "zsre-1k.json"]}.get(name, [Path(name)])
+    files = resolve(name, data_dir).files if is_source(name) else (Path(name),)
     parts: list[FactPool] = []
     for f in files:  # the shared zsRE file holds two records with an empty new answer: they are skipped
-        parts.append(FactPool.from_file(f, skip_invalid=name in ("counterfact", "zsre")))
+        parts.append(FactPool.from_file(f, skip_invalid=is_source(name)))
         if sum(map(len, parts)) >= n:
             break
     return FactPool.concat(parts).head(n)
 
 
-def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[FactPool, list[Fact], dict[str, int]]:
+def get_facts(data: str, n: int, seed: int, extra: int, data_dir: str | None = None) -> tuple[FactPool, list[Fact], dict[str, int]]:
     """(n facts to edit as an Arrow-backed pool, `extra` held-out facts whose prompts serve as
     unrelated text, facts taken from each source). `data` is a comma-separated mix taken in
     order, each part `SOURCE` or `SOURCE:COUNT` (SOURCE: counterfact, zsre, synthetic, or a
@@ -65,7 +63,7 @@ def get_facts(data: str, n: int, seed: int, extra: int) -> tuple[FactPool, list[
         name, _, count = part.partition(":")
         want = n + extra - have if not count else int(count)
         if want > 0:
-            parts.append(_source(name, want, seed))
+            parts.append(_source(name, want, seed, data_dir))
             have += len(parts[-1])
             counts[name] = counts.get(name, 0) + len(parts[-1])
     if have < n + 1:
@@ -245,7 +243,7 @@ def latency(db: NeuralDB, texts: Sequence[str], batch: int, repeats: int) -> dic
                 mask = torch.cat([enc["attention_mask"], torch.ones_like(nxt)], 1)
                 gate.timings = []
                 sync(); t0 = time.perf_counter()
-                model(input_ids=nxt, attention_mask=mask, past_key_values=pre.past_key_values, use_cache=True)
+                model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwargs(model, pre.past_key_values))
             sync()
             full.append(time.perf_counter() - t0)
             look.append(sum(gate.timings))
@@ -323,6 +321,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--data", default="counterfact", help="counterfact | zsre | synthetic | PATH to a facts file")
     g.add_argument("--facts", type=int, default=48)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", help="root of the named data sources (default: $NEURALDB_DATA, ../shared/data, "
+                                      "then the bundled sample)")
     e = ap.add_argument_group("editing")
     e.add_argument("--config", help="EditConfig YAML (default: the model's defaults)")
     e.add_argument("--layer", type=int)
@@ -360,7 +360,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, tok = load_model(args.model, device=args.device)
     cfg = load_yaml(EditConfig, args.config) if args.config else None
     db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
-    facts, held_out, sources = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts)
+    # Residuals are cached per fact and computed lazily, so each must depend on its fact alone:
+    # facts about one subject get independent residuals here (NeuralDB.add shares them).
+    db.config = db.config.replace(subject_groups=False)
+    facts, held_out, sources = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts,
+                                           data_dir=args.data_dir)
     log.warning("facts: %s", ", ".join(f"{c} {name}" for name, c in sources.items()))
     kind = facts[0].kind
     checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else default_checkpoints(len(facts))
@@ -384,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.retention_data == "held-out":
             texts = [p + db.generate(p, 12) for p in tqdm(unrelated, desc="held-out text", disable=None, leave=False)]
         else:
-            src = SHARED / "wikitext" / "wiki.test.raw" if args.retention_data == "wikitext" else args.retention_data
+            src = resolve("wikitext", args.data_dir).path if args.retention_data == "wikitext" else args.retention_data
             texts = wikitext_passages(src, args.retention_texts)
         pre = score(model, tok, sample).as_dict()
         flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))][: args.fluency_sample]
@@ -471,4 +475,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    main()
+    run_main(main, "bench/scale.py")
