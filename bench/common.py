@@ -58,12 +58,34 @@ def write_outputs(out: Path, name: str, result: dict[str, Any], title: str, tabl
     print(table)
 
 
-def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+SHARE_SUFFIXES = ("_open", "_share", "identical", "_rate")  # columns holding a fraction of 1
 
+
+def size(n: float) -> str:
+    """Bytes with a binary unit: 9,652 -> '9.4 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def cell(col: str, v: Any) -> str:
+    """A table cell by its column's kind: shares as percentages, byte counts and GiB with units."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+        return "" if isinstance(v, float) else str(v)
+    if col.endswith(SHARE_SUFFIXES):
+        return f"{100 * v:.2f}%"
+    if "bytes" in col:
+        return size(v)
+    if col.endswith("_gib"):
+        return f"{v:.2f} GiB"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(c, r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

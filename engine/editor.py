@@ -19,7 +19,7 @@ from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gated import GatedFFNOut, Hit, gate_mask_hook
 from .persistence import Stored, check_model, read_db, save_state
-from .keys import calibration_queries, compute_keys, generate_prefixes
+from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes
 from .residuals import ResidualStats, compute_residuals
 from .space import key_space
 
@@ -74,6 +74,7 @@ class NeuralDB:
         self.facts: dict[int, Fact] = {}
         self._by_subject: dict[str, set[int]] = {}  # subject_key -> ids of the facts about it
         self.prefixes: list[str] | None = None
+        self.calibration: list[list[int]] | None = None  # token ids of the calibration texts, once sampled
         self.next_id = 0
         self.last_stats: ResidualStats | None = None
         self.timings: dict[str, float] = {}
@@ -170,7 +171,9 @@ class NeuralDB:
 
     def _calibration(self) -> torch.Tensor:
         with self.disabled():
-            return calibration_queries(self.model, self.tok, self.layer, self.config)
+            if self.calibration is None:  # sampled once, then kept (and saved) as token ids
+                self.calibration = calibration_texts(self.model, self.tok, self.config)
+            return calibration_queries(self.model, self.tok, self.layer, self.config, self.calibration)
 
     def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Keys (F, d_key) of facts on the unedited model."""
@@ -320,7 +323,8 @@ class NeuralDB:
     # ----- state: what persistence reads and writes -------------------------------------
     def state(self) -> Stored:
         """The whole database as plain parts (no model): what `save` writes."""
-        return Stored({"model": self.fingerprint(), "prefixes": self.prefixes}, self.config, self.facts,
+        return Stored({"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration},
+                      self.config, self.facts,
                       self.table, self.index, self.next_id)
 
     @classmethod
@@ -338,6 +342,7 @@ class NeuralDB:
         else:
             db.index = state.index
         db.table, db.next_id, db.prefixes = state.table, state.next_id, state.prefixes
+        db.calibration = state.meta.get("calibration")  # absent from databases saved before it was kept
         for i, f in state.facts.items():
             db.facts[i] = f
             db._by_subject.setdefault(subject_key(f), set()).add(i)

@@ -42,16 +42,13 @@ def generate_prefixes(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg:
 
 
 @torch.no_grad()
-def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layer: int, cfg: EditConfig,
-                        texts: int = 8, tokens: int = 64) -> torch.Tensor:
-    """Gate queries of ordinary text, for an index that fits itself to them (`Proj`'s basis):
-    the gate vector (`key_space(model, layer, cfg)`) at `layer` of every token but the first
-    (never gated) of `texts` continuations the model samples from the prefix seeds;
-    deterministic under `cfg.seed`. Returns (n, d_key) float32. No data file: the model writes
-    its own calibration text."""
+def calibration_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: EditConfig,
+                      texts: int = 8, tokens: int = 64) -> list[list[int]]:
+    """Token ids of `texts` continuations the model samples from the prefix seeds,
+    deterministic under `cfg.seed`: ordinary text with no data file. A database stores them,
+    so a load recomputes its calibration queries with one forward each, never sampling again."""
     seeds = [cfg.prefix_seeds[i % len(cfg.prefix_seeds)] for i in range(texts)]
     device = model_device(model)
-    space = key_space(model, layer, cfg)
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 1)  # not the prefixes' draw
@@ -59,9 +56,25 @@ def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, la
             ids = tok(s, return_tensors="pt")["input_ids"].to(device)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=40,
                                  max_new_tokens=tokens, pad_token_id=tok.pad_token_id)  # (1, T)
-            with Capture(model, space) as cap:
-                model(input_ids=gen, attention_mask=torch.ones_like(gen), use_cache=False)
-            out.append(space.combine(cap.raw[0, 1:]))  # (T - 1, d_key)
+            out.append(gen[0].tolist())
+    return out
+
+
+@torch.no_grad()
+def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layer: int, cfg: EditConfig,
+                        texts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Gate queries of ordinary text, for an index that fits itself to them (`Proj`'s basis):
+    the gate vector (`key_space(model, layer, cfg)`) at `layer` of every token but the first
+    (never gated) of each text (token ids; default: `calibration_texts`). Returns (n, d_key)
+    float32."""
+    device = model_device(model)
+    space = key_space(model, layer, cfg)
+    out = []
+    for ids in calibration_texts(model, tok, cfg) if texts is None else texts:
+        gen = torch.tensor([list(ids)], device=device)  # (1, T)
+        with Capture(model, space) as cap:
+            model(input_ids=gen, attention_mask=torch.ones_like(gen), use_cache=False)
+        out.append(space.combine(cap.raw[0, 1:]))  # (T - 1, d_key)
     return torch.cat(out)
 
 

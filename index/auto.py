@@ -73,16 +73,25 @@ class AutoIndex(KeyIndex):
     # -- the KeyIndex interface, by delegation ----------------------------------------------------
     def train(self, queries: Queries) -> None:
         """A sample of real queries for a projection's basis, now or when the switch comes."""
-        self._queries = queries
+        self._queries = queries  # a function stays one: a Proj read from disk with its basis never calls it
         train = getattr(self.inner, "train", None)
         if train is not None:
-            if callable(queries) and not isinstance(queries, torch.Tensor):
-                self._queries = queries = queries()  # made once, kept for later switches
             train(queries)
 
     def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
         self.inner.add(ids, keys, unit=unit)
         self._switch()
+
+    def _state(self) -> dict[str, Any]:
+        return self.inner._state()  # a Proj's basis and projections are saved with the keys
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        want = self.choice(len(state.get("ids", ())))
+        if want.startswith("Proj") and "proj_basis" in state:
+            self.inner = self._make(want)
+            self.inner._set_state(state)
+        else:
+            super()._set_state(state)
 
     def remove(self, ids: Any) -> int:
         return self.inner.remove(ids)

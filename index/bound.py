@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .base import KeyIndex, as_ids, register
+from .base import IndexError_, KeyIndex, as_ids, check_state, register
 from .torch_index import ExactBacked, TorchIndex
 
 _U = 2.0**-24  # fp32 unit roundoff
@@ -61,6 +61,7 @@ class ProjBoundIndex(ExactBacked):
         self._slack = bound_slack(dim, rank, 0.0)
         self._proj = torch.zeros(0, rank + 1, device=self.device)  # (M, r+1): [Pk, |k_perp|]
         self._queries: torch.Tensor | None = None  # (n, d) unit query sample for the basis
+        self._make_queries: Callable[[], torch.Tensor] | None = None  # made only if a refit needs them
         self._fit_rows, self._version = 0, -1
         self.stats = {"queries": 0, "decided": 0, "candidates": 0, "full_scans": 0}
 
@@ -70,12 +71,19 @@ class ProjBoundIndex(ExactBacked):
         a function that makes them: the bound is tight when both keys and queries lie mostly in
         the span. Refits now."""
         if not isinstance(queries, torch.Tensor):
+            if self._basis is not None and self._fit_rows:  # a basis read with the keys: refit only when due
+                self._make_queries = queries
+                return
             queries = queries()
         q = queries.detach().reshape(-1, self.dim).double()
         self._queries = (q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)).float().to(self.device)
         self._fit()
 
     def _fit(self) -> None:
+        if self._queries is None and self._make_queries is not None:
+            q = self._make_queries().detach().reshape(-1, self.dim).double()
+            self._queries = (q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)).float().to(self.device)
+            self._make_queries = None
         n = self.exact._n
         rows = self.exact._valid[:n].nonzero()[:, 0]  # live rows
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -86,11 +94,38 @@ class ProjBoundIndex(ExactBacked):
         if x.shape[0] < self.rank:
             self._basis = None  # too few rows: exact scans until there are more
             return
-        _, _, vh = torch.linalg.svd(x, full_matrices=False)
-        basis = torch.linalg.qr(vh[: self.rank].T)[0].T.float().contiguous()  # (r, d) orthonormal rows
-        ortho = (basis.double() @ basis.double().T - torch.eye(self.rank, dtype=torch.float64, device=self.device))
-        self._basis, self._slack = basis, bound_slack(self.dim, self.rank, float(ortho.norm()))
+        _, vec = torch.linalg.eigh(x.T @ x)  # (d, d): the top right singular vectors of x, ascending
+        self._set_basis(torch.linalg.qr(vec[:, -self.rank :].flip(1))[0].T.float().contiguous())  # (r, d)
         self._fit_rows, self._version = n, -1  # reproject every row
+
+    def _set_basis(self, basis: torch.Tensor) -> None:
+        """Take `basis` (r, d) and the slack its deviation from orthonormality costs."""
+        ortho = (basis.double() @ basis.double().T - torch.eye(self.rank, dtype=torch.float64, device=self.device))
+        self._basis, self._slack = basis.to(self.device), bound_slack(self.dim, self.rank, float(ortho.norm()))
+
+    # -- saving: the basis and every live row's projection travel with the keys ------------------
+    def _state(self) -> dict[str, Any]:
+        state = super()._state()
+        self._sync()
+        if self._basis is not None:
+            live = self.exact._valid[: self.exact._n].nonzero()[:, 0]  # slot order, as export()
+            state["proj_basis"] = self._basis.cpu().numpy()
+            state["proj_rows"] = self._proj[live].cpu().numpy()
+        return state
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        check_state(state, self.dim)
+        if len(state["ids"]):
+            self.exact.add(state["ids"], torch.from_numpy(state["keys"]), unit=True)
+        basis, rows = state.get("proj_basis"), state.get("proj_rows")
+        if basis is None or rows is None:
+            return  # fitted on the first search
+        if basis.shape != (self.rank, self.dim) or rows.shape != (len(state["ids"]), self.rank + 1):
+            raise IndexError_(f"index state: projection basis {basis.shape} / rows {rows.shape} do not fit "
+                              f"Proj{self.rank} over {len(state['ids'])} keys of dim {self.dim}")
+        self._set_basis(torch.from_numpy(basis))
+        self._proj = torch.from_numpy(rows).to(self.device)
+        self._fit_rows, self._version = self.exact._n, self.exact.compactions
 
     def _project(self, keys: torch.Tensor) -> torch.Tensor:
         """[P k, |k - P^T P k|] (n, r+1), the residual norm computed directly (not 1 - |Pk|^2)."""

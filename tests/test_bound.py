@@ -156,3 +156,33 @@ def test_auto_switches_from_flat_to_proj_at_its_size(tmp_path) -> None:
     assert make_index("Auto", 1536, floor=GAMMA).choice(5000) == "Proj512"
     assert make_index("Auto", 1536, floor=GAMMA).choice(4999) == "Flat"
     assert make_index("Auto", 1536).choice(10**6) == "Flat"  # no gamma, nothing to prune with
+
+
+@pytest.mark.parametrize("spec", ["Proj16", "Auto100"])
+def test_basis_and_projections_are_saved_with_the_keys(spec: str, tmp_path) -> None:
+    """A saved Proj (or an Auto past its switch) writes its basis and every live row's
+    projection; the reload uses them as they are (no refit, the query function never called)
+    and answers exactly, also after a remove and an add."""
+    g = torch.Generator().manual_seed(3)
+    keys = clustered(400, 48, g)
+    idx = make_index(spec, 48, floor=GAMMA)
+    idx.add(np.arange(400), keys)
+    idx.train(lambda: clustered(64, 48, g))
+    idx.remove(np.arange(0, 400, 7))
+    q = torch.cat([keys[:50] + 0.05 * torch.randn(50, 48, generator=g), torch.randn(50, 48, generator=g)])
+    before = idx.search(q)
+    idx.save(tmp_path / "idx.safetensors")
+    called = []
+    back = KeyIndex.load(tmp_path / "idx.safetensors", floor=GAMMA)
+    back.train(lambda: called.append(1) or clustered(64, 48, g))
+    inner = getattr(back, "inner", back)
+    assert inner.spec == "Proj16" and not called
+    src = getattr(idx, "inner", idx)
+    assert torch.equal(inner._basis, src._basis)
+    assert torch.equal(inner._proj, src._proj[src.exact._valid[: src.exact._n]])
+    after = back.search(q)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    check(back, q)
+    back.add(np.arange(1000, 1010), clustered(10, 48, g))
+    back.remove(np.arange(1, 50, 3))
+    check(back, q)
