@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from neuraldb import NeuralDB, load_facts, load_model
+from neuraldb import Fact, NeuralDB, load_facts, load_model
+from neuraldb.data import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -14,10 +15,8 @@ def smol():
     return load_model("smollm2-135m")
 
 
-def test_ten_counterfact_edits(smol, data_dir: Path) -> None:
-    path = data_dir / "counterfact" / "counterfact-edit.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set NEURALDB_DATA to the shared data directory)")
+def test_ten_counterfact_edits(smol) -> None:
+    path = resolve("counterfact").path  # the shared set, else the bundled sample (same first cases)
     model, tok = smol
     facts = load_facts(path, limit=10)
     unrelated = [f.neighborhood[0] for f in facts] + ["The capital of France is", "Water boils at a temperature of"]
@@ -53,3 +52,36 @@ def test_compare_bench_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     assert all(r["efficacy"] > before for r in rows.values()), (before, {k: r["efficacy"] for k, r in rows.items()})
     assert (tmp_path / "out" / "compare.json").is_file(), res.get("plot")
     assert res["layers"] == [2, 3, 4, 5, 6], res["layers"]
+
+
+S = "Danielle Darrieux"
+SUBJECT_FACTS = [Fact(S, "The mother tongue of {} is", "English", "French"),
+                 Fact(S, "{} was born in", "Tokyo", "Paris"),
+                 Fact(S, "{} plays the", "violin", "piano"),
+                 Fact(S, "{} is a citizen of", "Canada", "France"),
+                 Fact(S, "The occupation of {} is", "lawyer", "actress")]
+
+
+def test_five_facts_about_one_subject(smol) -> None:
+    """Five relations of one subject, three of whose prompts start with it (so their keys are
+    the same vector): every one edits, and after replacing one and removing another the
+    others still answer with their new objects. Without subject groups only one of the three
+    same-key facts can win (measured: 3 of 5 edit)."""
+    model, tok = smol
+    db = NeuralDB(model, tok)
+
+    def edited(facts: list[Fact]) -> list[str]:
+        return [f.text for f in facts if not db.generate(f.text, 4).strip().startswith(f.target_new)]
+
+    ids = db.add(SUBJECT_FACTS)
+    assert edited(SUBJECT_FACTS) == []
+    new = Fact(S, "{} was born in", "Berlin", "Paris")
+    db.update(ids[1], new)
+    now = [SUBJECT_FACTS[0], new, *SUBJECT_FACTS[2:]]
+    assert edited(now) == []
+    db.remove(ids[2])
+    assert edited([now[i] for i in (0, 1, 3, 4)]) == []
+    with db.disabled():
+        assert not db.generate(SUBJECT_FACTS[2].text, 4).strip().startswith("violin")
+    assert not db.generate(SUBJECT_FACTS[2].text, 4).strip().startswith("violin")  # removed: unedited again
+    db.detach()
