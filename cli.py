@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .builder import BuildError
 from .data import source_file
 from .engine import ConfigError, DatabaseError, EditConfig, FactError, NeuralDB, load_facts, load_model
 from .engine.arch import UnsupportedModelError
@@ -20,7 +21,7 @@ from .index import IndexError_
 
 log = logging.getLogger("neuraldb")
 USER_ERRORS = (ConfigError, DatabaseError, FactError, ModelLoadError, UnsupportedModelError, IndexError_,
-               FileNotFoundError, KeyError)
+               FileNotFoundError, KeyError, BuildError)
 
 
 def _edit_config(args: argparse.Namespace) -> EditConfig | None:
@@ -103,6 +104,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from .builder import build
+
+    summary = build(source_file(args.facts, args.data_dir), args.out, args.model, chunk=args.chunk,
+                    config=_edit_config(args), layer=args.layer, gamma=args.gamma, index=args.index)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuraldb", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -120,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index", help="key index spec, e.g. Auto, Flat, torch, Proj512, HNSW32")
     e.add_argument("--no-eval", action="store_true", help="skip the efficacy summary")
     e.set_defaults(fn=cmd_edit)
+    b = sub.add_parser("build", help="keys and residuals of a fact pool in chunks, on one process or under "
+                                     "torchrun; rank 0 assembles OUT/db")
+    b.add_argument("--facts", required=True, help="facts file (JSON, JSONL, CSV, Parquet), save_to_disk "
+                                                  "directory, or a source name")
+    b.add_argument("--data-dir", help="root of the named sources")
+    b.add_argument("--out", required=True, help="work directory: OUT/chunks, then OUT/db")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--chunk", type=int, default=1024, help="facts per chunk file")
+    b.add_argument("--config", help="EditConfig YAML")
+    b.add_argument("--layer", type=int)
+    b.add_argument("--gamma", type=float)
+    b.add_argument("--index", help="key index spec")
+    b.set_defaults(fn=cmd_build)
     a = sub.add_parser("ask", help="greedy answer from an edited model, and which fact fired")
     a.add_argument("--db", required=True)
     a.add_argument("--model", help="defaults to the model the database was built for")
