@@ -140,3 +140,13 @@ def run_main(main: Any, name: str) -> None:
     except (FileNotFoundError, FactError, ConfigError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> str:
+    """Lay out, write and close a matplotlib figure; returns the path as a string."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)

@@ -25,7 +25,7 @@ import torch
 
 from neuraldb import Fact, NeuralDB, load_model
 from neuraldb.baselines import RULES, LinearEditConfig, LinearEditor, second_moments
-from neuraldb.bench.common import machine, markdown_table, run_main, write_json, write_outputs
+from neuraldb.bench.common import machine, markdown_table, run_main, save_figure, write_json, write_outputs
 from neuraldb.bench.scale import get_facts, open_cache
 from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
@@ -142,11 +142,7 @@ def plot(pre: dict[str, float], rows: list[dict[str, Any]], out: Path) -> str | 
         ax.axhline(pre[key], ls="--", lw=1, color="grey", label="unedited")
         ax.set_xscale("log"); ax.set_title(key.replace("_", " ")); ax.set_xlabel("facts edited"); ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "compare.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out / "compare.png")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from neuraldb import NeuralDB, load_model
-from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_outputs
+from neuraldb.bench.common import machine, markdown_table, progress, run_main, save_figure, write_outputs
 from neuraldb.bench.scale import get_facts
 from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
@@ -260,11 +260,7 @@ def plot(results: dict[int, dict[str, Any]], out: Path) -> str | None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("paraphrase own-open (%)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = out / "gate_roc.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out / "gate_roc.png")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

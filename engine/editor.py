@@ -18,8 +18,8 @@ from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gated import GatedFFNOut, Hit, gate_mask_hook
-from .persistence import Stored, check_model, read_db, save_state
 from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes
+from .persistence import Stored, check_model, read_db, save_state
 from .residuals import ResidualStats, compute_residuals
 from .space import key_space
 
@@ -204,10 +204,9 @@ class NeuralDB:
         return keys, res
 
     # ----- facts about one subject ----------------------------------------------------
-    def same_subject(self, subjects: Iterable[str], exclude: Iterable[int] = ()) -> list[int]:
-        """Ids of stored facts about any of `subjects` (as `subject_key` spells them)."""
-        skip = set(exclude)
-        return sorted(i for s in set(subjects) for i in self._by_subject.get(s, ()) if i not in skip)
+    def same_subject(self, subjects: Iterable[str]) -> list[int]:
+        """Ids of stored facts about any of `subjects` (as `subject_key` spells them), ascending."""
+        return sorted(i for s in set(subjects) for i in self._by_subject.get(s, ()))
 
     def _regroup(self, subjects: Iterable[str]) -> None:
         """Re-optimise the shared residual of every stored fact about `subjects` (after one of
@@ -323,9 +322,8 @@ class NeuralDB:
     # ----- state: what persistence reads and writes -------------------------------------
     def state(self) -> Stored:
         """The whole database as plain parts (no model): what `save` writes."""
-        return Stored({"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration},
-                      self.config, self.facts,
-                      self.table, self.index, self.next_id)
+        meta = {"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration}
+        return Stored(meta, self.config, self.facts, self.table, self.index, self.next_id)
 
     @classmethod
     def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: Stored,
@@ -346,7 +344,7 @@ class NeuralDB:
         for i, f in state.facts.items():
             db.facts[i] = f
             db._by_subject.setdefault(subject_key(f), set()).add(i)
-        db.train_index()  # a fitted index (Proj) refits to the same seeded calibration text
+        db.train_index()  # a Proj read with its basis keeps it; one without refits to the stored calibration text
         db.attach()
         return db
 

@@ -15,7 +15,7 @@ from neuraldb.engine.space import Capture, key_space
 from neuraldb.engine.tokens import encode_with_subject
 
 from conftest import make_model
-from test_engine import CFG, FACTS, UNRELATED, ffn_outputs
+from test_engine import CFG, FACTS, UNRELATED, ffn_outputs, logits
 
 CTX = CFG.replace(gate_context=2, gamma=0.6)
 
@@ -75,15 +75,12 @@ def test_context_database_saves_and_loads(tokenizer, tmp_path: Path) -> None:
     model = make_model("llama", tokenizer)
     db = NeuralDB(model, tokenizer, CTX.replace(steps=2))
     db.add(FACTS)
-    enc = tokenizer([f.text for f in FACTS], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        want = model(**enc).logits
+    want = logits(model, tokenizer, [f.text for f in FACTS])
     db.save(tmp_path / "db")
     db.detach()
     back = NeuralDB.load(tmp_path / "db", model, tokenizer)
     assert back.config.gate_context == 2 and back.d_key == db.d_key
-    with torch.no_grad():
-        assert torch.equal(model(**enc).logits, want)
+    assert torch.equal(logits(model, tokenizer, [f.text for f in FACTS]), want)
 
 
 def test_capture_records_what_the_gate_queries(tokenizer) -> None:
@@ -172,14 +169,11 @@ def test_state_round_trip_needs_no_files(tokenizer) -> None:
     model = make_model("llama", tokenizer)
     db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
     db.add(FACTS)
-    enc = tokenizer([f.text for f in FACTS], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        want = model(**enc).logits
+    want = logits(model, tokenizer, [f.text for f in FACTS])
     state = db.state()
     db.detach()
     back = NeuralDB.from_state(model, tokenizer, state)
-    with torch.no_grad():
-        assert torch.equal(model(**enc).logits, want)
+    assert torch.equal(logits(model, tokenizer, [f.text for f in FACTS]), want)
     assert back.facts == db.facts and back.next_id == db.next_id
 
 
