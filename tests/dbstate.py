@@ -80,7 +80,7 @@ def _kill_trials(directory: Path, trials: int, seed: int) -> dict[str, Any]:
                     k += 1
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0, 2 * per_save))
+        time.sleep(rng.uniform(0, 4 * per_save))  # the child forks first: 2x left every kill inside its first save on a loaded machine
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         tmps, old, _ = _siblings(directory)
