@@ -220,8 +220,9 @@ def save_state(directory: Path, state: "Stored", fault: Callable[[str], None] | 
         if not np.array_equal(np.sort(other), ids):
             raise DatabaseError(f"{directory}: not saved: the {name} holds {len(other)} ids for {len(ids)} facts "
                                 f"(facts inserted without residuals?)")
-    meta = {**state.meta, "format": FORMAT, "next_id": state.next_id, "config": to_mapping(state.config),
-            "num_facts": len(ids)}
+    # "format" leads: is_database() recognises a database by its first 256 bytes
+    meta = {"format": FORMAT, "model": state.meta["model"], "next_id": state.next_id, **state.meta,
+            "config": to_mapping(state.config), "num_facts": len(ids)}
     return write_db(directory, meta, [(int(i), state.facts[int(i)]) for i in ids], state.table, state.index, fault)
 
 

@@ -372,14 +372,16 @@ def test_proj_index_trains_on_the_models_own_text(tokenizer, tmp_path) -> None:
     probe = [f.text for f in FACTS] + UNRELATED
     want = logits(model, tokenizer, probe)
     want_open = db.gate.last[2].clone()
-    queries = db.index._queries.clone()
+    queries, basis = db.index._queries.clone(), db.index._basis.clone()
     db.save(tmp_path / "db")
     db.detach()
     back = NeuralDB.load(tmp_path / "db", model, tokenizer)
-    assert back.index.spec == "Proj4" and back.index._queries is not None
+    # the basis is read with the keys: no refit, and the query sample is not even made
+    assert back.index.spec == "Proj4" and back.index._queries is None and torch.equal(back.index._basis, basis)
     got = logits(model, tokenizer, probe)
-    assert torch.equal(back.index._queries, queries)  # the basis may differ: it is fitted to the keys present
     assert torch.equal(back.gate.last[2], want_open) and torch.allclose(got, want, atol=1e-5)
+    stored = back._calibration()  # from the token ids saved in config.yaml: the same sample, no sampling
+    assert torch.allclose(stored / stored.norm(dim=1, keepdim=True), queries, atol=1e-6)
     assert ids == sorted(back.facts)
     flat = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG.replace(steps=3, index="Flat"))
     assert flat.train_index() is False  # Flat takes no training
@@ -399,7 +401,7 @@ def test_auto_index_switches_inside_a_database(tokenizer, tmp_path) -> None:
     db.add(FACTS[:2])
     assert db.index.inner.spec == "Flat" and not isinstance(db.index._queries, torch.Tensor)  # not made yet
     db.add(FACTS[2:])
-    assert db.index.inner.spec == f"Proj{db.d_key // 3}" and isinstance(db.index._queries, torch.Tensor)
+    assert db.index.inner.spec == f"Proj{db.d_key // 3}" and isinstance(db.index.inner._queries, torch.Tensor)
     logits(model, tokenizer, probe)
     assert torch.equal(db.gate.last[2], want_open)
     assert torch.equal(db.gate.last[1][want_open], want_ids[want_open])
