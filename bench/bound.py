@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from neuraldb import load_facts, load_model
 from neuraldb.bench.common import machine, markdown_table, timed, write_json
-from neuraldb.engine.arch import cache_kwargs, get_arch
+from neuraldb.engine.arch import cache_kwargs, get_arch, returned_cache
 from neuraldb.engine.config import model_defaults
 from neuraldb.engine.hooks import Trace
 from neuraldb.engine.keys import calibration_queries
@@ -71,7 +71,7 @@ def forward_times(model: Any, tok: Any, text: str, repeats: int) -> dict[str, fl
         out["prefill"] = 1e3 * median_s(lambda: model(ids), repeats)
         for b in (1, 8):
             batch = ids.expand(b, -1)  # (b, T)
-            cache = model(batch, use_cache=True).past_key_values
+            cache = returned_cache(model(batch, use_cache=True))
             step = batch[:, -1:]
 
             def decode() -> None:

@@ -190,7 +190,7 @@ def random_model(shape: dict[str, Any], dtype: torch.dtype) -> Any:
 @torch.no_grad()
 def gated_forward(label: str, shape: dict[str, Any], m: int, layer: int, dtype: torch.dtype, gamma: float,
                   spec: str, seed: int) -> dict[str, Any]:
-    from neuraldb.engine.arch import cache_kwargs
+    from neuraldb.engine.arch import cache_kwargs, returned_cache
     from neuraldb.engine.gated import GatedFFNOut
     from neuraldb.engine.hooks import Trace
     from neuraldb.engine.space import key_space
@@ -259,7 +259,7 @@ def gated_forward(label: str, shape: dict[str, Any], m: int, layer: int, dtype: 
         gate.enabled = False
         pre = model(prompt[:b], use_cache=True)
         nxt = pre.logits[:, -1:].argmax(-1)  # (B, 1)
-        cache = pre.past_key_values
+        cache = returned_cache(pre)
 
         def step() -> None:
             model(nxt, use_cache=True, **cache_kwargs(model, cache))

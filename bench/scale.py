@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from neuraldb import EditConfig, Fact, NeuralDB, load_model
 from neuraldb.data import is_source, resolve
 from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_json, write_outputs
-from neuraldb.engine.arch import cache_kwargs
+from neuraldb.engine.arch import cache_kwargs, returned_cache
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.pool import FactPool
@@ -243,7 +243,7 @@ def latency(db: NeuralDB, texts: Sequence[str], batch: int, repeats: int) -> dic
                 mask = torch.cat([enc["attention_mask"], torch.ones_like(nxt)], 1)
                 gate.timings = []
                 sync(); t0 = time.perf_counter()
-                model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwargs(model, pre.past_key_values))
+                model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache_kwargs(model, returned_cache(pre)))
             sync()
             full.append(time.perf_counter() - t0)
             look.append(sum(gate.timings))

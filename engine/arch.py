@@ -101,3 +101,10 @@ def passed_cache(kwargs: dict[str, object]) -> object:
     """The KV cache a forward call received, under either keyword."""
     got = kwargs.get("cache")
     return got if got is not None else kwargs.get("past_key_values")
+
+
+def returned_cache(out: object) -> object:
+    """The KV cache a forward returned: `out.cache` where the installed transformers names it
+    so (reading `out.past_key_values` there logs a deprecation), else `out.past_key_values`."""
+    got = out.get("cache") if hasattr(out, "get") else None  # ModelOutput is a mapping
+    return got if got is not None else getattr(out, "past_key_values")
