@@ -24,23 +24,24 @@ from safetensors.torch import load_file
 
 from neuraldb import load_facts, load_model
 from neuraldb.bench.common import machine, markdown_table, timed, write_json
-from neuraldb.engine.arch import cache_kwargs, get_arch, returned_cache
+from neuraldb.engine.arch import cache_kwargs, returned_cache
 from neuraldb.engine.config import model_defaults
-from neuraldb.engine.hooks import Trace
+from neuraldb.engine.space import Capture, KeySpace, key_space
+from neuraldb.data import source_file
 from neuraldb.engine.keys import calibration_queries
 from neuraldb.evaluation.metrics import prompts_of
 from neuraldb.evaluation.texts import wikitext_passages
 from neuraldb.index import make_index
 
 
-def layer_inputs(model: Any, tok: Any, texts: list[str], path: str) -> torch.Tensor:
-    """The down-projection input at every token but the first (never gated) of each text."""
+def layer_inputs(model: Any, tok: Any, texts: list[str], space: KeySpace) -> torch.Tensor:
+    """The gate's query (in the model's key space) at every token but the first (never gated) of each text."""
     out = []
     with torch.no_grad():
         for t in texts:
-            with Trace(model, path, stop=True) as tr:
+            with Capture(model, space) as cap:
                 model(**tok(t, return_tensors="pt"))
-            out.append(tr.input[0, 1:].float())  # (T-1, d_ff)
+            out.append(space.combine(cap.raw[0, 1:]))  # (T-1, d_key)
     return torch.cat(out)
 
 
@@ -87,8 +88,9 @@ def main() -> None:
     g.add_argument("--keys", required=True, help="a bench/scale.py cache directory (keys_*.safetensors)")
     g.add_argument("--m", default="20000,100000", help="key counts (first m cached keys)")
     g.add_argument("--model", default="smollm2-135m")
-    g.add_argument("--wikitext", default="../shared/data/wikitext/wiki.test.raw")
-    g.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
+    g.add_argument("--wikitext", default="wikitext", help="a source name or a WikiText raw file")
+    g.add_argument("--counterfact", default="counterfact", help="a source name or a facts file")
+    g.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
     g.add_argument("--passages", type=int, default=48, help="measured WikiText passages")
     g.add_argument("--train-passages", type=int, default=24, help="passages that train Proj bases")
     g.add_argument("--train", default="wikitext",
@@ -108,15 +110,15 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     cfg = model_defaults(args.model, model.config.model_type)
-    path = get_arch(model).ffn_out.format(cfg.layer)
-    passages = wikitext_passages(args.wikitext, args.train_passages + args.passages)
-    trainers = {"wikitext": lambda: layer_inputs(model, tok, passages[: args.train_passages], path),
+    space = key_space(model, cfg.layer, cfg)  # the space the cached keys were made in
+    passages = wikitext_passages(source_file(args.wikitext, args.data_dir), args.train_passages + args.passages)
+    trainers = {"wikitext": lambda: layer_inputs(model, tok, passages[: args.train_passages], space),
                 "generated": lambda: calibration_queries(model, tok, cfg.layer, cfg), "none": lambda: None}
     train_sets = {name: trainers[name]() for name in args.train.split(",")}
-    facts = load_facts(args.counterfact, limit=args.edit_facts)
+    facts = load_facts(source_file(args.counterfact, args.data_dir), limit=args.edit_facts)
     edit_texts = prompts_of(facts, "efficacy")[0] + prompts_of(facts, "generalization")[0]
-    wiki_q = layer_inputs(model, tok, passages[args.train_passages :], path)
-    queries = {"wikitext": wiki_q, "edit prompts": layer_inputs(model, tok, edit_texts, path)}
+    wiki_q = layer_inputs(model, tok, passages[args.train_passages :], space)
+    queries = {"wikitext": wiki_q, "edit prompts": layer_inputs(model, tok, edit_texts, space)}
     prefill_text = max(passages[args.train_passages :], key=len)
     fwd = forward_times(model, tok, prefill_text, args.repeats)
     n_prefill = int(fwd["prefill_tokens"]) - 1
