@@ -28,7 +28,6 @@ import argparse
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,16 +60,8 @@ class WideSpace(KeySpace):
     def combine(self, raw: torch.Tensor) -> torch.Tensor:
         return raw
 
-    def context_hooks(self, model: torch.nn.Module, sink: Any) -> list[Any]:
-        from neuraldb.engine.arch import get_module
-
-        handles = []
-        for k, path in enumerate(self.attn_paths):
-            def hook(_mod: torch.nn.Module, _args: Any, out: Any, first: bool = k == 0) -> None:
-                a = (out[0] if isinstance(out, tuple) else out).float()  # (B, T, d_model)
-                sink.context = a if first else torch.cat([sink.context, a], -1)
-            handles.append(get_module(model, path).register_forward_hook(hook))
-        return handles
+    def join(self, context: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([context, a], -1)  # (B, T, d_model * blocks so far): side by side, not summed
 
     @property
     def dim(self) -> int:

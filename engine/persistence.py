@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..index import IndexError_, KeyIndex, ResidualTable, make_index
+from ..index import IndexError_, KeyIndex, ResidualTable
 from .config import ConfigError, EditConfig, from_mapping, to_mapping
 from .facts import Fact, FactError, fact_from_json
 

@@ -68,6 +68,10 @@ class KeySpace:
         raw = torch.cat([x.float(), context.float()], -1)  # (..., d_raw)
         return self.combine(raw.reshape(-1, raw.shape[-1]))  # (N, dim)
 
+    def join(self, context: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """How a later attention block's output joins the context part: summed."""
+        return context + a
+
     def context_hooks(self, model: nn.Module, sink: Any) -> list[Any]:
         """Forward hooks that leave the summed attention output of this forward pass in
         `sink.context` (fp32), set by the first module and added to by the others. Nothing is
@@ -82,7 +86,7 @@ class KeySpace:
                 if first:
                     sink.context = a
                 elif sink.context is not None:
-                    sink.context = sink.context + a
+                    sink.context = self.join(sink.context, a)
             handles.append(get_module(model, path).register_forward_hook(hook))
         return handles
 
