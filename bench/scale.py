@@ -427,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         stage(m, t0, "latency")
         row = {"m": m, **{k: v for k, v in post.items() if k != "n"},
                "false_open": ret["false_open_rate"], "identical": ret["identical_rate"], "kl": ret["mean_kl"],
+               "kl_at_open": ret["kl_at_open"], "kl_after_open": ret["kl_after_open"], "reached": ret["reached_rate"],
                "ppl_before": ret["ppl_before"], "ppl_after": ret["ppl_after"],
                "key_bytes": db.index.nbytes, "residual_bytes": db.table.nbytes,
                "bytes_per_fact": (db.index.nbytes + db.table.nbytes) / m,  # allocated (whole shards)
@@ -455,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
     cols = ["m", "efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization", "fluency",
-            "false_open", "identical", "kl", "ppl_after",
+            "false_open", "identical", "kl", "kl_at_open", "kl_after_open", "ppl_after",
             "bytes_per_fact", "keys_per_s", "residuals_per_s", "prefill_lookup_ms_median", "prefill_lookup_share",
             "decode_lookup_ms_median", "decode_lookup_share", "peak_rss_gib"]
     pre_row = {"m": "pre-edit", **{k: v for k, v in pre.items() if k != "n"},

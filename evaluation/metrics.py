@@ -213,6 +213,9 @@ class Retention:
     false_open_rate: float  # share of gateable tokens whose gate opened
     identical_rate: float  # share of next-token distributions bit-identical to the unedited model
     mean_kl: float  # mean KL(unedited || edited) per token, nats
+    kl_at_open: float  # mean KL at the tokens whose gate opened (harm per open, at the open)
+    kl_after_open: float  # mean KL over the tokens at or after a text's first open (all an open can reach)
+    reached_rate: float  # share of tokens at or after their text's first open
     ppl_before: float
     ppl_after: float
     tokens: int
@@ -226,24 +229,32 @@ def retention(db, texts: Sequence[str], batch_size: int = 16) -> Retention:
     """Compare the edited and the unedited model on unrelated `texts` token by token."""
     model, tok = db.model, db.tok
     device = model_device(model)
-    opened = gateable = same = n_tok = n_pred = 0
-    kl_sum = nll_before = nll_after = 0.0
+    opened = gateable = same = n_tok = n_pred = n_reached = 0
+    kl_sum = kl_open = kl_reached = nll_before = nll_after = 0.0
     for sl in tqdm(list(_batches(len(texts), batch_size)), desc="retention", unit="batch", disable=None, leave=False):
         enc = tok(list(texts[sl]), return_tensors="pt", padding=True).to(device)
         with db.disabled():
             base = model(**enc).logits.float()  # (B, T, V)
         edited = model(**enc).logits.float()
+        m = enc["attention_mask"].bool()  # (B, T)
+        open_ = torch.zeros_like(m)
         if db.gate is not None and db.gate.last is not None:
-            opened += int(db.gate.last[2].sum())
+            open_ = db.gate.last[2].reshape(m.shape).bool() & m  # (B, T)
+            opened += int(open_.sum())
         if db.gate is not None and db.gate.last_mask is not None:
             gateable += int(db.gate.last_mask.sum())
-        m = enc["attention_mask"].bool()  # (B, T)
+        reached = (open_.cumsum(-1) > 0) & m  # (B, T): at or after the text's first open
         same += int((base == edited).all(-1)[m].sum())
         n_tok += int(m.sum())
         lb, le = F.log_softmax(base, -1), F.log_softmax(edited, -1)
-        kl_sum += float((lb.exp() * (lb - le)).sum(-1)[m].sum())
+        kl = (lb.exp() * (lb - le)).sum(-1)  # (B, T)
+        kl_sum += float(kl[m].sum())
+        kl_open += float(kl[open_].sum())
+        kl_reached += float(kl[reached].sum())
+        n_reached += int(reached.sum())
         (before, n), (after, _) = _next_token_nll(lb, enc), _next_token_nll(le, enc)
         nll_before, nll_after, n_pred = nll_before + before, nll_after + after, n_pred + n
     n_pred = max(n_pred, 1)
     return Retention(opened / max(gateable, 1), same / max(n_tok, 1), kl_sum / max(n_tok, 1),
+                     kl_open / max(opened, 1), kl_reached / max(n_reached, 1), n_reached / max(n_tok, 1),
                      math.exp(nll_before / n_pred), math.exp(nll_after / n_pred), n_tok)

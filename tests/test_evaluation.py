@@ -235,3 +235,23 @@ def test_wikitext_passages(tmp_path: Path, data_dir: Path) -> None:
     if real.is_file():
         texts = wikitext_passages(real, 64)
         assert len(texts) == 64 and texts[0].startswith("Robert Boulter is an English film")
+
+
+def test_retention_harm_lies_after_the_first_open(tokenizer) -> None:
+    """Tokens before a text's first open are bit-identical, so every nat of KL sits at or after
+    one: mean_kl * tokens == kl_after_open * reached tokens; the open itself carries KL."""
+    from neuraldb import EditConfig, NeuralDB
+    from neuraldb.evaluation import retention
+
+    facts = list(synthetic_facts(6, seed=3))
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, EditConfig(layer=1, n_prefixes=1, prefix_len=3, residual_prefixes=1,
+                                               steps=3, gamma=0.3))
+    db.add(facts)
+    texts = [f"Yesterday {f.subject} was mentioned again, and then the talk moved on." for f in facts]
+    r = retention(db, texts, batch_size=3)
+    assert 0 < r.reached_rate < 1 and r.false_open_rate > 0
+    assert r.kl_at_open > 0
+    assert r.mean_kl == pytest.approx(r.kl_after_open * r.reached_rate, rel=1e-5)
+    with db.disabled():
+        assert retention(db, texts).mean_kl == 0
