@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..index import KeyIndex, ResidualTable, make_index
 from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_module
+from .change import Change
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gated import GatedFFNOut, Hit, gate_mask_hook
@@ -208,33 +209,52 @@ class NeuralDB:
         """Ids of stored facts about any of `subjects` (as `subject_key` spells them), ascending."""
         return sorted(i for s in set(subjects) for i in self._by_subject.get(s, ()))
 
-    def _regroup(self, subjects: Iterable[str]) -> None:
-        """Re-optimise the shared residual of every stored fact about `subjects` (after one of
-        them was added, removed or replaced) and write it to each of their rows."""
-        ids = self.same_subject(subjects) if self.config.subject_groups else []
-        if ids:
-            self.table.put(np.asarray(ids, dtype=np.int64), self.encode_residuals([self.facts[i] for i in ids]))
-
     def add(self, facts: Fact | Iterable[Fact]) -> list[int]:
         """Edit facts into the model; returns their ids. With `subject_groups` (the default),
         a fact about a subject the database already holds facts about joins them: one residual,
         optimised for all of their prompts at once, is written to each of their rows."""
+        change = self.plan_add(facts)
+        self.apply(change)
+        return list(change.rows)
+
+    def plan_add(self, facts: Fact | Iterable[Fact]) -> Change:
+        """What `add(facts)` writes, computed on the unedited model and not yet applied."""
         facts = [facts] if isinstance(facts, Fact) else list(facts)
-        if not facts:
-            return []
+        fresh = self.prefixes is None
         ids = list(range(self.next_id, self.next_id + len(facts)))
         t0 = time.perf_counter()
-        keys = self.encode_keys(facts)
+        keys = self.encode_keys(facts) if facts else torch.zeros(0, self.d_key)
         keys_s = time.perf_counter() - t0
-        old = self.same_subject(map(subject_key, facts)) if self.config.subject_groups else []
+        old = self.same_subject(map(subject_key, facts)) if self.config.subject_groups and facts else []
         # a group's facts are optimised in id order (the stored ones, then the new), whatever
         # order they arrived in: Adam's first steps follow gradient signs, so order matters
-        res = self.encode_residuals([self.facts[i] for i in old] + facts)  # (O + F, d_res)
+        res = self.encode_residuals([self.facts[i] for i in old] + facts) if facts \
+            else torch.zeros(0, self.d_res)  # (O + F, d_res)
         self.timings["keys_s"] = keys_s
-        self.insert(ids, facts, keys, res[len(old) :])
-        if old:
-            self.table.put(np.asarray(old, dtype=np.int64), res[: len(old)])
-        return ids
+        return Change("add", tuple(ids), tuple(facts), keys, (), tuple(old) + tuple(ids), res,
+                      self._new_prefixes(fresh))
+
+    def _new_prefixes(self, fresh: bool) -> tuple[str, ...] | None:
+        return tuple(self.prefixes) if fresh and self.prefixes is not None else None
+
+    def apply(self, change: Change) -> None:
+        """Write a planned change: index and table inserts only, the model is not run. A change
+        must be applied to the database state it was planned on (ids and groups are its)."""
+        if change.keys.shape[0] and change.keys.shape[1] != self.d_key:
+            raise ValueError(f"change keys have dim {change.keys.shape[1]}, the database {self.d_key}")
+        if change.prefixes is not None and self.prefixes is None:
+            self.prefixes = list(change.prefixes)
+        if change.removed:
+            arr = np.asarray(change.removed, dtype=np.int64)
+            self.index.remove(arr)
+            self.table.remove(arr)
+            for i in change.removed:
+                self._forget(i)
+                del self.facts[i]
+        if change.rows:
+            self.insert(list(change.rows), list(change.facts), change.keys, None)
+        if change.res_ids:
+            self.table.put(np.asarray(change.res_ids, dtype=np.int64), change.residuals)
 
     def insert(self, ids: Sequence[int], facts: Sequence[Fact], keys: torch.Tensor,
                residuals: torch.Tensor | None) -> None:
@@ -271,30 +291,37 @@ class NeuralDB:
     def remove(self, ids: int | Iterable[int]) -> int:
         """Remove facts; the other facts about their subjects get their shared residual
         re-optimised without them."""
+        change = self.plan_remove(ids)
+        self.apply(change)
+        return len(change.removed)
+
+    def plan_remove(self, ids: int | Iterable[int]) -> Change:
         ids = [ids] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
         missing = [i for i in ids if i not in self.facts]
         if missing:
             raise KeyError(f"no fact with id(s) {missing[:10]}")
-        arr = np.asarray(ids, dtype=np.int64)
-        n = self.index.remove(arr)
-        self.table.remove(arr)
-        subjects = {subject_key(self.facts[i]) for i in ids}
-        for i in ids:
-            self._forget(i)
-            del self.facts[i]
-        self._regroup(subjects)
-        return n
+        ids = sorted(set(ids))
+        rest = [i for i in self.same_subject(subject_key(self.facts[i]) for i in ids) if i not in set(ids)] \
+            if self.config.subject_groups else []
+        res = self.encode_residuals([self.facts[i] for i in rest]) if rest else torch.zeros(0, self.d_res)
+        return Change("remove", (), (), torch.zeros(0, self.d_key), tuple(ids), tuple(rest), res)
 
     def update(self, id_: int, fact: Fact) -> None:
         """Replace fact `id_` with `fact`, keeping its id. The facts about its old and its new
         subject get their shared residuals re-optimised."""
+        self.apply(self.plan_update(id_, fact))
+
+    def plan_update(self, id_: int, fact: Fact) -> Change:
         if id_ not in self.facts:
             raise KeyError(f"no fact with id {id_}")
-        before = subject_key(self.facts[id_])
+        fresh = self.prefixes is None
         keys = self.encode_keys([fact])
-        self.insert([id_], [fact], keys, None if self.config.subject_groups else self.encode_residuals([fact]))
-        if self.config.subject_groups:
-            self._regroup({before, subject_key(fact)})
+        if self.config.subject_groups:  # both subjects' groups, with the new fact in its place
+            group = sorted(set(self.same_subject({subject_key(self.facts[id_]), subject_key(fact)})) | {id_})
+            res = self.encode_residuals([fact if i == id_ else self.facts[i] for i in group])
+        else:
+            group, res = [id_], self.encode_residuals([fact])
+        return Change("update", (id_,), (fact,), keys, (), tuple(group), res, self._new_prefixes(fresh))
 
     def __len__(self) -> int:
         return len(self.facts)
