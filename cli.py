@@ -1,4 +1,4 @@
-"""The `neuraldb` command: edit, ask, info, eval. Errors are one clear line and exit code 2."""
+"""The `neuraldb` command: edit, ask, info, eval, build, serve. Errors are one clear line and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.server import serve
+    except ImportError as exc:
+        raise ConfigError(f"neuraldb serve needs the 'serve' extra (pip install 'neuraldb[serve]'): {exc}") from exc
+    return serve(args.db, args.model, args.host, args.port, args.api_key, args.read_only, _edit_config(args),
+                 max_batch=args.max_batch, checkpoint_records=args.checkpoint_records,
+                 checkpoint_interval_s=args.checkpoint_interval, max_body_bytes=args.max_body_bytes,
+                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                 max_facts_per_request=args.max_facts_per_request)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuraldb", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -162,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--index")
     v.add_argument("--retention-texts", type=int, default=200)
     v.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("serve", help="an OpenAI-compatible server over the edited model, with a knowledge API "
+                                     "for live, durable fact edits")
+    s.add_argument("--db", required=True, help="database directory (created empty for --model if absent); "
+                                               "its write-ahead log is DB.wal beside it")
+    s.add_argument("--model", help="model for a new database (default smollm2-135m); an existing database "
+                                   "defaults to the model it was built for")
+    s.add_argument("--config", help="EditConfig YAML for a new database")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route (or $NEURALDB_API_KEY)")
+    s.add_argument("--read-only", action="store_true", help="refuse fact writes")
+    s.add_argument("--max-batch", type=int, default=16, help="generation requests per batch")
+    s.add_argument("--checkpoint-records", type=int, default=1000, help="checkpoint after this many log records")
+    s.add_argument("--checkpoint-interval", type=float, default=300.0,
+                   help="seconds after which pending log records are checkpointed")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-prompt-tokens", type=int, default=2048)
+    s.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
+    s.add_argument("--max-facts-per-request", type=int, default=64)
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -63,7 +63,7 @@ def _siblings(directory: Path) -> tuple[list[Path], Path, Path]:
     return tmps, parent / f".{name}.neuraldb-old", parent / f".{name}.neuraldb-lock"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,7 +111,7 @@ def _recover_locked(directory: Path) -> None:
         else:  # killed between the two renames: bring the old database back
             os.rename(old, directory)
             log.warning("%s: restored the previous database after an interrupted save", directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     for t in tmps:  # a save that never reached its renames
         _remove_leftover(t)
 
@@ -188,21 +188,21 @@ def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, F
                     os.fsync(fh.fileno())
             files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in DATA_FILES}
             _write_durable(tmp / "config.yaml", _sealed_yaml({**meta, "files": files}))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             fault("written")
             if directory.exists():
                 if is_database(directory):
                     os.rename(directory, old)
                 else:
                     directory.rmdir()  # an empty directory (anything else was refused above)
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
             fault("old-moved")
             os.rename(tmp, directory)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
             fault("new-in-place")
             if old.exists():
                 shutil.rmtree(old)
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
             fault("done")
         except BaseException:
             if not directory.exists() and old.exists():  # an in-process failure: undo at once
