@@ -84,6 +84,9 @@ def to_mapping(obj: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+KL_SPANS = ("subject", "all")
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """Everything that decides how facts become keys and residuals and how the gate fires."""
@@ -112,6 +115,9 @@ class EditConfig:
     weight_decay: float = 0.5
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
+    # more neutral contexts of the subject whose distributions the KL term keeps, beside kl_prompt
+    kl_contexts: tuple[str, ...] = ()
+    kl_span: str = "subject"  # compare at the subject's last token (MEMIT), or "all" tokens from it on
     residual_batch_size: int = 16
     residual_suffix: bool = True  # steps run only the tokens from the subject on (False: whole rows)
     subject_groups: bool = True  # facts about one subject share one jointly optimised residual
@@ -128,6 +134,8 @@ class EditConfig:
             "key_batch_size": self.key_batch_size >= 1,
             "residual_batch_size": self.residual_batch_size >= 1,
             "kl_prompt": "{}" in self.kl_prompt,
+            "kl_contexts": all(isinstance(c, str) and "{}" in c for c in self.kl_contexts),
+            "kl_span": self.kl_span in KL_SPANS,
             "gate_context": self.gate_context >= 0,
             "gate_context_weight": 0.0 < self.gate_context_weight < 1.0,
         }

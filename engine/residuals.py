@@ -43,7 +43,10 @@ class _Batch:
     tgt_pos: torch.Tensor  # (N,) position whose logits predict it
     tgt_tok: torch.Tensor  # (N,) the token
     tgt_weight: torch.Tensor  # (N,) 1 / (n_target * n_rows): sums to 1 per fact
-    kl_row: torch.Tensor  # (F,) row of each fact's KL prompt
+    kl_row: torch.Tensor  # (E,) row of each KL entry (a KL prompt's distribution at one position)
+    kl_pos: torch.Tensor  # (E,) its position
+    kl_fact: torch.Tensor  # (E,) its fact
+    kl_weight: torch.Tensor  # (E,) 1 / entries of its fact: a fact's KL term is the mean over its entries
     norm_row: torch.Tensor  # (F,) row whose z = block output at the subject sets the clamp scale
 
 
@@ -61,7 +64,9 @@ def frozen_params(model: torch.nn.Module) -> Iterator[None]:
 
 def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequence[str],
            cfg: EditConfig, device: torch.device) -> _Batch:
-    """Rows of every fact: one per context (teacher-forced target) and one KL row.
+    """Rows of every fact: one per context (teacher-forced target) and one per KL prompt
+    (`kl_prompt`, then `kl_contexts`), compared at the subject's last token or, with
+    `kl_span: all`, at every token from it to the prompt's end.
 
     The gate never opens at position 0 (the attention sink), so a row whose subject ends at
     position 0 would train the residual where inference never adds it: such rows are left out
@@ -69,7 +74,9 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
     the first generated prefix. The norm that scales the clamp and weight decay is read at a
     prefixed row, never at position 0 (as keys.py does)."""
     seqs, lookup, row_fact = [], [], []
-    tr, tp, tt, tw, kl_row, norm_row = [], [], [], [], [], []
+    tr, tp, tt, tw, norm_row = [], [], [], [], []
+    kl_row, kl_pos, kl_fact, kl_w = [], [], [], []
+    kl_prompts, whole = (cfg.kl_prompt, *cfg.kl_contexts), cfg.kl_span == "all"
     prefixed = [c for c in contexts if c]
     for fi, fact in enumerate(facts):
         tgt = target_ids(tok, fact.target_new)
@@ -90,18 +97,27 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
                 tw.append(1.0 / (len(tgt) * len(usable)))
         prefixed_rows = [first + k for k, e in enumerate(usable) if e is not encs[0]]
         norm_row.append(prefixed_rows[0] if prefixed_rows else first)
-        # the KL distribution is read at the subject's last token: what follows it never matters
-        enc = encode_with_subject(tok, "", cfg.kl_prompt, fact.subject, truncate_after_subject=True)
-        if enc.subject_last == 0 and prefixed:
-            enc = encode_with_subject(tok, prefixed[0], cfg.kl_prompt, fact.subject, truncate_after_subject=True)
-        kl_row.append(len(seqs))
-        seqs.append(enc.ids)
-        lookup.append(enc.subject_last)
-        row_fact.append(fi)
+        encs = []
+        for prompt in kl_prompts:  # read at the subject's last token, only what follows it is cut
+            enc = encode_with_subject(tok, "", prompt, fact.subject, truncate_after_subject=not whole)
+            if enc.subject_last == 0 and prefixed:
+                enc = encode_with_subject(tok, prefixed[0], prompt, fact.subject, truncate_after_subject=not whole)
+            encs.append(enc)
+        n_entries = sum(len(e.ids) - e.subject_last if whole else 1 for e in encs)
+        for enc in encs:
+            row = len(seqs)
+            seqs.append(enc.ids)
+            lookup.append(enc.subject_last)
+            row_fact.append(fi)
+            for pos in range(enc.subject_last, len(enc.ids) if whole else enc.subject_last + 1):
+                kl_row.append(row)
+                kl_pos.append(pos)
+                kl_fact.append(fi)
+                kl_w.append(1.0 / n_entries)
     ids, mask = pad_right(seqs, tok.pad_token_id, device)
     t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
     return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(kl_row),
-                  t(norm_row))
+                  t(kl_pos), t(kl_fact), t(kl_w, torch.float32), t(norm_row))
 
 
 def kl_now_init(init_logp: torch.Tensor, now_logp: torch.Tensor) -> torch.Tensor:
@@ -126,8 +142,8 @@ class _Steps:
     """What every optimisation step runs from block l* up for some rows of the batch: the rows
     (Rg,), their token ids (Rg, S), the attention mask, the hidden states entering block l*
     (Rg, S, d), where the delta is added (Rg,); the targets it scores (indices into the batch's
-    targets, (Ng,)) with their row in the group and position, the facts whose KL row it runs
-    (Fg,) likewise; on the suffix path, position ids and the constant keys/values of the tokens
+    targets, (Ng,)) with their row in the group and position, the KL entries it scores (indices
+    into the batch's, (Eg,)) likewise; on the suffix path, position ids and the constant keys/values of the tokens
     before each row's subject (one (K, V) per layer)."""
 
     rows: torch.Tensor
@@ -178,7 +194,7 @@ def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
     """Every row in full, every step (the reference path)."""
     every = lambda n: torch.arange(n, device=b.ids.device)  # noqa: E731
     return [_Steps(every(len(b.ids)), b.ids, b.mask, hidden_in, b.lookup, every(len(b.tgt_row)), b.tgt_row, b.tgt_pos,
-                   every(len(b.kl_row)), b.kl_row, b.lookup[b.kl_row])]
+                   every(len(b.kl_row)), b.kl_row, b.kl_pos)]
 
 
 GROUP_STEPS = 2  # a residual shared by several facts may take this many times the configured steps
@@ -235,7 +251,7 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
         tgt, kl = (local[b.tgt_row] >= 0).nonzero()[:, 0], (local[b.kl_row] >= 0).nonzero()[:, 0]
         out.append(_Steps(g, b.ids[g].gather(1, pos), mask, hidden_in[g[:, None], pos], torch.zeros_like(g),
                           tgt, local[b.tgt_row[tgt]], b.tgt_pos[tgt] - start[b.tgt_row[tgt]],
-                          kl, local[b.kl_row[kl]], torch.zeros_like(kl), pos, past))
+                          kl, local[b.kl_row[kl]], b.kl_pos[kl] - start[b.kl_row[kl]], pos, past))
     return out
 
 
@@ -272,7 +288,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     max_norm = cfg.clamp_norm * z_norm * per_slot.sqrt()  # (S,)
     limit = torch.where(per_slot > 1, GROUP_STEPS * cfg.steps, cfg.steps).long()  # (S,)
 
-    kl_init: torch.Tensor | None = None  # (F, V) each fact's KL distribution before any step
+    kl_init: torch.Tensor | None = None  # (E, V) each KL entry's distribution before any step
     active = torch.ones(n_slots, dtype=torch.bool, device=device)
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
@@ -286,21 +302,22 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             # targets and KL rows of the facts still optimising, in the order the groups score them
             tgt = torch.cat([g.tgt for g in groups])  # (N,)
             tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
-            kl_fact = torch.cat([g.kl for g in groups])  # (Fa,)
+            kl_e = torch.cat([g.kl for g in groups])  # (Ea,) KL entries of the facts still optimising
             h_tgt, h_kl = [], []
             for g in groups:
                 hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]])  # (Rg, S, d)
                 h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
-                h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Fg, d)
-            logits = head(model, torch.cat(h_tgt + h_kl))  # (N + Fa, V): one LM-head call per step
+                h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Eg, d)
+            logits = head(model, torch.cat(h_tgt + h_kl))  # (N + Ea, V): one LM-head call per step
             logp = F.log_softmax(logits[: len(tgt)], -1)  # (N, V)
             tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
             nll_now = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)  # (F,) 0 where stopped
-            kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Fa, V), facts in kl_fact order
+            kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Ea, V), entries in kl_e order
             if kl_init is None:
-                kl_init = kl_logp.new_empty(n_facts, kl_logp.shape[1])
-                kl_init[kl_fact] = kl_logp.detach()
-            kl_f = torch.zeros(n_facts, device=device).index_add(0, kl_fact, kl_now_init(kl_init[kl_fact], kl_logp))
+                kl_init = kl_logp.new_empty(len(b.kl_row), kl_logp.shape[1])
+                kl_init[kl_e] = kl_logp.detach()
+            kl_entry = kl_now_init(kl_init[kl_e], kl_logp)  # (Ea,)
+            kl_f = torch.zeros(n_facts, device=device).index_add(0, b.kl_fact[kl_e], b.kl_weight[kl_e] * kl_entry)
             wd = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2  # (S,)
             terms = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now + cfg.kl_factor * kl_f)
             loss = terms / per_slot + wd  # (S,)

@@ -1,6 +1,7 @@
 """Keys: the prefix-cache path equals the reference recipe (every row run in full)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from neuraldb import EditConfig, Fact
@@ -46,6 +47,23 @@ def test_suffix_residuals_match_full_rows(arch: str, tokenizer) -> None:
     assert full.norm(dim=1).min() > 0  # the optimisation moved every residual
     if get_arch(model).suffix_cache:  # the suffix path really ran (bit-identical would mean it did not)
         assert not torch.equal(fast, full)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_more_kl_contexts_over_every_position_run_the_same_on_both_paths(arch_name: str, tokenizer) -> None:
+    """`kl_contexts` + `kl_span: all`: KL entries at every token of several neutral prompts
+    score the same on suffix rows as on whole rows, and they change the residual."""
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model(arch_name, tokenizer)
+    cfg = CFG.replace(n_prefixes=1, residual_prefixes=1, steps=5, lr=0.5, loss_stop=0.0, kl_factor=1.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    wide = cfg.replace(kl_contexts=("Yesterday I read about {} and then", "{} was"), kl_span="all")
+    full, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, wide.replace(residual_suffix=False))
+    fast, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, wide)
+    assert torch.allclose(fast, full, atol=1e-4, rtol=1e-3), (fast - full).abs().max()
+    plain, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    assert not torch.allclose(plain, fast, atol=1e-3)
 
 
 def test_length_groups_are_the_cheapest_partition() -> None:
