@@ -239,10 +239,15 @@ def create_app(engine: ServeEngine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"messages: the chat template refused them ({exc})", "messages") from exc
         return prompt_ids(text, "messages", special=False)
 
+    context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 1 << 30)
+
     def sampling(req: Any, ids: list[int]) -> Sampling:
         n = req.max_tokens if req.max_tokens is not None else settings.default_max_tokens
         if n > settings.max_tokens:
             raise APIError(400, f"max_tokens: {n} is over the limit of {settings.max_tokens}", "max_tokens")
+        if len(ids) + n > context:
+            raise APIError(400, f"max_tokens: the prompt's {len(ids)} tokens + {n} exceed the model's context of "
+                                f"{context} tokens", "max_tokens")
         return Sampling(ids, n, req.temperature, req.top_p, tuple(req.stop), req.seed)
 
     def usage(prompt: int, completion: int) -> dict[str, int]:

@@ -15,9 +15,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -25,8 +26,14 @@ from ..engine.arch import model_device
 from ..engine.editor import NeuralDB
 from ..engine.facts import Fact
 from ..engine.models import load_model
-from ..engine.persistence import DatabaseError, is_database, read_db, read_meta, save_state
-from .generate import RowOut, Sampling, generate_batch
+from ..engine.persistence import (
+    DatabaseError,
+    is_database,
+    read_db,
+    read_meta,
+    save_state,
+)
+from .generate import RowOut, generate_batch
 from .metrics import Metrics
 from .wal import WriteAheadLog
 
@@ -196,7 +203,7 @@ class ServeEngine:
             self._write_group(writes)
         for j in jobs:
             if j.kind == "explain":
-                self._call(j, lambda: self._explain(j.payload))
+                self._call(j, lambda j=j: self._explain(j.payload))
             elif j.kind == "checkpoint":
                 self._call(j, self._checkpoint)
         gens = [j for j in jobs if j.kind == "generate" and not j.cancelled.is_set()]
@@ -226,7 +233,7 @@ class ServeEngine:
             except JobError as exc:
                 results.append((j, None, exc))
                 continue
-            except Exception as exc:  # noqa: BLE001 - planning changes nothing: this write fails alone
+            except Exception as exc:
                 log.exception("planning a %s failed", op)
                 results.append((j, None, JobError(500, f"the {op} failed: {exc}")))
                 continue
@@ -313,7 +320,7 @@ class ServeEngine:
         try:
             outs = generate_batch(self.model, self.tok, [j.payload for j in jobs], on_step=on_step,
                                   cancelled=lambda b: jobs[b].cancelled.is_set(), on_forward=on_forward)
-        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
+        except Exception as exc:
             log.exception("generation batch failed")
             for j in jobs:
                 j.done(None, JobError(500, f"generation failed: {exc}"))

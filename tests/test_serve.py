@@ -117,6 +117,19 @@ def test_a_fact_added_over_http_changes_the_answer_and_delete_restores_it(server
     assert 'neuraldb_requests_total{code="200",route="/v1/completions"}' in metrics
 
 
+def test_a_client_that_leaves_mid_stream_costs_nothing_else(server: Server) -> None:
+    h = {**server.headers(), "content-type": "application/json"}
+    body = {"prompt": "Where is", "max_tokens": 60, "temperature": 0, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=h, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            next(r.iter_lines())  # the first event, then hang up
+    c = client(server)
+    assert c.completions.create(model=c.models.list().data[0].id, prompt="Where is", max_tokens=3,
+                                temperature=0).choices[0].text is not None
+    assert "Traceback" not in server.tail()
+
+
 def test_auth_is_required_on_every_route(server: Server) -> None:
     for method, path in (("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/facts"),
                          ("POST", "/v1/completions"), ("POST", "/v1/facts"), ("DELETE", "/v1/facts/0")):
@@ -162,6 +175,7 @@ def malformed(rng: random.Random) -> list[tuple[str, str, dict, bytes]]:
         ("POST", "/v1/completions", j, json.dumps({"prompt": "x", "stop": ["a"] * 5}).encode()),
         ("POST", "/v1/completions", j, json.dumps({"prompt": "x", "n": 3}).encode()),
         ("POST", "/v1/completions", j, json.dumps({"prompt": "x", "logprobs": 5}).encode()),
+        ("POST", "/v1/completions", j, json.dumps({"prompt": "hi " * 100, "max_tokens": 60}).encode()),  # context
     ]
     for field, bad in (("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 10**6), ("max_tokens", "many"),
                        ("max_tokens", 2.5), ("temperature", -1), ("temperature", 9), ("temperature", "hot"),
