@@ -85,3 +85,38 @@ def test_five_facts_about_one_subject(smol) -> None:
         assert not db.generate(SUBJECT_FACTS[2].text, 4).strip().startswith("violin")
     assert not db.generate(SUBJECT_FACTS[2].text, 4).strip().startswith("violin")  # removed: unedited again
     db.detach()
+
+
+def test_server_edits_smollm2_over_http(tmp_path: Path) -> None:
+    """`neuraldb serve` on the real model: a fact posted over HTTP is the next greedy answer (the
+    openai client, completions and a chat stream), DELETE gives the old answer back, and after a
+    SIGKILL the acknowledged fact is still served."""
+    import httpx
+    import openai
+
+    from neuraldb.serve.process import ServerProcess
+
+    facts = load_facts(resolve("counterfact").path, limit=2)
+    s = ServerProcess(tmp_path / "db", "smollm2-135m", threads=None).start()
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ask = lambda f: c.completions.create(model="smollm2-135m", prompt=f.text, max_tokens=6,  # noqa: E731
+                                             temperature=0).choices[0].text
+        before = [ask(f) for f in facts]
+        r = httpx.post(s.url + "/v1/facts", json=[f.to_json() for f in facts], timeout=300)
+        assert r.status_code == 200, r.text
+        ids = [d["id"] for d in r.json()["data"]]
+        after = [ask(f) for f in facts]
+        assert all(a.strip().startswith(f.target_new) for a, f in zip(after, facts)), (after, before)
+        chunks = c.chat.completions.create(model="smollm2-135m", stream=True, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": facts[0].text}])
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert httpx.delete(f"{s.url}/v1/facts/{ids[1]}", timeout=300).status_code == 200
+        assert ask(facts[1]) == before[1]
+        s.kill()
+        s = ServerProcess(tmp_path / "db", None, threads=None).start()
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert ask(facts[0]) == after[0] and ask(facts[1]) == before[1]
+        assert httpx.get(s.url + "/health").json()["replayed"] == 2
+    finally:
+        s.kill()
