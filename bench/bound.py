@@ -45,6 +45,26 @@ def layer_inputs(model: Any, tok: Any, texts: list[str], space: KeySpace) -> tor
     return torch.cat(out)
 
 
+def entity_inputs(model: Any, tok: Any, texts: list[str], space: KeySpace, limit: int) -> torch.Tensor:
+    """Gate queries at the capitalised-word tokens of `texts` (names, places: what subjects look
+    like), up to `limit`: keys for a database whose facts are about the entities of ordinary text."""
+    out, n = [], 0
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            ids = enc["input_ids"][0].tolist()
+            keep = [p for p in range(1, len(ids)) if tok.decode([ids[p]]).strip()[:1].isupper()]
+            if not keep:
+                continue
+            with Capture(model, space) as cap:
+                model(**enc)
+            out.append(space.combine(cap.raw[0, keep]))  # (K, d_key)
+            n += len(keep)
+            if n >= limit:
+                break
+    return torch.cat(out)[:limit]
+
+
 def float64_search(keys: torch.Tensor, queries: torch.Tensor, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: float64 cosine against the unit keys, every query, every key; keys are
     converted a block at a time, so 1M keys never exist in float64 at once."""
@@ -100,6 +120,9 @@ def main() -> None:
     g = ap.add_argument_group("indexes")
     g.add_argument("--spec", action="append", help="index spec (repeatable); default Flat, Int8, Proj256, Proj384")
     g.add_argument("--repeats", type=int, default=5)
+    g.add_argument("--entity-keys", type=int, default=0,
+                   help="add a row of this many keys taken at capitalised-word tokens of other WikiText-2 "
+                        "passages (a database about the entities of ordinary text: many tokens open)")
     g.add_argument("--synthetic-m", type=int, default=0, help="add a row of this many synthetic keys with the real keys' spectrum")
     g.add_argument("--synthetic-queries", type=int, default=2000,
                    help="queries per kind checked and counted on the synthetic row (float64 over 1M keys is slow)")
@@ -128,6 +151,10 @@ def main() -> None:
     keys_all = torch.cat([load_file(f)["keys"] for f in sorted(glob.glob(f"{args.keys}/keys_*.safetensors"))]).float()
     keys_all = keys_all / keys_all.norm(dim=1, keepdim=True)  # (M, d) unit rows
     sets = [(f"real {m}", keys_all[:m]) for m in (int(v) for v in args.m.split(",") if v)]
+    if args.entity_keys:
+        others = wikitext_passages(source_file(args.wikitext, args.data_dir), None)[args.train_passages + args.passages:]
+        ent = entity_inputs(model, tok, others, space, args.entity_keys)
+        sets.append((f"wikitext entities {len(ent)}", ent / ent.norm(dim=1, keepdim=True)))
     if args.synthetic_m:  # Gaussian keys whose covariance matches the real keys' (same spectrum)
         sample = keys_all[torch.randperm(len(keys_all))[:20000]]
         mean, cov = sample.mean(0), torch.cov(sample.T)

@@ -14,6 +14,7 @@ smallest id."""
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Callable
 
 import torch
@@ -43,14 +44,49 @@ def scan_margin(dim: int) -> float:
     return 1.01 * 2 * (_gamma(dim) + _U)
 
 
+class ScanChooser:
+    """Which exact path a search takes, by measurement: per query-count bucket (log2 of the
+    batch's queries), an EMA of seconds per query through the bound and through a plain fp32
+    scan of every key; the cheaper runs, the other is re-timed every `probe`-th search of the
+    bucket. The bound pays when it decides most tokens; where many queries sit near keys (text
+    full of the facts' subjects) its re-scoring costs more than one scan, and the scan runs.
+    Both paths are exact, so this only moves time. Host clocks only: used on CPUs."""
+
+    def __init__(self, probe: int = 16, alpha: float = 0.3) -> None:
+        self.probe, self.alpha = probe, alpha
+        self.ema: dict[tuple[int, bool], float] = {}
+        self.calls: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return min(int(n).bit_length(), 20)
+
+    def pick(self, n: int) -> bool:
+        """True: the bound; False: a scan of every key."""
+        b = self.bucket(n)
+        k = self.calls[b] = self.calls.get(b, 0) + 1
+        bound, scan = self.ema.get((b, True)), self.ema.get((b, False))
+        if bound is None or scan is None:
+            return bound is None  # time each path once: the bound first
+        best = bound <= scan
+        return (not best) if k % self.probe == 0 else best
+
+    def record(self, n: int, bound: bool, seconds: float) -> None:
+        key, per = (self.bucket(n), bound), seconds / max(1, n)
+        old = self.ema.get(key)
+        self.ema[key] = per if old is None else (1 - self.alpha) * old + self.alpha * per
+
+
 class ProjBoundIndex(ExactBacked):
     """Options: floor (the gate's gamma; required for any pruning), max_candidates (candidates
-    per query above which that query takes an fp32 scan of all keys instead), device."""
+    per query above which that query takes an fp32 scan of all keys instead), adaptive (on a
+    CPU, let a `ScanChooser` send whole batches to a plain scan when that is measured cheaper),
+    device."""
 
     block_elems = 1 << 26  # queries are bounded in blocks of at most this many (query, key) pairs
 
     def __init__(self, dim: int, rank: int, floor: float = -1.0, max_candidates: int = 256,
-                 device: Any = "cpu", sample: int = 8192) -> None:
+                 device: Any = "cpu", sample: int = 8192, adaptive: bool = True) -> None:
         if not 0 < rank < dim:
             raise ValueError(f"Proj{rank}: rank must be in (0, {dim})")
         self.spec, self.dim, self.rank = f"Proj{rank}", dim, rank
@@ -63,7 +99,8 @@ class ProjBoundIndex(ExactBacked):
         self._queries: torch.Tensor | None = None  # (n, d) unit query sample for the basis
         self._make_queries: Callable[[], torch.Tensor] | None = None  # made only if a refit needs them
         self._fit_rows, self._version = 0, -1
-        self.stats = {"queries": 0, "decided": 0, "candidates": 0, "full_scans": 0}
+        self.stats = {"queries": 0, "decided": 0, "candidates": 0, "full_scans": 0, "scanned_batches": 0}
+        self.chooser = ScanChooser() if adaptive and self.device.type == "cpu" else None
 
     # -- basis ----------------------------------------------------------------------------------
     def train(self, queries: torch.Tensor | Callable[[], torch.Tensor]) -> None:
@@ -219,10 +256,27 @@ class ProjBoundIndex(ExactBacked):
             self.stats["full_scans"] += n
             best, rows = self._full_scan(q64)
             return best.to(queries.device), self.exact._ids[rows].to(queries.device)
-        step = max(1, self.block_elems // max(1, self._proj.shape[0]))  # (step, M) bound blocks
-        parts = [self._bounded(q64[s : s + step]) for s in range(0, n, step)]
-        return (torch.cat([p[0] for p in parts]).to(queries.device),
-                torch.cat([p[1] for p in parts]).to(queries.device))
+        bound = self.chooser.pick(n) if self.chooser is not None else True
+        t0 = time.perf_counter()
+        if bound:
+            step = max(1, self.block_elems // max(1, self._proj.shape[0]))  # (step, M) bound blocks
+            parts = [self._bounded(q64[s : s + step]) for s in range(0, n, step)]
+            best, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            self.stats["full_scans"] += n
+            self.stats["scanned_batches"] += 1
+            best, arg = self._full_scan(q64)
+            best, ids = self._closed(best, arg)
+        if self.chooser is not None:
+            self.chooser.record(n, bound, time.perf_counter() - t0)
+        return best.to(queries.device), ids.to(queries.device)
+
+    def _closed(self, best: torch.Tensor, arg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(floor, -1) where no key exceeds the floor, else (similarity, id): both paths' answer."""
+        closed = ~(best > self.floor)  # no key exceeds the floor: the floor bounds the maximum
+        best = best.masked_fill(closed, self.floor)
+        arg = arg.masked_fill(closed, -1)
+        return best, torch.where(arg >= 0, self.exact._ids[arg.clamp_min(0)], arg)
 
     def _bounded(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Search unit float64 queries (n, d) through the bound: (similarity, id) per query."""
@@ -240,13 +294,10 @@ class ProjBoundIndex(ExactBacked):
         best, arg = self._rescore(q64, qi[small], ki[small])
         if bool(over.any()):
             best[over], arg[over] = self._full_scan(q64[over])
-        closed = ~(best > self.floor)  # no key exceeds the floor: the floor bounds the maximum
-        best = best.masked_fill(closed, self.floor)
-        arg = arg.masked_fill(closed, -1)
         self.stats["decided"] += int((counts == 0).sum())
         self.stats["candidates"] += int(counts.sum())
         self.stats["full_scans"] += int(over.sum())
-        return best, torch.where(arg >= 0, self.exact._ids[arg.clamp_min(0)], arg)
+        return self._closed(best, arg)
 
     @property
     def nbytes(self) -> int:
@@ -259,5 +310,5 @@ class ProjBoundIndex(ExactBacked):
 
 @register(r"Proj(?P<rank>\d+)")
 def _proj(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
-    keep = {k: options[k] for k in ("floor", "device", "max_candidates") if k in options}
+    keep = {k: options[k] for k in ("floor", "device", "max_candidates", "adaptive") if k in options}
     return ProjBoundIndex(dim, int(m.group("rank")), **keep)

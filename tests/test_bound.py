@@ -186,3 +186,34 @@ def test_basis_and_projections_are_saved_with_the_keys(spec: str, tmp_path) -> N
     back.add(np.arange(1000, 1010), clustered(10, 48, g))
     back.remove(np.arange(1, 50, 3))
     check(back, q)
+
+
+def test_both_paths_of_the_chooser_answer_alike_and_the_cheaper_runs() -> None:
+    """The adaptive choice sends a batch through the bound or through a plain scan: the same
+    decisions, ids and similarities either way; once both are timed, the cheaper one runs and
+    the other is re-timed every `probe`-th search."""
+    from neuraldb.index.bound import ScanChooser
+
+    g = torch.Generator().manual_seed(5)
+    keys = clustered(3000, 48, g)
+    near = keys[torch.randint(0, 3000, (60,), generator=g)] + 0.3 * torch.randn(60, 48, generator=g)
+    queries = torch.cat([near, torch.randn(60, 48, generator=g)])
+    idx = make_index("Proj12", 48, floor=GAMMA)
+    idx.add(np.arange(3000) * 3 + 1, keys)
+    idx.train(torch.randn(500, 48, generator=g))
+    answers = []
+    for bound in (True, False):
+        idx.chooser.pick = lambda n, b=bound: b  # force the path
+        check(idx, queries)
+        answers.append(idx.search(queries))
+    assert torch.equal(answers[0][0], answers[1][0]) and torch.equal(answers[0][1], answers[1][1])
+    assert idx.stats["scanned_batches"] >= 1
+
+    c = ScanChooser(probe=4)
+    assert c.pick(10) is True  # untimed: the bound first
+    c.record(10, True, 10 * 3.0)
+    assert c.pick(10) is False  # then the scan
+    c.record(10, False, 10 * 1.0)
+    picks = [c.pick(10) for _ in range(8)]
+    assert picks.count(False) == 6 and picks.count(True) == 2  # the scan, with a probe of the bound
+    assert c.pick(1000) is True  # another batch size is timed on its own
