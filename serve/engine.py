@@ -106,6 +106,8 @@ class ServeEngine:
         if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not is_database(path):
             raise DatabaseError(f"{path}: exists and is not a neuraldb database")
         if is_database(path):
+            if cfg.edit_config is not None:
+                log.warning("%s: an existing database keeps its own config; --config is ignored", path)
             name = cfg.model or str(read_meta(path, verify_files=False)["model"].get("name") or "smollm2-135m")
             model, tok = load_model(name)
             stored = read_db(path, device=model_device(model))
@@ -242,7 +244,12 @@ class ServeEngine:
             nbytes = self.wal.append(self.seq, change)
             self.metrics.inc("neuraldb_wal_appended_bytes_total", nbytes, "bytes appended to the write-ahead log")
             results.append((j, change, None))
-        self.wal.sync()  # raises on failure: the worker stops, nothing below is acknowledged
+        try:
+            self.wal.sync()
+        except BaseException as exc:  # not durable: no writer is told otherwise; the worker stops
+            for j, _, _ in results:
+                j.done(None, JobError(503, f"the write was not made durable ({exc}); the server stopped"))
+            raise
         self.metrics.inc("neuraldb_wal_fsyncs_total", 1, "fsyncs of the write-ahead log (one per write group)")
         with self.facts_lock:
             for _, change, err in results:

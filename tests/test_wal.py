@@ -143,3 +143,27 @@ def _with_seq(db: NeuralDB, seq: int):
     state = db.state()
     state.meta["wal_seq"] = seq
     return state
+
+
+def test_a_failed_fsync_acknowledges_nothing_and_stops_the_worker(tiny_model_dir, tmp_path) -> None:
+    import threading
+
+    from neuraldb.serve.engine import Job, JobError
+
+    eng = ServeEngine(EngineConfig(tmp_path / "db", str(tiny_model_dir), edit_config=CFG))
+
+    def broken_sync() -> None:
+        raise OSError(5, "Input/output error")
+
+    eng.wal.sync = broken_sync
+    eng.start()
+    got, done = [], threading.Event()
+    eng.submit(Job("write", ("add", FACTS[:1]), lambda r, e: (got.append((r, e)), done.set())))
+    assert done.wait(60)
+    (res, err), = got
+    assert res is None and isinstance(err, JobError) and err.status == 503 and "not made durable" in err.message
+    eng._thread.join(10)
+    assert eng.fatal is not None and not eng.alive
+    with pytest.raises(JobError, match="engine stopped"):
+        eng.submit(Job("generate", None, lambda r, e: None))
+    eng.db.detach()
