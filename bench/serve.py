@@ -251,13 +251,15 @@ def main(argv: list[str] | None = None) -> None:
         write = [dict(f, id=f"w{i}", subject=f"{f['subject']} Jr.") for i, f in enumerate(db_facts)]
     rows = []
     top = max(args.clients)
-    if "db" not in args.skip:
-        rows += [scenario(args, f"db, {k} clients", args.db, k, prompts) for k in args.clients]
-    if "batch1" not in args.skip:
-        rows.append(scenario(args, f"db, {args.batch_k} clients, batch 1", args.db, args.batch_k, prompts,
-                             ["--max-batch", "1"]))
-    if "empty" not in args.skip:
-        rows += [scenario(args, f"empty, {k} clients", None, k, prompts) for k in sorted({args.batch_k, top})]
+    # compared rows run back to back (the database, then the empty one, then one at a time), so
+    # a machine whose load drifts during the bench shifts both sides of a ratio alike
+    for k in args.clients:
+        if "db" not in args.skip:
+            rows.append(scenario(args, f"db, {k} clients", args.db, k, prompts))
+        if "empty" not in args.skip and k in (args.batch_k, top):
+            rows.append(scenario(args, f"empty, {k} clients", None, k, prompts))
+        if "batch1" not in args.skip and k == args.batch_k:
+            rows.append(scenario(args, f"db, {k} clients, batch 1", args.db, k, prompts, ["--max-batch", "1"]))
     if "writer" not in args.skip:
         rows.append(scenario(args, f"db, {top} clients + writer", args.db, top, prompts, facts=write))
     kill = kill_trials(args, args.db, prompts, write) if "kill" not in args.skip and args.kills else None
