@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_meta(args.db, verify_files=False)
     args.model = args.model or meta["model"]["name"]
     args.out.mkdir(parents=True, exist_ok=True)
-    args.config = args.out / "db-config.yaml"
+    args.config = (args.out / "db-config.yaml").resolve()
     args.config.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
     if wal_path(args.db).exists():
         raise FileNotFoundError(f"{wal_path(args.db)}: the database has a pending log; serve and stop it first")

@@ -13,6 +13,14 @@ from pathlib import Path
 import httpx
 
 
+PATH_OPTIONS = ("--config",)
+
+
+def absolute_paths(args: list[str]) -> list[str]:
+    """Server options with the values of path options (`--config`) made absolute."""
+    return [os.path.abspath(a) if i and args[i - 1] in PATH_OPTIONS else a for i, a in enumerate(args)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -24,7 +32,10 @@ class ServerProcess:
 
     def __init__(self, db: str | Path, model: str | Path | None = None, args: list[str] | None = None,
                  log: str | Path | None = None, api_key: str | None = None, threads: int | None = 1) -> None:
-        self.db, self.model, self.args, self.api_key = Path(db), model, list(args or []), api_key
+        # absolute: the child runs in the database's parent directory
+        self.db, self.api_key = Path(os.path.abspath(db)), api_key
+        self.model = os.path.abspath(model) if model is not None and Path(model).exists() else model
+        self.args = absolute_paths(list(args or []))
         self.log = Path(log) if log else self.db.parent / f"{self.db.name}.server.log"
         self.threads = threads
         self.port, self.proc, self.fh, self.started_s = 0, None, None, float("nan")
