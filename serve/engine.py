@@ -161,15 +161,13 @@ class ServeEngine:
                     self._maybe_checkpoint(idle=True)
                     continue
                 jobs, n_gen = [first], int(first.kind == "generate")
-                while True:  # everything queued now, up to max_batch generations
+                while n_gen < self.cfg.max_batch:  # everything queued now, up to max_batch generations
                     try:
                         j = self._q.get_nowait()
                     except queue.Empty:
                         break
                     jobs.append(j)
                     n_gen += j.kind == "generate"
-                    if n_gen >= self.cfg.max_batch:
-                        break
                 stop = any(j.kind == "stop" for j in jobs)
                 self._turn([j for j in jobs if j.kind != "stop"])
                 if stop:

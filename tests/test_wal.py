@@ -167,3 +167,27 @@ def test_a_failed_fsync_acknowledges_nothing_and_stops_the_worker(tiny_model_dir
     with pytest.raises(JobError, match="engine stopped"):
         eng.submit(Job("generate", None, lambda r, e: None))
     eng.db.detach()
+
+
+def test_generations_are_batched_up_to_max_batch(tiny_model_dir, tmp_path, tokenizer) -> None:
+    """Requests queued together run as one batch, never more than max_batch at once."""
+    import threading
+
+    from neuraldb.serve.engine import Job
+    from neuraldb.serve.generate import Sampling
+
+    for max_batch, want in ((1, [1, 1, 1, 1, 1]), (4, [4, 1])):
+        eng = ServeEngine(EngineConfig(tmp_path / f"db{max_batch}", str(tiny_model_dir), max_batch=max_batch,
+                                       edit_config=CFG))
+        sizes, done = [], threading.Semaphore(0)
+        eng.metrics.observe = lambda name, value, *a, **k: sizes.append(int(value)) if name == \
+            "neuraldb_batch_size" else None
+        ids = tokenizer("Where is")["input_ids"]
+        for _ in range(5):  # all queued before the worker starts
+            eng.submit(Job("generate", Sampling(ids, 3, 0.0), lambda r, e: done.release()))
+        eng.start()
+        for _ in range(5):
+            assert done.acquire(timeout=60)
+        assert sizes == want
+        eng.stop()
+        eng.db.detach()
