@@ -220,16 +220,17 @@ class NeuralDB:
     def plan_add(self, facts: Fact | Iterable[Fact]) -> Change:
         """What `add(facts)` writes, computed on the unedited model and not yet applied."""
         facts = [facts] if isinstance(facts, Fact) else list(facts)
+        if not facts:
+            return Change("add", (), (), torch.zeros(0, self.d_key), (), (), torch.zeros(0, self.d_res))
         fresh = self.prefixes is None
         ids = list(range(self.next_id, self.next_id + len(facts)))
         t0 = time.perf_counter()
-        keys = self.encode_keys(facts) if facts else torch.zeros(0, self.d_key)
+        keys = self.encode_keys(facts)
         keys_s = time.perf_counter() - t0
-        old = self.same_subject(map(subject_key, facts)) if self.config.subject_groups and facts else []
+        old = self.same_subject(map(subject_key, facts)) if self.config.subject_groups else []
         # a group's facts are optimised in id order (the stored ones, then the new), whatever
         # order they arrived in: Adam's first steps follow gradient signs, so order matters
-        res = self.encode_residuals([self.facts[i] for i in old] + facts) if facts \
-            else torch.zeros(0, self.d_res)  # (O + F, d_res)
+        res = self.encode_residuals([self.facts[i] for i in old] + facts)  # (O + F, d_res)
         self.timings["keys_s"] = keys_s
         return Change("add", tuple(ids), tuple(facts), keys, (), tuple(old) + tuple(ids), res,
                       self._new_prefixes(fresh))
@@ -300,8 +301,9 @@ class NeuralDB:
         missing = [i for i in ids if i not in self.facts]
         if missing:
             raise KeyError(f"no fact with id(s) {missing[:10]}")
-        ids = sorted(set(ids))
-        rest = [i for i in self.same_subject(subject_key(self.facts[i]) for i in ids) if i not in set(ids)] \
+        gone = set(ids)
+        ids = sorted(gone)
+        rest = [i for i in self.same_subject(subject_key(self.facts[i]) for i in ids) if i not in gone] \
             if self.config.subject_groups else []
         res = self.encode_residuals([self.facts[i] for i in rest]) if rest else torch.zeros(0, self.d_res)
         return Change("remove", (), (), torch.zeros(0, self.d_key), tuple(ids), tuple(rest), res)

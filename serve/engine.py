@@ -274,8 +274,8 @@ class ServeEngine:
             self.wal.records and time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval_s)
         if due:
             self._checkpoint()
-        elif idle:
-            self._last_checkpoint = time.monotonic() if not self.wal.records else self._last_checkpoint
+        elif idle and not self.wal.records:  # nothing pending: the interval counts from now
+            self._last_checkpoint = time.monotonic()
 
     def _checkpoint(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -338,4 +338,4 @@ class ServeEngine:
         m.gauge("neuraldb_facts", len(self.db), "facts in the database")
         m.gauge("neuraldb_wal_bytes", self.wal.size, "size of the write-ahead log")
         m.gauge("neuraldb_wal_records", self.wal.records, "records in the write-ahead log since the checkpoint")
-        m.gauge("neuraldb_queue_depth", self._q.qsize() if hasattr(self, "_q") else 0, "jobs waiting for the worker")
+        m.gauge("neuraldb_queue_depth", self._q.qsize(), "jobs waiting for the worker")
