@@ -136,18 +136,6 @@ def fresh_copy(src: Path | None, work: Path, name: str) -> Path:
     return dst
 
 
-def all_facts(url: str) -> dict[int, dict]:
-    out, after = {}, None
-    with httpx.Client(timeout=60) as c:
-        while True:
-            page = c.get(url + "/v1/facts", params={"limit": 1000, **({"after": after} if after is not None else {})}
-                         ).json()
-            out.update({d["id"]: d["fact"] for d in page["data"]})
-            if not page["has_more"]:
-                return out
-            after = page["last_id"]
-
-
 def scenario(args: argparse.Namespace, name: str, db: Path | None, clients: int, prompts: list[str],
              extra: list[str] | None = None, facts: list[dict] | None = None) -> dict[str, Any]:
     path = fresh_copy(db, args.work, name.replace(" ", "_").replace(",", ""))
@@ -175,7 +163,7 @@ def kill_trials(args: argparse.Namespace, db: Path, prompts: list[str], facts: l
     clients = max(args.clients)
     load, restarts, lost, rng = Load(), [], [], random.Random(args.seed)
     s = ServerProcess(path, None, args.server_args, log=path.parent / "server.log", threads=args.threads).start()
-    base = set(all_facts(s.url))
+    base = set(s.facts())
     for trial in range(args.kills):
         threads = run_load(s, args, clients, rng.uniform(0.5, 1.0) * args.kill_after, prompts, facts, load)[2]
         s.kill()
@@ -184,7 +172,7 @@ def kill_trials(args: argparse.Namespace, db: Path, prompts: list[str], facts: l
         t0 = time.perf_counter()
         s = ServerProcess(path, None, args.server_args, log=path.parent / "server.log", threads=args.threads).start()
         restarts.append(time.perf_counter() - t0)
-        now = all_facts(s.url)
+        now = s.facts()
         missing = [i for i, rec in load.acked.items() if now.get(i) != rec]
         lost += missing
         print(f"kill -9 #{trial + 1}: restart {restarts[-1]:.1f}s, {len(now)} facts, {len(load.acked)} acked writes, "

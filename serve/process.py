@@ -72,6 +72,18 @@ class ServerProcess:
         self.kill()
         raise RuntimeError(f"server did not answer /health in {timeout}s: {self.tail()}")
 
+    def facts(self) -> dict[int, dict]:
+        """Every stored fact, {db id: record}, read page by page from GET /v1/facts."""
+        out, after = {}, None
+        with httpx.Client(timeout=60, headers=self.headers()) as c:
+            while True:
+                page = c.get(self.url + "/v1/facts",
+                             params={"limit": 1000, **({"after": after} if after is not None else {})}).json()
+                out.update({d["id"]: d["fact"] for d in page["data"]})
+                if not page["has_more"]:
+                    return out
+                after = page["last_id"]
+
     def tail(self, n: int = 3000) -> str:
         if self.fh is not None and not self.fh.closed:
             self.fh.flush()

@@ -17,17 +17,6 @@ TRIALS = 24
 WRITERS = 3
 
 
-def all_facts(s: Server) -> dict[int, dict]:
-    out, after = {}, None
-    while True:
-        page = httpx.get(s.url + "/v1/facts", params={"limit": 1000, **({"after": after} if after is not None else {})},
-                         timeout=30).json()
-        out.update({d["id"]: d["fact"] for d in page["data"]})
-        if not page["has_more"]:
-            return out
-        after = page["last_id"]
-
-
 class Ledger:
     """What the writers were told (acked) and what they never heard back about (in doubt)."""
 
@@ -107,7 +96,7 @@ def test_kill_9_while_writing_loses_no_acknowledged_write(tiny_model_dir: Path, 
     for trial in range(TRIALS):
         s = Server(tmp_path / "db", tiny_model_dir, args, log=tmp_path / "server.log").start()
         restarts.append(s.started_s)
-        ledger.check(all_facts(s))
+        ledger.check(s.facts())
         stop = threading.Event()
         threads = [threading.Thread(target=writer, args=(s, ledger, random.Random(rng.random()), f"t{trial}w{w}", stop))
                    for w in range(WRITERS)]
@@ -119,10 +108,10 @@ def test_kill_9_while_writing_loses_no_acknowledged_write(tiny_model_dir: Path, 
         for t in threads:
             t.join(60)
     s = Server(tmp_path / "db", tiny_model_dir, args, log=tmp_path / "server.log").start()
-    facts = all_facts(s)
+    facts = s.facts()
     ledger.check(facts)
     assert len(ledger.acked) > 50 and ledger.deleted, (len(ledger.acked), len(ledger.deleted))
     assert s.stop() == 0
     s = Server(tmp_path / "db", tiny_model_dir, args, log=tmp_path / "server.log").start()  # after a clean stop
-    assert all_facts(s) == facts and httpx.get(s.url + "/health").json()["replayed"] == 0
+    assert s.facts() == facts and httpx.get(s.url + "/health").json()["replayed"] == 0
     assert s.stop() == 0
