@@ -7,6 +7,12 @@ can neither win nor open the gate; the rest are re-scored in float64 against the
 Gate decisions and winning ids equal exact float64 search for every query, whatever the basis:
 the basis (PCA of the keys, plus a query sample given to `train`) only decides the speed.
 
+Queries are projected once, in float64, and |q_perp| is bounded from above by
+1 - 2 Pq.p + |p|^2 (1 + |P P^T - I|) with p the fp32 projection used (no second pass over the
+basis). On CPUs whose bf16 matmul accumulates in fp32 and runs faster (AMX, AVX512-BF16: probed
+once), the bound's (n, M) product runs on a bf16 copy of the rows at half the bytes, its cut
+lowered by `low_slack` (about 4 bf16 roundings, 0.016): more candidates, the same answers.
+
 Where no key exceeds the floor the gate is closed and the index returns (floor, -1): the floor
 bounds the true maximum from above, and no (n, M) argmax is paid for an answer nobody uses. Similarities
 are float64 so that `sims > gamma` decides exactly as float64 search does. Ties go to the
@@ -42,6 +48,47 @@ def bound_slack(dim: int, rank: int, ortho_err: float) -> float:
 def scan_margin(dim: int) -> float:
     """An fp32 scan keeps every key within 2 (gamma_d + u) of its maximum: the true best is among them."""
     return 1.01 * 2 * (_gamma(dim) + _U)
+
+
+_U_BF16 = 2.0**-8  # bf16 unit roundoff (8 significant bits)
+
+
+def low_slack(rank: int, norm_a: float, norm_b: float) -> float:
+    """How far a bf16 product of the bound's rows [Pq, |q_perp|] . [Pk, |k_perp|] can fall below
+    its fp32 value, worst case: both operands rounded to bf16 (2u |a||b|), fp32 accumulation
+    (gamma_{r+1}) and the product's own rounding to bf16 (at most 2u |a||b| even if truncated)."""
+    ab = norm_a * norm_b
+    return 1.01 * ((4 * _U_BF16 + _U_BF16**2) * ab + 2 * _gamma(rank + 1) * ab) + 1e-30 * (rank + 1)
+
+
+def bf16_below(x: float) -> torch.Tensor:
+    """The largest bf16 value <= x (a 0-dim tensor): a bf16 tensor compared with a Python float
+    would round the float to bf16, possibly upwards."""
+    b = torch.tensor(x, dtype=torch.float64).bfloat16()
+    return b if float(b) <= x else torch.nextafter(b, torch.tensor(float("-inf"), dtype=torch.bfloat16))
+
+
+def bf16_fits(device: torch.device, rank: int) -> bool:
+    """Whether bf16 matmuls on `device` accumulate in fp32 (a bf16 accumulator stalls at 256 when
+    adding ones) and beat fp32 on a bound-sized product: a one-time probe, since the slack of
+    `low_slack` holds only for fp32 accumulation and the gain depends on the hardware."""
+    ones = torch.ones(4, 1024, dtype=torch.bfloat16, device=device)
+    if not bool(((ones @ ones.T).float() == 1024).all()):
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = torch.randn(16, rank + 1, generator=g).to(device), torch.randn(8192, rank + 1, generator=g).to(device)
+    la, lb = a.bfloat16(), b.bfloat16()
+
+    def best(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: la @ lb.T) < 0.7 * best(lambda: a @ b.T)
 
 
 class ScanChooser:
@@ -81,19 +128,29 @@ class ProjBoundIndex(ExactBacked):
     """Options: floor (the gate's gamma; required for any pruning), max_candidates (candidates
     per query above which that query takes an fp32 scan of all keys instead), adaptive (on a
     CPU, let a `ScanChooser` send whole batches to a plain scan when that is measured cheaper),
-    device."""
+    low ("auto": on a CPU, bound in bf16 where `bf16_fits` says it accumulates in fp32 and runs
+    faster; "bf16"; "fp32"), device. A bf16 bound only widens the slack (`low_slack`): the
+    candidates it keeps are re-scored in float64 as before, so the answers stay exact."""
 
     block_elems = 1 << 26  # queries are bounded in blocks of at most this many (query, key) pairs
 
     def __init__(self, dim: int, rank: int, floor: float = -1.0, max_candidates: int = 256,
-                 device: Any = "cpu", sample: int = 8192, adaptive: bool = True) -> None:
+                 device: Any = "cpu", sample: int = 8192, adaptive: bool = True, low: str = "auto") -> None:
         if not 0 < rank < dim:
             raise ValueError(f"Proj{rank}: rank must be in (0, {dim})")
+        if low not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"Proj{rank}: low must be 'auto', 'bf16' or 'fp32', not {low!r}")
         self.spec, self.dim, self.rank = f"Proj{rank}", dim, rank
         self.floor, self.max_candidates, self.sample = floor, max_candidates, sample
         self.exact = TorchIndex(dim, device=device)
         self.device = self.exact.device
         self._basis: torch.Tensor | None = None  # (r, d) fp32, orthonormal rows
+        self._basis64: torch.Tensor | None = None  # the same in float64: queries are projected in it
+        self._ortho = 0.0  # |P P^T - I| of the fitted basis
+        self.low = low
+        self._low: torch.Tensor | None = None  # (M, r+1) bf16 copy of _proj when the bound runs in bf16
+        self._low_slack, self._low_norm = 0.0, 0.0
+        self._low_ok: bool | None = None  # bf16_fits, probed once
         self._slack = bound_slack(dim, rank, 0.0)
         self._proj = torch.zeros(0, rank + 1, device=self.device)  # (M, r+1): [Pk, |k_perp|]
         self._queries: torch.Tensor | None = None  # (n, d) unit query sample for the basis
@@ -138,7 +195,10 @@ class ProjBoundIndex(ExactBacked):
     def _set_basis(self, basis: torch.Tensor) -> None:
         """Take `basis` (r, d) and the slack its deviation from orthonormality costs."""
         ortho = (basis.double() @ basis.double().T - torch.eye(self.rank, dtype=torch.float64, device=self.device))
-        self._basis, self._slack = basis.to(self.device), bound_slack(self.dim, self.rank, float(ortho.norm()))
+        self._ortho = float(ortho.norm())  # Frobenius: bounds the spectral norm of P P^T - I
+        self._basis, self._slack = basis.to(self.device), bound_slack(self.dim, self.rank, self._ortho)
+        self._basis64 = self._basis.double()
+        self._low = None
 
     # -- saving: the basis and every live row's projection travel with the keys ------------------
     def _state(self) -> dict[str, Any]:
@@ -172,7 +232,7 @@ class ProjBoundIndex(ExactBacked):
             k = keys[s : s + (1 << 15)].float()
             pk = k @ self._basis.T  # (b, r)
             out[s : s + k.shape[0], :-1] = pk
-            out[s : s + k.shape[0], -1] = (k.double() - pk.double() @ self._basis.double()).norm(dim=1).float()
+            out[s : s + k.shape[0], -1] = (k.double() - pk.double() @ self._basis64).norm(dim=1).float()
         return out
 
     def _sync(self) -> None:
@@ -183,9 +243,31 @@ class ProjBoundIndex(ExactBacked):
                 return
         if self._version != self.exact.compactions or self._proj.shape[0] > n:
             self._proj = self._project(self.exact._keys[:n])
-            self._version = self.exact.compactions
+            self._version, self._low = self.exact.compactions, None
         elif self._proj.shape[0] < n:
             self._proj = torch.cat([self._proj, self._project(self.exact._keys[self._proj.shape[0] : n])])
+        if self._bf16():
+            done = 0 if self._low is None else self._low.shape[0]
+            if done < self._proj.shape[0]:
+                new = self._proj[done:]
+                self._low = new.bfloat16() if self._low is None else torch.cat([self._low, new.bfloat16()])
+                self._note_rows(new, fresh=done == 0)
+
+    def _note_rows(self, rows: torch.Tensor, fresh: bool = False) -> None:
+        """Widen the bf16 slack to the largest stored row norm (about 1 for unit keys)."""
+        top = float(rows.norm(dim=1).max()) if rows.shape[0] else 0.0
+        self._low_norm = top if fresh else max(self._low_norm, top)
+        # a query's row [Pq, |q_perp|] has norm |q| = 1 up to the projection's own error
+        self._low_slack = low_slack(self.rank, 1.0 + self._slack, self._low_norm)
+
+    def _bf16(self) -> bool:
+        if self.low == "fp32":
+            return False
+        if self.low == "bf16":
+            return True
+        if self._low_ok is None:
+            self._low_ok = self.device.type == "cpu" and bf16_fits(self.device, self.rank)
+        return self._low_ok
 
     # -- mutation -------------------------------------------------------------------------------
     def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
@@ -196,6 +278,9 @@ class ProjBoundIndex(ExactBacked):
             rows = rows[rows < self._proj.shape[0]]  # rewritten rows; appended ones come on sync
             if rows.numel():
                 self._proj[rows] = self._project(self.exact._keys[rows])
+                if self._low is not None:
+                    self._low[rows] = self._proj[rows].bfloat16()
+                    self._note_rows(self._proj[rows])
 
     def remove(self, ids: Any) -> int:
         return self.exact.remove(as_ids(ids))  # dead rows are masked in search
@@ -205,6 +290,8 @@ class ProjBoundIndex(ExactBacked):
         self.device = self.exact.device
         self._proj = self._proj.to(self.device)
         self._basis = None if self._basis is None else self._basis.to(self.device)
+        self._basis64 = None if self._basis is None else self._basis.double()
+        self._low, self._low_ok = None, None  # re-made (and re-probed) on the next search
         self._queries = None if self._queries is None else self._queries.to(self.device)
         return self
 
@@ -281,11 +368,19 @@ class ProjBoundIndex(ExactBacked):
     def _bounded(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Search unit float64 queries (n, d) through the bound: (similarity, id) per query."""
         n = q64.shape[0]
-        q = q64.float()
-        pq = q @ self._basis.T  # (n, r)
-        qperp = (q64 - pq.double() @ self._basis.double()).norm(dim=1).float()  # (n,)
-        upper = torch.cat([pq, qperp[:, None]], 1) @ self._proj.T  # (n, M): >= q.k - slack
-        qi, ki = torch.nonzero(upper >= self.floor - self._slack, as_tuple=True)  # candidate pairs
+        p64 = q64 @ self._basis64.T  # (n, r): one float64 product, no second pass over the basis
+        pq = p64.float()  # the projection the bound uses
+        # |q - P^T pq|^2 = 1 - 2 Pq.pq + pq.(P P^T) pq <= 1 - 2 Pq.pq + |pq|^2 (1 + |P P^T - I|)
+        sq = 1 - 2 * (p64 * pq.double()).sum(1) + pq.double().square().sum(1) * (1 + self._ortho)
+        qperp = (sq.clamp_min(0) + 1e-12).sqrt().float()  # (n,): an upper bound on |q_perp|
+        a = torch.cat([pq, qperp[:, None]], 1)  # (n, r+1)
+        if self._low is not None:
+            upper = a.bfloat16() @ self._low.T  # (n, M) bf16: >= q.k - slack - low slack
+            cut = bf16_below(self.floor - self._slack - self._low_slack)  # compared in bf16: rounded down
+        else:
+            upper = a @ self._proj.T  # (n, M): >= q.k - slack
+            cut = self.floor - self._slack
+        qi, ki = torch.nonzero(upper >= cut, as_tuple=True)  # candidate pairs
         keep = self.exact._valid[ki]  # dead rows are zero: drop them here, not by masking (n, M)
         qi, ki = qi[keep], ki[keep]
         counts = torch.bincount(qi, minlength=n)  # (n,)
@@ -301,14 +396,15 @@ class ProjBoundIndex(ExactBacked):
 
     @property
     def nbytes(self) -> int:
-        return self.exact.nbytes + 4 * self._proj.nelement() + (0 if self._basis is None else 4 * self._basis.nelement())
+        low = 0 if self._low is None else 2 * self._low.nelement()
+        return self.exact.nbytes + 4 * self._proj.nelement() + low + (0 if self._basis is None else 12 * self._basis.nelement())
 
     @property
     def scanned_bytes_per_key(self) -> int:
-        return 4 * (self.rank + 1)  # the bound's row; candidates add 4 * dim each
+        return (2 if self._low is not None else 4) * (self.rank + 1)  # the bound's row; candidates add 4 * dim each
 
 
 @register(r"Proj(?P<rank>\d+)")
 def _proj(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
-    keep = {k: options[k] for k in ("floor", "device", "max_candidates", "adaptive") if k in options}
+    keep = {k: options[k] for k in ("floor", "device", "max_candidates", "adaptive", "low") if k in options}
     return ProjBoundIndex(dim, int(m.group("rank")), **keep)

@@ -21,13 +21,13 @@ def reference(keys: torch.Tensor, ids: np.ndarray, queries: torch.Tensor) -> tup
     return best, tied.min(1).values
 
 
-def check(idx: KeyIndex, queries: torch.Tensor, atol: float = 1e-12) -> None:
+def check(idx: KeyIndex, queries: torch.Tensor, atol: float = 1e-12, gamma: float = GAMMA) -> None:
     """Float64 decisions and ids; `atol` 1e-6 for an fp32 scan (`Flat`), whose similarities are fp32."""
     ids, keys = idx.export()
     want_sim, want_id = reference(keys, ids, queries)
     sim, got = idx.search(queries)
     sim = sim.double()
-    want_open, got_open = want_sim > GAMMA, sim > GAMMA
+    want_open, got_open = want_sim > gamma, sim > gamma
     assert torch.equal(got_open, want_open)
     assert torch.equal(got[want_open], want_id[want_open])
     assert torch.allclose(sim[want_open], want_sim[want_open], rtol=0, atol=atol)
@@ -41,13 +41,14 @@ def clustered(m: int, d: int, g: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
+@pytest.mark.parametrize("low", ["bf16", "fp32"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("rank", [4, 24])
-def test_random_and_clustered_keys(seed: int, rank: int) -> None:
+def test_random_and_clustered_keys(seed: int, rank: int, low: str) -> None:
     g = torch.Generator().manual_seed(seed)
     d, m = 48, 300
     for keys in (torch.randn(m, d, generator=g), clustered(m, d, g)):
-        idx = make_index(f"Proj{rank}", d, floor=GAMMA)
+        idx = make_index(f"Proj{rank}", d, floor=GAMMA, low=low)
         idx.add(np.arange(m) * 3 + 1, keys)
         near = keys[torch.randint(0, m, (40,), generator=g)] + 0.3 * torch.randn(40, d, generator=g)
         queries = torch.cat([near, torch.randn(40, d, generator=g), clustered(40, d, g)])
@@ -56,7 +57,8 @@ def test_random_and_clustered_keys(seed: int, rank: int) -> None:
         check(idx, queries)
 
 
-def test_adversarial_near_gamma_and_ties() -> None:
+@pytest.mark.parametrize("low", ["bf16", "fp32"])
+def test_adversarial_near_gamma_and_ties(low: str) -> None:
     g = torch.Generator().manual_seed(5)
     d = 32
     base = torch.nn.functional.normalize(torch.randn(200, d, generator=g), dim=1)
@@ -69,7 +71,7 @@ def test_adversarial_near_gamma_and_ties() -> None:
         c = GAMMA + eps
         near.append(c * q + (1 - c * c) ** 0.5 * perp)
     for i, k in enumerate(near):
-        idx = make_index("Proj8", d, floor=GAMMA)
+        idx = make_index("Proj8", d, floor=GAMMA, low=low)
         idx.add(np.arange(200), base)
         idx.add([1000 + i], k[None].float(), unit=True)
         check(idx, q[None].float())
@@ -84,11 +86,12 @@ def test_adversarial_near_gamma_and_ties() -> None:
     assert int(got[0]) == 905 and float(sim[0]) == pytest.approx(1.0)
 
 
-def test_edits_reloads_query_training_and_overflow(tmp_path) -> None:
+@pytest.mark.parametrize("low", ["bf16", "fp32"])
+def test_edits_reloads_query_training_and_overflow(tmp_path, low: str) -> None:
     g = torch.Generator().manual_seed(9)
     d, m = 40, 400
     keys = clustered(m, d, g)
-    idx = make_index("Proj6", d, floor=GAMMA, max_candidates=3)  # tiny cap: overflow path runs
+    idx = make_index("Proj6", d, floor=GAMMA, max_candidates=3, low=low)  # tiny cap: overflow path runs
     idx.add(np.arange(m), keys)
     queries = torch.cat([keys[:50] + 0.2 * torch.randn(50, d, generator=g), torch.randn(50, d, generator=g)])
     check(idx, queries)
@@ -100,10 +103,64 @@ def test_edits_reloads_query_training_and_overflow(tmp_path) -> None:
     idx.add(np.arange(5000, 6000), clustered(1000, d, g))  # the table more than doubles: refit
     check(idx, queries)
     idx.save(tmp_path / "i.safetensors")
-    back = KeyIndex.load(tmp_path / "i.safetensors", floor=GAMMA)
+    back = KeyIndex.load(tmp_path / "i.safetensors", floor=GAMMA, low=low)
     assert back.spec == "Proj6" and np.array_equal(back.ids(), idx.ids())
     check(back, queries)
     assert idx.stats["decided"] > 0 and idx.stats["full_scans"] > 0
+
+
+@pytest.mark.parametrize("low", ["bf16", "fp32"])
+def test_bound_where_it_is_tight(low: str) -> None:
+    """Keys inside the basis's span, and a query with a part outside it that the near-gamma key
+    shares (k = c q + sqrt(1 - c^2) u, u in the span and orthogonal to q): then q_perp and k_perp
+    are parallel and the bound equals the cosine, so nothing but the slack stands between a
+    rounded product (or an underestimated |q_perp|) and a wrong decision. Keys at gamma +- 1e-7
+    .. 1e-3 and +- one bf16 step decide as float64 does, and the bound did prune. Gamma 0.70125
+    lies just above the midpoint of two bf16 values (0.69921875, 0.703125): a bf16 cut rounded
+    to nearest would prune keys that open."""
+    g = torch.Generator().manual_seed(11)
+    gamma, d, r = 0.70125, 64, 32
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].T  # (d, d) orthonormal
+    span, out = basis[:r], basis[r:]
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    inside = lambda n: unit(torch.randn(n, r, generator=g, dtype=torch.float64) @ span)  # noqa: E731
+    q = unit(0.8 * inside(1)[0] + 0.6 * unit(torch.randn(d - r, generator=g, dtype=torch.float64) @ out))
+    keys = [inside(300)]
+    for eps in (1e-7, -1e-7, 1e-5, -1e-5, 1e-3, -1e-3, 2**-8, -(2**-8)):
+        u = inside(1)[0]
+        u = unit(u - (u @ q) * q)  # still in the span: q's outside part is orthogonal to it
+        c = gamma + eps
+        keys.append((c * q + (1 - c * c) ** 0.5 * u)[None])
+    keys = torch.cat(keys).float()
+    for k in range(300, keys.shape[0]):  # one near-gamma key at a time beside the 300 others
+        idx = make_index(f"Proj{r}", d, floor=gamma, low=low)
+        idx.add(np.arange(301), torch.cat([keys[:300], keys[k : k + 1]]), unit=True)
+        queries = torch.cat([q[None].float(), inside(64).float()])
+        check(idx, queries, gamma=gamma)
+        assert (idx._low is not None) == (low == "bf16") and idx.stats["decided"] > 0
+
+
+def test_bf16_slack_covers_worst_case_rounding() -> None:
+    """Operands whose every component sits just under a bf16 rounding midpoint all round the
+    same way, so their errors add up: the bf16 product falls short of the fp32 one by about
+    2u |a||b| + the output's rounding. `low_slack` covers it; `bf16_below` never rounds up."""
+    from neuraldb.index.bound import bf16_below, low_slack
+
+    g = torch.Generator().manual_seed(2)
+    for r in (8, 64, 512):
+        base = torch.rand(r + 1, generator=g, dtype=torch.float64) + 0.5
+        lo = base.float().bfloat16().double()  # a bf16 grid value near each component
+        ulp = torch.exp2(torch.floor(torch.log2(lo)) - 7)  # bf16 spacing at lo (8 significant bits)
+        a = lo + 0.499 * ulp  # just under the midpoint: rounds down to lo
+        b = a.clone()
+        exact = float(a @ b)
+        low = float((a.float().bfloat16()[None] @ b.float().bfloat16()[:, None]).float())
+        short = exact - low
+        assert short > 2.0**-9 * exact  # the errors did add up: a cut without slack would prune this pair
+        assert short <= low_slack(r, float(a.norm()), float(b.norm()))
+    for x in (0.7, 0.703, 0.78, -0.3, 0.999):
+        b = bf16_below(x)
+        assert b.dtype == torch.bfloat16 and float(b) <= x and float(b) > x - 2.0**-7
 
 
 def test_few_keys_and_no_floor_scan_exactly() -> None:
