@@ -69,7 +69,10 @@ class GatedFFNOut(nn.Module):
                                f"the decoder's pre-hook and this layer saw different batches")
         t0 = time.perf_counter() if self.timings is not None else 0.0
         q = self.space.query(x, context)  # (B*T, d_key)
-        sims, ids = self.index.search(q)  # (B*T,), (B*T,)
+        if mask is not None and q.device.type == "cpu" and not bool(mask.all()):
+            sims, ids = self._search_masked(q, mask.reshape(-1))  # pads and sinks are never searched
+        else:
+            sims, ids = self.index.search(q)  # (B*T,), (B*T,)
         open_ = (ids >= 0) & (sims > self.gamma)
         if mask is not None:
             open_ &= mask.reshape(-1).to(open_.device)
@@ -97,6 +100,18 @@ class GatedFFNOut(nn.Module):
         full = torch.zeros(q.shape[0], d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)
         full[rows] = res
         return gate_add(out.reshape(-1, d_out), open_, full).view(out.shape)  # (B, T, d_model)
+
+    def _search_masked(self, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search only the tokens the mask lets through (on the CPU, where listing them costs no
+        device sync); the others read (-inf, -1), as a search that found nothing."""
+        rows = mask.nonzero()[:, 0]
+        sims = torch.full((q.shape[0],), float("-inf"), dtype=torch.float64, device=q.device)
+        ids = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
+        if rows.numel():
+            s, i = self.index.search(q[rows])
+            sims = sims.to(s.dtype)
+            sims[rows], ids[rows] = s, i.to(ids.dtype)
+        return sims, ids
 
     def hits(self) -> list[Hit]:
         """Tokens where the gate opened in the last forward pass."""

@@ -95,7 +95,9 @@ def test_capture_records_what_the_gate_queries(tokenizer) -> None:
         model(**enc)
     q = space.combine(cap.raw.reshape(-1, space.d_raw))  # (T, dim)
     k = db.index.export()[1]  # (1, dim) unit
-    assert torch.allclose(db.gate.last[0].reshape(-1), (q @ k.T)[:, 0], atol=1e-5)
+    gated = db.gate.last_mask.reshape(-1)  # every token but the first (an attention sink, never searched)
+    assert not bool(gated[0]) and bool(gated[1:].all())
+    assert torch.allclose(db.gate.last[0].reshape(-1)[gated].float(), (q @ k.T)[gated, 0], atol=1e-5)
 
 
 # ----- facts about one subject ---------------------------------------------------------------
