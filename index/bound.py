@@ -150,6 +150,8 @@ class ProjBoundIndex(ExactBacked):
         self.low = low
         self._low: torch.Tensor | None = None  # (M, r+1) bf16 copy of _proj when the bound runs in bf16
         self._low_slack, self._low_norm = 0.0, 0.0
+        self._low_keys: torch.Tensor | None = None  # (M, d) bf16 keys for full scans, made when first needed
+        self._low_keys_version = -1
         self._low_ok: bool | None = None  # bf16_fits, probed once
         self._slack = bound_slack(dim, rank, 0.0)
         self._proj = torch.zeros(0, rank + 1, device=self.device)  # (M, r+1): [Pk, |k_perp|]
@@ -273,6 +275,13 @@ class ProjBoundIndex(ExactBacked):
     def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
         ids = self._check_add(ids, keys)
         self.exact.add(ids, keys, unit=unit)
+        if self._low_keys is not None:  # rows rewritten in place; appended ones come on the next scan
+            if self._low_keys_version != self.exact.compactions:
+                self._low_keys = None
+            else:
+                rows = torch.from_numpy(self.exact.slots_of(ids)).to(self.device)
+                rows = rows[rows < self._low_keys.shape[0]]
+                self._low_keys[rows] = self.exact._keys[rows].bfloat16()
         if self._basis is not None and self._version == self.exact.compactions:
             rows = torch.from_numpy(self.exact.slots_of(ids)).to(self.device)
             rows = rows[rows < self._proj.shape[0]]  # rewritten rows; appended ones come on sync
@@ -291,7 +300,7 @@ class ProjBoundIndex(ExactBacked):
         self._proj = self._proj.to(self.device)
         self._basis = None if self._basis is None else self._basis.to(self.device)
         self._basis64 = None if self._basis is None else self._basis.double()
-        self._low, self._low_ok = None, None  # re-made (and re-probed) on the next search
+        self._low, self._low_ok, self._low_keys = None, None, None  # re-made (and re-probed) on the next search
         self._queries = None if self._queries is None else self._queries.to(self.device)
         return self
 
@@ -316,20 +325,43 @@ class ProjBoundIndex(ExactBacked):
         return best, arg
 
     def _full_scan(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every live key: an fp32 matmul keeps the keys within `scan_margin` of the fp32
-        maximum, which are then re-scored in float64."""
+        """Every live key: an fp32 matmul (or, where the bound runs in bf16, a bf16 one) keeps
+        the keys within twice its error of the maximum and not below the floor by more than its
+        error; they are then re-scored in float64."""
         n_rows = self.exact._n
         valid = self.exact._valid[:n_rows]
-        margin = scan_margin(self.dim)
+        keys = self._scan_keys()
+        if keys.dtype == torch.bfloat16:
+            err = low_slack(self.dim, 1.0 + 1e-6, 1.0 + 1e-6)  # unit float64 queries, fp32 unit keys
+        else:
+            err = scan_margin(self.dim) / 2
         step = max(1, (1 << 26) // max(1, n_rows))  # (step, M) fp32 blocks of at most 256 MB
         qis, kis = [], []
         for s in range(0, q64.shape[0], step):
-            sims = (q64[s : s + step].float() @ self.exact._keys[:n_rows].T).masked_fill(~valid, float("-inf"))
+            sims = (q64[s : s + step].to(keys.dtype) @ keys.T).float().masked_fill(~valid, float("-inf"))  # (step, M)
             top = sims.max(1).values  # (step,)
-            qi, ki = torch.nonzero(sims >= (top - margin)[:, None], as_tuple=True)
+            cut = top - 2 * err
+            if self.floor > -1.0:
+                cut = cut.clamp_min(self.floor - err)  # below the floor by more than the error: closed anyway
+            qi, ki = torch.nonzero(sims >= cut[:, None], as_tuple=True)
             qis.append(qi + s)
             kis.append(ki)
         return self._rescore(q64, torch.cat(qis), torch.cat(kis))
+
+    def _scan_keys(self) -> torch.Tensor:
+        """The stored keys (M, d) a full scan reads: fp32, or a bf16 copy (made on the first scan,
+        kept in step with the keys) where the bound runs in bf16."""
+        n = self.exact._n
+        if self._low is None:
+            return self.exact._keys[:n]
+        if self._low_keys is not None and self._low_keys_version != self.exact.compactions:
+            self._low_keys = None  # rows moved
+        done = 0 if self._low_keys is None else self._low_keys.shape[0]
+        if done < n:
+            new = self.exact._keys[done:n].bfloat16()
+            self._low_keys = new if self._low_keys is None else torch.cat([self._low_keys, new])
+            self._low_keys_version = self.exact.compactions
+        return self._low_keys[:n]
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q64 = queries.to(self.device).double()
@@ -342,6 +374,9 @@ class ProjBoundIndex(ExactBacked):
         if self._basis is None or self.floor <= -1.0:
             self.stats["full_scans"] += n
             best, rows = self._full_scan(q64)
+            if self.floor > -1.0:  # the scan dropped keys below the floor: closed rows read (floor, -1)
+                best, ids = self._closed(best, rows)
+                return best.to(queries.device), ids.to(queries.device)
             return best.to(queries.device), self.exact._ids[rows].to(queries.device)
         bound = self.chooser.pick(n) if self.chooser is not None else True
         t0 = time.perf_counter()
@@ -396,7 +431,7 @@ class ProjBoundIndex(ExactBacked):
 
     @property
     def nbytes(self) -> int:
-        low = 0 if self._low is None else 2 * self._low.nelement()
+        low = sum(2 * t.nelement() for t in (self._low, self._low_keys) if t is not None)
         return self.exact.nbytes + 4 * self._proj.nelement() + low + (0 if self._basis is None else 12 * self._basis.nelement())
 
     @property

@@ -138,6 +138,9 @@ def test_bound_where_it_is_tight(low: str) -> None:
         queries = torch.cat([q[None].float(), inside(64).float()])
         check(idx, queries, gamma=gamma)
         assert (idx._low is not None) == (low == "bf16") and idx.stats["decided"] > 0
+        idx.chooser.pick = lambda n: False  # the same through a full scan (bf16 keys where the bound is bf16)
+        check(idx, queries, gamma=gamma)
+        assert (idx._low_keys is not None) == (low == "bf16")
 
 
 def test_bf16_slack_covers_worst_case_rounding() -> None:
