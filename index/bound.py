@@ -140,7 +140,7 @@ class ProjBoundIndex(ExactBacked):
             raise ValueError(f"Proj{rank}: rank must be in (0, {dim})")
         if low not in ("auto", "bf16", "fp32"):
             raise ValueError(f"Proj{rank}: low must be 'auto', 'bf16' or 'fp32', not {low!r}")
-        self.spec, self.dim, self.rank = f"Proj{rank}", dim, rank
+        self.spec, self.dim, self.rank = f"Proj{rank}" + ("" if low == "auto" else f",{low}"), dim, rank
         self.floor, self.max_candidates, self.sample = floor, max_candidates, sample
         self.exact = TorchIndex(dim, device=device)
         self.device = self.exact.device
@@ -439,7 +439,11 @@ class ProjBoundIndex(ExactBacked):
         return (2 if self._low is not None else 4) * (self.rank + 1)  # the bound's row; candidates add 4 * dim each
 
 
-@register(r"Proj(?P<rank>\d+)")
+@register(r"Proj(?P<rank>\d+)(,(?P<low>bf16|fp32))?")
 def _proj(m: re.Match[str], dim: int, **options: Any) -> KeyIndex:
+    """"Proj{r}": the bound in bf16 where the CPU does it fast and exactly enough, else fp32;
+    "Proj{r},bf16" / "Proj{r},fp32" fix it."""
     keep = {k: options[k] for k in ("floor", "device", "max_candidates", "adaptive", "low") if k in options}
+    if m.group("low"):
+        keep["low"] = m.group("low")
     return ProjBoundIndex(dim, int(m.group("rank")), **keep)

@@ -103,8 +103,8 @@ def test_edits_reloads_query_training_and_overflow(tmp_path, low: str) -> None:
     idx.add(np.arange(5000, 6000), clustered(1000, d, g))  # the table more than doubles: refit
     check(idx, queries)
     idx.save(tmp_path / "i.safetensors")
-    back = KeyIndex.load(tmp_path / "i.safetensors", floor=GAMMA, low=low)
-    assert back.spec == "Proj6" and np.array_equal(back.ids(), idx.ids())
+    back = KeyIndex.load(tmp_path / "i.safetensors", floor=GAMMA)  # the spec carries low
+    assert back.spec == idx.spec == f"Proj6,{low}" and back.low == low and np.array_equal(back.ids(), idx.ids())
     check(back, queries)
     assert idx.stats["decided"] > 0 and idx.stats["full_scans"] > 0
 
