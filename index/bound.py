@@ -133,6 +133,7 @@ class ProjBoundIndex(ExactBacked):
     candidates it keeps are re-scored in float64 as before, so the answers stay exact."""
 
     block_elems = 1 << 26  # queries are bounded in blocks of at most this many (query, key) pairs
+    fp32_pass_from = 2  # candidate pairs per query above which re-scoring filters in fp32 first
 
     def __init__(self, dim: int, rank: int, floor: float = -1.0, max_candidates: int = 256,
                  device: Any = "cpu", sample: int = 8192, adaptive: bool = True, low: str = "auto") -> None:
@@ -313,7 +314,21 @@ class ProjBoundIndex(ExactBacked):
         arg = torch.full((n,), -1, dtype=torch.long, device=self.device)
         if qi.numel() == 0:
             return best, arg
-        sims = torch.cat([(q64[qi[s : s + 4096]] * self.exact._keys[ki[s : s + 4096]].double()).sum(-1)
+        keys = self.exact._keys
+        if qi.numel() > self.fp32_pass_from * n:  # many pairs: an fp32 pass first, float64 only for its near-maxima
+            q32 = q64.float()
+            s32 = torch.cat([(q32[qi[s : s + 8192]] * keys[ki[s : s + 8192]]).sum(-1)
+                             for s in range(0, qi.numel(), 8192)])  # (pairs,) fp32, within err of the truth
+            err = scan_margin(self.dim) / 2
+            top = torch.full((n,), float("-inf"), device=self.device).scatter_reduce_(0, qi, s32, "amax")
+            cut = top[qi] - 2 * err  # the true maximum's pair is never below it
+            if self.floor > -1.0:
+                cut = cut.clamp_min(self.floor - err)  # nor is any pair that could open
+            keep = s32 >= cut
+            qi, ki = qi[keep], ki[keep]
+            if qi.numel() == 0:
+                return best, arg
+        sims = torch.cat([(q64[qi[s : s + 4096]] * keys[ki[s : s + 4096]].double()).sum(-1)
                           for s in range(0, qi.numel(), 4096)])  # (pairs,) float64
         best.scatter_reduce_(0, qi, sims, "amax")
         big = torch.iinfo(torch.long).max

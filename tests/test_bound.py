@@ -75,6 +75,8 @@ def test_adversarial_near_gamma_and_ties(low: str) -> None:
         idx.add(np.arange(200), base)
         idx.add([1000 + i], k[None].float(), unit=True)
         check(idx, q[None].float())
+        idx.fp32_pass_from = 0  # re-scoring through its fp32 pre-filter: the same answers
+        check(idx, q[None].float())
     # exact ties: the same key under three ids, the smallest id wins
     idx = make_index("Proj8", d, floor=GAMMA)
     idx.add(np.arange(200), base)
@@ -141,6 +143,24 @@ def test_bound_where_it_is_tight(low: str) -> None:
         idx.chooser.pick = lambda n: False  # the same through a full scan (bf16 keys where the bound is bf16)
         check(idx, queries, gamma=gamma)
         assert (idx._low_keys is not None) == (low == "bf16")
+
+
+@pytest.mark.parametrize("low", ["bf16", "fp32"])
+def test_fp32_prefilter_of_rescoring_keeps_keys_a_hair_above_gamma(low: str) -> None:
+    """40 queries, each with its own key at cos gamma + 1e-9 (fp32 rounds about half of them
+    below gamma): re-scoring through its fp32 pre-filter opens every one, as float64 does."""
+    g = torch.Generator().manual_seed(21)
+    d = 32
+    qs = torch.nn.functional.normalize(torch.randn(40, d, generator=g, dtype=torch.float64), dim=1)
+    perp = torch.randn(40, d, generator=g, dtype=torch.float64)
+    perp = torch.nn.functional.normalize(perp - (perp * qs).sum(1, keepdim=True) * qs, dim=1)
+    c = GAMMA + 1e-9
+    near = (c * qs + (1 - c * c) ** 0.5 * perp).float()
+    idx = make_index("Proj8", d, floor=GAMMA, low=low)
+    idx.add(np.arange(40), near, unit=True)
+    idx.add(np.arange(100, 300), torch.randn(200, d, generator=g))
+    idx.fp32_pass_from = 0
+    check(idx, qs.float())
 
 
 def test_bf16_slack_covers_worst_case_rounding() -> None:
