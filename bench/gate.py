@@ -20,8 +20,10 @@ from those activations by the engine's own `KeySpace.combine` (a test checks the
 Per design: ROC curves (own-open against spurious-open, log x, one panel per m) in
 OUT/gate_roc.png, and operating points (at fixed spurious-open rates and at fixed gammas) in
 OUT/gate.json and OUT/gate.md. Designs are named like `ffn`, `ffn+ctx5`, `ffn+ctx5@0.6`
-(context weight), `ffn,white` (whitened on the fitting passages), `ffn+ctx5,bank` (per-fact
-thresholds: max(gamma, the key's best cosine over the fitting passages + margin))."""
+(context weight), `ffn+cat5` (each block's output unit, side by side: the blocks' mean cosine),
+`ffn,white` (whitened on the fitting passages), `ffn+ctx5,bank` (per-fact thresholds: max(gamma,
+the key's best cosine over the fitting passages + margin)), `ffn+ctx5,verify=cat5@0.5` (the
+winner must also pass 0.5 in a second space: one more dot product per token)."""
 from __future__ import annotations
 
 import argparse
@@ -84,32 +86,61 @@ def _cfg(context: int, weight: float = 0.5) -> Any:
 @dataclass(frozen=True)
 class Design:
     name: str
-    context: int  # attention blocks ending at l* summed into the context part (0: FFN only)
+    context: int  # attention blocks ending at l* in the context part (0: FFN only)
     weight: float  # context weight in the cosine
     white: bool  # whitened on the fitting passages (FFN part)
     bank: bool  # per-fact thresholds from the fitting passages
+    mode: str = "ctx"  # "ctx": the blocks' outputs summed; "cat": each unit, side by side (mean cosine)
+    verify: tuple[str, int, float] | None = None  # (space, blocks, gamma_v): the winner must also pass there
 
     @classmethod
     def parse(cls, spec: str) -> "Design":
-        m = re.fullmatch(r"ffn(?:\+ctx(\d+)(?:@([0-9.]+))?)?((?:,white|,bank)*)", spec)
+        m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank)*)"
+                         r"(?:,verify=(ffn|ctx|cat|lo)(\d*)@([0-9.]+))?", spec)
         if not m:
-            raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC[@W]][,white][,bank]")
-        return cls(spec, int(m.group(1) or 0), float(m.group(2) or 0.5), ",white" in m.group(3), ",bank" in m.group(3))
+            raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC|+catC[@W]][,white][,bank][,verify=SPACE[C]@G]")
+        verify = (m.group(5), int(m.group(6) or 0), float(m.group(7))) if m.group(5) else None
+        return cls(spec, int(m.group(2) or 0), float(m.group(3) or 0.5), ",white" in m.group(4), ",bank" in m.group(4),
+                   m.group(1) or "ctx", verify)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def derive(wide: WideSpace, d: Design, raw: torch.Tensor, white: torch.Tensor | None) -> torch.Tensor:
     """Gate vectors (N, dim) of design `d` from wide activations (N, d_wide): the engine's
-    KeySpace.combine over [FFN input, sum of the last `context` attention outputs]."""
+    KeySpace.combine over [FFN input, sum of the last `context` attention outputs]; or, for
+    `cat`, the unit FFN part beside each block's unit output (weights sqrt(1-w), sqrt(w/C)):
+    the cosine is (1-w) cos_ffn + w * the blocks' mean cosine."""
     f = raw[:, : wide.d_ffn]  # (N, d_ffn)
     if white is not None:
         f = (f - white[0]) @ white[1]  # (N, d_ffn)
     if d.context == 0:
-        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return _unit(f)
     L = len(wide.attn_paths)
     attn = raw[:, wide.d_ffn :].view(raw.shape[0], L, wide.d_ctx)  # (N, L, d_model)
+    if d.mode == "cat":
+        blocks = _unit(attn[:, L - d.context :]) * math.sqrt(d.weight / d.context)  # (N, C, d_model)
+        return torch.cat([_unit(f) * math.sqrt(1 - d.weight), blocks.flatten(1)], -1)  # (N, d_ffn + C d_model)
     ctx = attn[:, L - d.context :].sum(1)  # (N, d_model)
     space = KeySpace(wide.ffn_path, wide.attn_paths[L - d.context :], wide.d_ffn, wide.d_ctx, d.weight)
     return space.combine(torch.cat([f, ctx], -1))
+
+
+def verifier(wide: WideSpace, d: Design, raw: torch.Tensor) -> torch.Tensor:
+    """Unit vectors (N, dv) of the design's second check: `ffn` (the FFN input alone), `ctxC`
+    (the last C blocks summed), `catC` (each of the last C blocks unit, mean cosine), `loC` (the
+    first C blocks summed: what the earliest layers read)."""
+    assert d.verify is not None
+    kind, c, _ = d.verify
+    if kind == "ffn":
+        return _unit(raw[:, : wide.d_ffn])
+    L = len(wide.attn_paths)
+    attn = raw[:, wide.d_ffn :].view(raw.shape[0], L, wide.d_ctx)  # (N, L, d_model)
+    if kind == "cat":
+        return (_unit(attn[:, L - c :]) / math.sqrt(c)).flatten(1)  # (N, C d_model)
+    return _unit(attn[:, L - c :].sum(1) if kind == "ctx" else attn[:, :c].sum(1))  # (N, d_model)
 
 
 def whitening(x: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +221,10 @@ def rates(score: torch.Tensor, ok: torch.Tensor, thresholds: Sequence[float]) ->
 
 def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
             mention: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor | None, gammas: Sequence[float],
-            fprs: Sequence[float]) -> dict[str, Any]:
-    """Operating points and the ROC of one design over m keys."""
+            fprs: Sequence[float], check: tuple[torch.Tensor, dict[str, torch.Tensor], float] | None = None
+            ) -> dict[str, Any]:
+    """Operating points and the ROC of one design over m keys; `check` = (verification keys,
+    queries, gamma_v): a gate opens only where its winner also passes gamma_v there."""
     res: dict[str, Any] = {}
     s: dict[str, torch.Tensor] = {}
     ok: dict[str, torch.Tensor] = {}
@@ -199,11 +232,16 @@ def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str,
         sims, ids = top1(keys, q)
         if bank is not None:  # open iff cos > max(gamma, bank_j): score = cos - max(0, bank_j - gamma) per gamma
             s[name + ":bank"] = bank[ids]
-        s[name], ok[name] = sims, (ids == own[name]) if name in own else torch.ones_like(sims, dtype=torch.bool)
+        passes = torch.ones_like(sims, dtype=torch.bool)
+        if check is not None:  # the winner's second cosine, one dot product per token
+            kv, qv, gv = check
+            passes = (qv[name] * kv[ids]).sum(1) > gv
+        s[name] = sims
+        ok[name] = ((ids == own[name]) if name in own else torch.ones_like(passes)) & passes
         if name == "wikitext":  # the winner's subject occurs earlier in the passage: a mention
-            ok["mention"] = mention(ids)
-            ok["spurious"] = ~ok["mention"]
-            res["mention_tokens"] = int(ok["mention"].sum())
+            men = mention(ids)
+            ok["mention"], ok["spurious"] = men & passes, ~men & passes
+            res["mention_tokens"] = int(men.sum())
 
     def opened(name: str, g: float, mask: torch.Tensor) -> float:
         base = s[name]
@@ -265,8 +303,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     d = ap.add_argument_group("designs")
     d.add_argument("--design", action="append", default=[],
-                   help="ffn[+ctxC[@W]][,white][,bank] (repeatable; default: ffn, ffn,bank, ffn,white, ffn+ctx3, "
-                        "ffn+ctx5, ffn+ctx7, ffn+ctx5@0.6)")
+                   help="ffn[+ctxC|+catC[@W]][,white][,bank][,verify=SPACE[C]@G] (repeatable; SPACE: ffn, ctx, "
+                        "cat, lo; default: ffn, ffn,bank, ffn,white, ffn+ctx3, ffn+ctx5, ffn+ctx7, ffn+ctx5@0.6)")
     d.add_argument("--gammas", default="0.65,0.7,0.75,0.8,0.85", help="operating points reported per design")
     d.add_argument("--bank-margin", type=float, default=0.05, help="per-fact threshold margin (',bank')")
     q = ap.add_argument_group("queries")
@@ -329,8 +367,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         queries = {"paraphrase": dv(q_para), "rewrite": dv(q_rew), "wikitext": dv(q_wiki), "neighbourhood": dv(q_neigh)}
         own = {"paraphrase": torch.tensor([i for i, _ in para_rows]), "rewrite": torch.tensor([i for i, _ in rew_rows])}
         bank_all = top1(dv(q_fit), K_all)[0] + args.bank_margin if design.bank else None  # (M,) per key
+        check = None
+        if design.verify is not None:
+            vf = lambda x: verifier(wide, design, x)  # noqa: E731
+            check = (vf(keys_raw), {"paraphrase": vf(q_para), "rewrite": vf(q_rew), "wikitext": vf(q_wiki),
+                                     "neighbourhood": vf(q_neigh)}, design.verify[2])
         for m in ms:
-            r = measure(K_all[:m], queries, own, mention, None if bank_all is None else bank_all[:m], gammas, fprs)
+            r = measure(K_all[:m], queries, own, mention, None if bank_all is None else bank_all[:m], gammas, fprs,
+                        check=None if check is None else (check[0][:m], check[1], check[2]))
             results[m][design.name] = r
             log.warning("m=%d %-16s own-open at 0.1%% spurious: %.1f%% (gamma %.3f)", m, design.name,
                         100 * r["at_spurious"][1]["paraphrase_own_open"], r["at_spurious"][1]["gamma"])

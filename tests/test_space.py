@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuraldb import EditConfig, Fact, NeuralDB
-from neuraldb.bench.gate import Design, derive, wide_space
+from neuraldb.bench.gate import Design, derive, verifier, wide_space
 from neuraldb.engine.keys import compute_keys
 from neuraldb.engine.residuals import compute_residuals
 from neuraldb.engine.space import Capture, key_space
@@ -36,6 +36,17 @@ def test_context_keys_are_unit_cosine_mixtures(arch: str, tokenizer) -> None:
     raw = compute_keys(model, tokenizer, FACTS, db.layer, db.ensure_prefixes(), CTX, space=wide)
     assert torch.allclose(derive(wide, Design.parse("ffn+ctx2"), raw, None), keys, atol=1e-5)
     assert torch.allclose(derive(wide, Design.parse("ffn"), raw, None), f, atol=1e-5)
+    # `cat`: each block's output unit, side by side: the cosine is (1 - w) cos_ffn + w * the blocks' mean cosine
+    L = len(wide.attn_paths)
+    blocks = raw[:, wide.d_ffn :].view(len(FACTS), L, wide.d_ctx)[:, L - 2 :]  # (F, 2, d_model)
+    blocks = blocks / blocks.norm(dim=-1, keepdim=True)
+    mean_cos = torch.einsum("icd,jcd->ij", blocks, blocks) / 2  # (F, F)
+    cat = derive(wide, Design.parse("ffn+cat2"), raw, None)
+    assert torch.allclose(cat @ cat.T, (1 - w) * f @ f.T + w * mean_cos, atol=1e-5)
+    d = Design.parse("ffn+ctx2,verify=cat2@0.4")
+    assert d.verify == ("cat", 2, 0.4) and d.context == 2 and d.mode == "ctx"
+    v = verifier(wide, d, raw)
+    assert torch.allclose(v @ v.T, mean_cos, atol=1e-5)
 
 
 def test_context_gate_opens_on_its_fact_and_is_exact_elsewhere(arch: str, tokenizer) -> None:
