@@ -390,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             src = resolve("wikitext", args.data_dir).path if args.retention_data == "wikitext" else args.retention_data
             texts = wikitext_passages(src, args.retention_texts)
-        pre = score(model, tok, sample).as_dict()
+        pre_scores = score(model, tok, sample)
+        pre = pre_scores.as_dict()
+        unedited = {k: v[2] for k, v in pre_scores.outcomes.items()}  # per-prompt outcomes, for the clean split
         flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))][: args.fluency_sample]
         pre["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
     db_id = {f.id: i for i, f in enumerate(first)}  # the sample is drawn from the first checkpoint's facts
@@ -409,7 +411,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         kept = cache.root / f"row_{m}.json"
         earlier = json.loads(kept.read_text()) if kept.is_file() else {}
         if earlier.get("eval") == eval_sig:
-            rows.append(earlier["row"])
+            row = earlier["row"]
+            if "specificity_clean" not in row:  # kept from before the column: score the sample again, nothing else
+                stage(m, time.perf_counter(), "scoring the sample for columns added since the row was kept")
+                scores = measure(lambda: score(model, tok, sample))
+                added = gate_attribution(db, scores.outcomes, db_id, unedited)
+                row.update({k: v for k, v in added.items() if k not in row})
+                write_json(kept, {"eval": eval_sig, "row": row})
+            rows.append(row)
             print(f"m={m}: row kept from an earlier run ({kept})", file=sys.stderr, flush=True)
             continue
         if not lazy:
@@ -418,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         stage(m, t0, "scoring the sample")
         scores = measure(lambda: score(model, tok, sample))
         post = scores.as_dict()
-        post.update(gate_attribution(db, scores.outcomes, db_id))
+        post.update(gate_attribution(db, scores.outcomes, db_id, unedited))
         stage(m, t0, "fluency")
         post["fluency"] = measure(lambda: fluency(model, tok, flu_prompts, args.fluency_tokens)) \
             if args.fluency_tokens else float("nan")
@@ -455,7 +464,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prof.export_chrome_trace(str(trace))
         (out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
-    cols = ["m", "efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization", "fluency",
+    cols = ["m", "efficacy", "generalization", "specificity", "specificity_clean", "specificity_clean_unedited",
+            "specificity_opened_edited", "greedy_efficacy", "greedy_generalization", "fluency",
             "false_open", "identical", "kl", "kl_at_open", "kl_after_open", "ppl_after",
             "bytes_per_fact", "keys_per_s", "residuals_per_s", "prefill_lookup_ms_median", "prefill_lookup_share",
             "decode_lookup_ms_median", "decode_lookup_share", "peak_rss_gib"]

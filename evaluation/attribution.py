@@ -9,10 +9,15 @@ Shares are percentages of all prompts of that kind:
     efficacy / generalization: own (fact i opened), other (another fact opened, i did not: a
         wrong argmax above gamma), closed (no gate opened: i's similarity fell below gamma);
         fail_own / fail_other / fail_closed: the failed prompts split the same way.
-    specificity: opened (a false open on a prompt that edits nothing), closed;
-        fail_opened / fail_closed (a failure with every gate closed is the model's own)."""
+    specificity: opened (a gate opened on a prompt about a neighbour), closed; fail_opened /
+        fail_closed (a failure with every gate closed is the model's own); opened_edited: an
+        opened fact's subject is named in the prompt (at 100k facts the neighbour is often itself
+        an edited subject: such an open is the edit working, not a false one). `clean` is the
+        specificity of the other prompts, and `clean_unedited` the unedited model's on them
+        (given its per-prompt outcomes), the fair reference for it."""
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,10 +39,17 @@ def opened_per_prompt(db: Any, prompts: list[str], batch_size: int = 32) -> list
     return out
 
 
+def names(prompt: str, subject: str) -> bool:
+    """Whether `prompt` names `subject` as a whole word sequence."""
+    return bool(subject) and subject in prompt and re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt) is not None
+
+
 def gate_attribution(db: Any, outcomes: Mapping[str, tuple[list[str], list[str | None], np.ndarray]],
-                     db_id: Mapping[str | None, int]) -> dict[str, float]:
+                     db_id: Mapping[str | None, int],
+                     unedited: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
     """Flat {"<kind>_<category>": percent} for the outcomes of `counterfact_scores` or
-    `zsre_scores`; `db_id` maps a fact's `id` to its id in the database."""
+    `zsre_scores`; `db_id` maps a fact's `id` to its id in the database; `unedited`: the
+    unedited model's per-prompt outcomes, kind -> array (for `specificity_clean_unedited`)."""
     res: dict[str, float] = {}
     for kind, (prompts, owners, ok) in outcomes.items():
         if not prompts:
@@ -51,4 +63,13 @@ def gate_attribution(db: Any, outcomes: Mapping[str, tuple[list[str], list[str |
         for c in (("opened", "closed") if kind == "specificity" else ("own", "other", "closed")):
             res[f"{kind}_{c}"] = float(100 * np.mean(cat == c))
             res[f"{kind}_fail_{c}"] = float(100 * np.mean(failed & (cat == c)))
+        if kind == "specificity":
+            edited = np.array([any(names(p, db.facts[i].subject) for i in o if i in db.facts)
+                               for p, o in zip(prompts, opened)])
+            res["specificity_opened_edited"] = float(100 * np.mean(edited))
+            res["specificity_fail_opened_edited"] = float(100 * np.mean(failed & edited))
+            clean = ~edited
+            res["specificity_clean"] = float(100 * np.mean(np.asarray(ok)[clean])) if clean.any() else float("nan")
+            if unedited is not None and kind in unedited and clean.any():
+                res["specificity_clean_unedited"] = float(100 * np.mean(np.asarray(unedited[kind])[clean]))
     return res

@@ -81,6 +81,34 @@ def test_teacher_forced_by_hand() -> None:
     assert zsre_scores(model, tok, [Fact("q", "{}", "A B", None)]).greedy_efficacy == 100.0
 
 
+def test_specificity_split_counts_opens_on_an_edited_neighbour_apart(tokenizer) -> None:
+    """A neighbourhood prompt that names another edited fact's subject, and whose gate opens on
+    that fact, is the edit working (opened_edited); `specificity_clean` scores the rest, and
+    `specificity_clean_unedited` the unedited model on the same rest."""
+    import dataclasses
+
+    from neuraldb import EditConfig, NeuralDB
+    from neuraldb.evaluation.attribution import gate_attribution, names
+
+    assert names("Elvis Presley's profession is", "Elvis Presley") and not names("Arnold is", "Arno")
+    facts = list(synthetic_facts(6, seed=4))
+    facts[0] = dataclasses.replace(facts[0], neighborhood=(facts[1].text,))  # names an edited subject
+    facts[2] = dataclasses.replace(facts[2], neighborhood=("zq xv wk",))  # names none
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, EditConfig(layer=1, n_prefixes=1, prefix_len=3, residual_prefixes=1, gamma=0.9))
+    db.insert(list(range(6)), facts, db.encode_keys(facts), None)  # keys only: gates decide, nothing is added
+    scores = counterfact_scores(model, tokenizer, [facts[0], facts[2]])
+    with db.disabled():
+        unedited = {k: v[2] for k, v in counterfact_scores(model, tokenizer, [facts[0], facts[2]]).outcomes.items()}
+    res = gate_attribution(db, scores.outcomes, {f.id: i for i, f in enumerate(facts)}, unedited)
+    with torch.no_grad(), db.record() as passes:
+        model(**tokenizer([facts[1].text], return_tensors="pt"))
+    assert 1 in {h.fact_id for h in passes[0]}  # fact 1's own text opens fact 1
+    assert res["specificity_opened_edited"] == 50
+    ok = scores.outcomes["specificity"][2]
+    assert res["specificity_clean"] == 100 * ok[1] and res["specificity_clean_unedited"] == 100 * unedited["specificity"][1]
+
+
 def test_gate_attribution_matches_the_gate(tokenizer) -> None:
     """Each prompt's category is what model(...) on that prompt alone opens; the failure split
     adds up to the metric's failures."""
