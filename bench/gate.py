@@ -91,15 +91,18 @@ class Design:
     white: bool  # whitened on the fitting passages (FFN part)
     bank: bool  # per-fact thresholds from the fitting passages
     mode: str = "ctx"  # "ctx": the blocks' outputs summed; "cat": each unit, side by side (mean cosine)
-    verify: tuple[str, int, float] | None = None  # (space, blocks, gamma_v): the winner must also pass there
+    verify: tuple[str, int, tuple[float, ...]] | None = None  # (space, blocks, gamma_v values): the winner must pass there
 
     @classmethod
     def parse(cls, spec: str) -> "Design":
         m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank)*)"
-                         r"(?:,verify=(ffn|ctx|cat|lo)(\d*)@([0-9.]+))?", spec)
+                         r"(?:,verify=(ffn|ctx|cat|lo)(\d*)@([0-9.]+|\*))?", spec)
         if not m:
             raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC|+catC[@W]][,white][,bank][,verify=SPACE[C]@G]")
-        verify = (m.group(5), int(m.group(6) or 0), float(m.group(7))) if m.group(5) else None
+        verify = None
+        if m.group(5):
+            gv = VERIFY_SWEEP if m.group(7) == "*" else (float(m.group(7)),)
+            verify = (m.group(5), int(m.group(6) or 0), gv)
         return cls(spec, int(m.group(2) or 0), float(m.group(3) or 0.5), ",white" in m.group(4), ",bank" in m.group(4),
                    m.group(1) or "ctx", verify)
 
@@ -219,28 +222,32 @@ def rates(score: torch.Tensor, ok: torch.Tensor, thresholds: Sequence[float]) ->
     return [float(((score > t) & ok).float().mean()) if len(score) else float("nan") for t in thresholds]
 
 
+VERIFY_SWEEP = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2).tolist())  # gamma_v values of a `@*` design
+
+
 def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
             mention: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor | None, gammas: Sequence[float],
-            fprs: Sequence[float], check: tuple[torch.Tensor, dict[str, torch.Tensor], float] | None = None
+            fprs: Sequence[float], check: tuple[torch.Tensor, dict[str, torch.Tensor], Sequence[float]] | None = None
             ) -> dict[str, Any]:
     """Operating points and the ROC of one design over m keys; `check` = (verification keys,
-    queries, gamma_v): a gate opens only where its winner also passes gamma_v there."""
+    queries, gamma_v values): a gate opens only where its winner also passes gamma_v there. With
+    several gamma_v the ROC is the upper envelope over every (gamma, gamma_v) pair, and each
+    operating point the best pair."""
     res: dict[str, Any] = {}
     s: dict[str, torch.Tensor] = {}
-    ok: dict[str, torch.Tensor] = {}
+    won: dict[str, torch.Tensor] = {}  # the winner is the fact's own (positives) / every token (negatives)
+    second: dict[str, torch.Tensor] = {}  # the winner's cosine in the verification space
+    men = torch.zeros(0, dtype=torch.bool)
     for name, q in queries.items():
         sims, ids = top1(keys, q)
         if bank is not None:  # open iff cos > max(gamma, bank_j): score = cos - max(0, bank_j - gamma) per gamma
             s[name + ":bank"] = bank[ids]
-        passes = torch.ones_like(sims, dtype=torch.bool)
-        if check is not None:  # the winner's second cosine, one dot product per token
-            kv, qv, gv = check
-            passes = (qv[name] * kv[ids]).sum(1) > gv
         s[name] = sims
-        ok[name] = ((ids == own[name]) if name in own else torch.ones_like(passes)) & passes
+        won[name] = (ids == own[name]) if name in own else torch.ones_like(sims, dtype=torch.bool)
+        if check is not None:  # one dot product per token
+            second[name] = (check[1][name] * check[0][ids]).sum(1)
         if name == "wikitext":  # the winner's subject occurs earlier in the passage: a mention
             men = mention(ids)
-            ok["mention"], ok["spurious"] = men & passes, ~men & passes
             res["mention_tokens"] = int(men.sum())
 
     def opened(name: str, g: float, mask: torch.Tensor) -> float:
@@ -249,21 +256,33 @@ def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str,
         hit = (base > thr) & mask
         return float(hit.float().mean()) if len(base) else float("nan")
 
-    neg = "wikitext"
-    def point(g: float) -> dict[str, float]:
-        return {"gamma": g, "paraphrase_own_open": opened("paraphrase", g, ok["paraphrase"]),
-                "rewrite_own_open": opened("rewrite", g, ok["rewrite"]),
-                "spurious_open": opened(neg, g, ok["spurious"]), "mention_open": opened(neg, g, ok["mention"]),
-                "neighbourhood_open": opened("neighbourhood", g, ok["neighbourhood"])}
+    def point(g: float, gv: float | None) -> dict[str, float]:
+        ok = {n: won[n] & (second[n] > gv) if gv is not None else won[n] for n in won}
+        out = {"gamma": g, "paraphrase_own_open": opened("paraphrase", g, ok["paraphrase"]),
+               "rewrite_own_open": opened("rewrite", g, ok["rewrite"]),
+               "spurious_open": opened("wikitext", g, ok["wikitext"] & ~men),
+               "mention_open": opened("wikitext", g, ok["wikitext"] & men),
+               "neighbourhood_open": opened("neighbourhood", g, ok["neighbourhood"])}
+        return out if gv is None else {**out, "gamma_v": gv}
 
     grid = np.round(np.arange(0.40, 1.0001, 0.005), 3)
-    curve = [point(float(g)) for g in grid]
-    res["roc"] = [(c["spurious_open"], c["paraphrase_own_open"], c["gamma"]) for c in curve]
-    res["at_gamma"] = [point(g) for g in gammas]
+    gvs: Sequence[float | None] = list(check[2]) if check is not None else [None]
+    points = [point(float(g), gv) for gv in gvs for g in grid]
+    env, top = [], -1.0  # the upper envelope: by spurious-open, each point that beats all before it
+    for c in sorted(points, key=lambda c: (c["spurious_open"], -c["paraphrase_own_open"])):
+        if c["paraphrase_own_open"] > top:
+            env.append(c)
+            top = c["paraphrase_own_open"]
+    res["roc"] = [(c["spurious_open"], c["paraphrase_own_open"], c["gamma"]) for c in env]
+    if check is not None:
+        res["roc_gamma_v"] = [c["gamma_v"] for c in env]
     res["at_spurious"] = []
-    for f in fprs:  # the lowest gamma whose spurious-open rate is <= f
-        best = next((c for c in curve if c["spurious_open"] <= f), curve[-1])
+    for f in fprs:  # the best own-open whose spurious-open rate is <= f
+        best = max((c for c in points if c["spurious_open"] <= f), key=lambda c: c["paraphrase_own_open"],
+                   default=points[-1])
         res["at_spurious"].append({"target": f, **best})
+    gv_star = res["at_spurious"][len(fprs) // 2].get("gamma_v") if check is not None else None
+    res["at_gamma"] = [point(g, gv_star) for g in gammas]  # at the gamma_v best at the middle target
     return res
 
 
@@ -371,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if design.verify is not None:
             vf = lambda x: verifier(wide, design, x)  # noqa: E731
             check = (vf(keys_raw), {"paraphrase": vf(q_para), "rewrite": vf(q_rew), "wikitext": vf(q_wiki),
-                                     "neighbourhood": vf(q_neigh)}, design.verify[2])
+                                     "neighbourhood": vf(q_neigh)}, design.verify[2])  # gamma_v values
         for m in ms:
             r = measure(K_all[:m], queries, own, mention, None if bank_all is None else bank_all[:m], gammas, fprs,
                         check=None if check is None else (check[0][:m], check[1], check[2]))
@@ -383,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name, r in results[m].items():
             for p in r["at_spurious"]:
                 rows.append({"m": m, "design": name, "target": f"{100 * p['target']:g}%", "gamma": p["gamma"],
+                             "gamma_v": p.get("gamma_v", ""),
                              "paraphrase own-open": f"{100 * p['paraphrase_own_open']:.1f}%",
                              "rewrite own-open": f"{100 * p['rewrite_own_open']:.1f}%",
                              "spurious-open": f"{100 * p['spurious_open']:.3f}%",

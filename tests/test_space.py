@@ -44,7 +44,8 @@ def test_context_keys_are_unit_cosine_mixtures(arch: str, tokenizer) -> None:
     cat = derive(wide, Design.parse("ffn+cat2"), raw, None)
     assert torch.allclose(cat @ cat.T, (1 - w) * f @ f.T + w * mean_cos, atol=1e-5)
     d = Design.parse("ffn+ctx2,verify=cat2@0.4")
-    assert d.verify == ("cat", 2, 0.4) and d.context == 2 and d.mode == "ctx"
+    assert d.verify == ("cat", 2, (0.4,)) and d.context == 2 and d.mode == "ctx"
+    assert len(Design.parse("ffn+ctx2,verify=lo1@*").verify[2]) > 10  # a sweep of gamma_v
     v = verifier(wide, d, raw)
     assert torch.allclose(v @ v.T, mean_cos, atol=1e-5)
 
