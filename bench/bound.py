@@ -123,6 +123,8 @@ def main() -> None:
     g.add_argument("--entity-keys", type=int, default=0,
                    help="add a row of this many keys taken at capitalised-word tokens of other WikiText-2 "
                         "passages (a database about the entities of ordinary text: many tokens open)")
+    g.add_argument("--near-queries", type=int, default=0,
+                   help="also time this many queries that are stored keys plus noise 0.01 (every gate opens)")
     g.add_argument("--synthetic-m", type=int, default=0, help="add a row of this many synthetic keys with the real keys' spectrum")
     g.add_argument("--synthetic-queries", type=int, default=2000,
                    help="queries per kind checked and counted on the synthetic row (float64 over 1M keys is slow)")
@@ -168,6 +170,10 @@ def main() -> None:
     for name, keys in sets:
         m = keys.shape[0]
         qs = queries if not name.startswith("synthetic") else {k: q[: args.synthetic_queries] for k, q in queries.items()}
+        if args.near_queries:  # near-duplicates of stored keys: the bound decides nothing cheaply, every gate opens
+            g = torch.Generator().manual_seed(1)
+            pick = torch.randint(0, m, (max(args.near_queries, n_prefill),), generator=g)
+            qs = {**qs, "near keys": keys[pick] + 0.01 * torch.randn(len(pick), keys.shape[1], generator=g)}
         want = {k: float64_search(keys, q) for k, q in qs.items()}
         runs = [(spec, t) for spec in specs for t in (train_sets if spec.startswith("Proj") else [""])]
         for spec, trained_on in runs:
@@ -198,6 +204,11 @@ def main() -> None:
             row["prefill ms"] = 1e3 * median_s(lambda: idx.search(pre), args.repeats)
             for b in (1, 8):
                 row[f"decode B{b} ms"] = 1e3 * median_s(lambda: idx.search(wiki_q[100 : 100 + b]), args.repeats)
+            if "near keys" in qs:
+                near = qs["near keys"]
+                row["near prefill ms"] = 1e3 * median_s(lambda: idx.search(near[:n_prefill]), args.repeats)
+                for b in (1, 8):
+                    row[f"near decode B{b} ms"] = 1e3 * median_s(lambda: idx.search(near[:b]), args.repeats)
             rows.append(row)
             print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
             del idx  # before the next spec is built: two 1M-key indexes at once do not fit in RAM
