@@ -289,6 +289,7 @@ class ProjBoundIndex(ExactBacked):
             if rows.numel():
                 self._proj[rows] = self._project(self.exact._keys[rows])
                 if self._low is not None:
+                    rows = rows[rows < self._low.shape[0]]
                     self._low[rows] = self._proj[rows].bfloat16()
                     self._note_rows(self._proj[rows])
 
