@@ -14,7 +14,9 @@ Shares are percentages of all prompts of that kind:
         opened fact's subject is named in the prompt (at 100k facts the neighbour is often itself
         an edited subject: such an open is the edit working, not a false one). `clean` is the
         specificity of the other prompts, and `clean_unedited` the unedited model's on them
-        (given its per-prompt outcomes), the fair reference for it."""
+        (given its per-prompt outcomes), the fair reference for it. A zsRE specificity prompt
+        counts as failed when under half of its answer tokens are right (its outcome is the
+        token accuracy the metric averages)."""
 from __future__ import annotations
 
 import re

@@ -78,7 +78,8 @@ class Scores:
     n: int
     greedy_efficacy: float = float("nan")  # share of rewrite prompts whose greedy answer is the new object
     greedy_generalization: float = float("nan")  # the same on paraphrases
-    # per prompt kind: (prompts, the id of the fact each belongs to, 1.0 where it passed)
+    # per prompt kind: (prompts, the id of the fact each belongs to, 1.0 where it passed; zsRE
+    # specificity: the prompt's token accuracy, what the metric averages)
     outcomes: dict[str, tuple[list[str], list[str | None], np.ndarray]] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -145,7 +146,8 @@ def zsre_scores(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seq
         targets = [facts[i].locality_target if name == "specificity" else facts[i].target_new for i in owners]
         acc = np.asarray(teacher_forced(model, tok, prompts, targets)[1]) if prompts else np.zeros(0)
         out[name] = _mean_per_record(acc, owners, len(facts))
-        outcomes[name] = (prompts, [facts[i].id for i in owners], (acc == 1.0).astype(float))
+        # per prompt: all answer tokens right; for specificity the metric's own unit, the token accuracy
+        outcomes[name] = (prompts, [facts[i].id for i in owners], acc if name == "specificity" else (acc == 1.0).astype(float))
         if name != "specificity":
             out[f"greedy_{name}"] = _mean_per_record(outcomes[name][2], owners, len(facts))
     return Scores(out["efficacy"], out["generalization"], out["specificity"], len(facts),
