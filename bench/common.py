@@ -43,6 +43,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
+NEUTRAL = ["The weather today is", "My favourite book is about", "In the morning I usually", "The river flows",
+           "A good recipe needs", "The history of music", "Children like to play", "The meeting starts at"]
+
+
+def with_neutral(prompts: list[str]) -> list[str]:
+    """Edit prompts followed by neutral text, about a third of the whole (the serving benches' load)."""
+    return prompts + NEUTRAL * max(1, len(prompts) // (2 * len(NEUTRAL)))
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -19,21 +19,17 @@ from typing import Any
 
 import torch
 
-from neuraldb.bench.common import machine, markdown_table, run_main, write_outputs
+from neuraldb.bench.common import machine, markdown_table, run_main, with_neutral, write_outputs
 from neuraldb.engine import NeuralDB
 from neuraldb.engine.arch import cache_kwargs, model_device, returned_cache
 from neuraldb.engine.models import load_model
 from neuraldb.engine.persistence import read_db, read_meta
 
-NEUTRAL = ["The weather today is", "My favourite book is about", "In the morning I usually", "The river flows",
-           "A good recipe needs", "The history of music", "Children like to play", "The meeting starts at"]
-
 
 def prompts_of(db: NeuralDB, n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     facts = list(db.facts.values())
-    out = [f.prompt.replace("{}", f.subject) for f in rng.sample(facts, min(len(facts), 2 * n))]
-    out += NEUTRAL * max(1, len(out) // (2 * len(NEUTRAL)))
+    out = with_neutral([f.prompt.replace("{}", f.subject) for f in rng.sample(facts, min(len(facts), 2 * n))])
     rng.shuffle(out)
     return out
 

@@ -29,14 +29,11 @@ from typing import Any
 import httpx
 import yaml
 
-from neuraldb.bench.common import machine, markdown_table, run_main, write_outputs
+from neuraldb.bench.common import machine, markdown_table, run_main, with_neutral, write_outputs
 from neuraldb.engine.facts import load_facts
 from neuraldb.engine.persistence import read_meta
 from neuraldb.serve.engine import wal_path
 from neuraldb.serve.process import ServerProcess
-
-NEUTRAL = ["The weather today is", "My favourite book is about", "In the morning I usually", "The river flows",
-           "A good recipe needs", "The history of music", "Children like to play", "The meeting starts at"]
 
 
 @dataclass
@@ -231,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.db / "facts.jsonl", encoding="utf-8") as fh:
         db_facts = [json.loads(line)["fact"] for line in fh]
     rng = random.Random(args.seed)
-    prompts = [f["prompt"].replace("{}", f["subject"]) for f in rng.sample(db_facts, min(200, len(db_facts)))]
-    prompts += NEUTRAL * max(1, len(prompts) // (2 * len(NEUTRAL)))  # two thirds edited prompts, a third neutral
+    prompts = with_neutral([f["prompt"].replace("{}", f["subject"])
+                            for f in rng.sample(db_facts, min(200, len(db_facts)))])  # a third neutral
     if args.facts:
         write = [f.to_json() for f in load_facts(args.facts)]
     else:
