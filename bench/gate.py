@@ -51,6 +51,7 @@ from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.space import Capture, KeySpace, key_space
 from neuraldb.engine.tokens import encode_with_subject
 from neuraldb.evaluation.texts import wikitext_passages
+from neuraldb.kernels import l2_normalize
 
 log = logging.getLogger("bench.gate")
 
@@ -107,8 +108,9 @@ class Design:
                    m.group(1) or "ctx", verify)
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def _blocks(wide: WideSpace, raw: torch.Tensor) -> torch.Tensor:
+    """The attention outputs of blocks 0..l* side by side in wide activations: (N, L, d_model)."""
+    return raw[:, wide.d_ffn :].view(raw.shape[0], len(wide.attn_paths), wide.d_ctx)
 
 
 def derive(wide: WideSpace, d: Design, raw: torch.Tensor, white: torch.Tensor | None) -> torch.Tensor:
@@ -120,12 +122,12 @@ def derive(wide: WideSpace, d: Design, raw: torch.Tensor, white: torch.Tensor | 
     if white is not None:
         f = (f - white[0]) @ white[1]  # (N, d_ffn)
     if d.context == 0:
-        return _unit(f)
+        return l2_normalize(f)
     L = len(wide.attn_paths)
-    attn = raw[:, wide.d_ffn :].view(raw.shape[0], L, wide.d_ctx)  # (N, L, d_model)
+    attn = _blocks(wide, raw)  # (N, L, d_model)
     if d.mode == "cat":
-        blocks = _unit(attn[:, L - d.context :]) * math.sqrt(d.weight / d.context)  # (N, C, d_model)
-        return torch.cat([_unit(f) * math.sqrt(1 - d.weight), blocks.flatten(1)], -1)  # (N, d_ffn + C d_model)
+        blocks = l2_normalize(attn[:, L - d.context :]) * math.sqrt(d.weight / d.context)  # (N, C, d_model)
+        return torch.cat([l2_normalize(f) * math.sqrt(1 - d.weight), blocks.flatten(1)], -1)  # (N, d_ffn + C d_model)
     ctx = attn[:, L - d.context :].sum(1)  # (N, d_model)
     space = KeySpace(wide.ffn_path, wide.attn_paths[L - d.context :], wide.d_ffn, wide.d_ctx, d.weight)
     return space.combine(torch.cat([f, ctx], -1))
@@ -138,12 +140,12 @@ def verifier(wide: WideSpace, d: Design, raw: torch.Tensor) -> torch.Tensor:
     assert d.verify is not None
     kind, c, _ = d.verify
     if kind == "ffn":
-        return _unit(raw[:, : wide.d_ffn])
+        return l2_normalize(raw[:, : wide.d_ffn])
     L = len(wide.attn_paths)
-    attn = raw[:, wide.d_ffn :].view(raw.shape[0], L, wide.d_ctx)  # (N, L, d_model)
+    attn = _blocks(wide, raw)  # (N, L, d_model)
     if kind == "cat":
-        return (_unit(attn[:, L - c :]) / math.sqrt(c)).flatten(1)  # (N, C d_model)
-    return _unit(attn[:, L - c :].sum(1) if kind == "ctx" else attn[:, :c].sum(1))  # (N, d_model)
+        return (l2_normalize(attn[:, L - c :]) / math.sqrt(c)).flatten(1)  # (N, C d_model)
+    return l2_normalize(attn[:, L - c :].sum(1) if kind == "ctx" else attn[:, :c].sum(1))  # (N, d_model)
 
 
 def whitening(x: torch.Tensor, shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
