@@ -91,6 +91,15 @@ def bf16_fits(device: torch.device, rank: int) -> bool:
     return best(lambda: la @ lb.T) < 0.7 * best(lambda: a @ b.T)
 
 
+def extend_bf16(low: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor:
+    """A bf16 mirror of `src`'s rows (M, ...), the rows `low` already holds kept, the rest converted."""
+    done = 0 if low is None else low.shape[0]
+    if low is not None and done >= src.shape[0]:
+        return low
+    new = src[done:].bfloat16()
+    return new if low is None else torch.cat([low, new])
+
+
 class ScanChooser:
     """Which exact path a search takes, by measurement: per query-count bucket (log2 of the
     batch's queries), an EMA of seconds per query through the bound and through a plain fp32
@@ -152,7 +161,6 @@ class ProjBoundIndex(ExactBacked):
         self._low: torch.Tensor | None = None  # (M, r+1) bf16 copy of _proj when the bound runs in bf16
         self._low_slack, self._low_norm = 0.0, 0.0
         self._low_keys: torch.Tensor | None = None  # (M, d) bf16 keys for full scans, made when first needed
-        self._low_keys_version = -1
         self._low_ok: bool | None = None  # bf16_fits, probed once
         self._slack = bound_slack(dim, rank, 0.0)
         self._proj = torch.zeros(0, rank + 1, device=self.device)  # (M, r+1): [Pk, |k_perp|]
@@ -189,7 +197,7 @@ class ProjBoundIndex(ExactBacked):
         parts += [self._queries.double()] if self._queries is not None else []
         x = torch.cat(parts)  # (s, d)
         if x.shape[0] < self.rank:
-            self._basis = None  # too few rows: exact scans until there are more
+            self._basis, self._low, self._low_keys = None, None, None  # too few rows: fp32 scans until there are more
             return
         _, vec = torch.linalg.eigh(x.T @ x)  # (d, d): the top right singular vectors of x, ascending
         self._set_basis(torch.linalg.qr(vec[:, -self.rank :].flip(1))[0].T.float().contiguous())  # (r, d)
@@ -246,15 +254,14 @@ class ProjBoundIndex(ExactBacked):
                 return
         if self._version != self.exact.compactions or self._proj.shape[0] > n:
             self._proj = self._project(self.exact._keys[:n])
-            self._version, self._low = self.exact.compactions, None
+            self._version, self._low, self._low_keys = self.exact.compactions, None, None  # rows moved
         elif self._proj.shape[0] < n:
             self._proj = torch.cat([self._proj, self._project(self.exact._keys[self._proj.shape[0] : n])])
         if self._bf16():
             done = 0 if self._low is None else self._low.shape[0]
             if done < self._proj.shape[0]:
-                new = self._proj[done:]
-                self._low = new.bfloat16() if self._low is None else torch.cat([self._low, new.bfloat16()])
-                self._note_rows(new, fresh=done == 0)
+                self._low = extend_bf16(self._low, self._proj)
+                self._note_rows(self._proj[done:], fresh=done == 0)
 
     def _note_rows(self, rows: torch.Tensor, fresh: bool = False) -> None:
         """Widen the bf16 slack to the largest stored row norm (about 1 for unit keys)."""
@@ -276,15 +283,11 @@ class ProjBoundIndex(ExactBacked):
     def add(self, ids: Any, keys: torch.Tensor, *, unit: bool = False) -> None:
         ids = self._check_add(ids, keys)
         self.exact.add(ids, keys, unit=unit)
-        if self._low_keys is not None:  # rows rewritten in place; appended ones come on the next scan
-            if self._low_keys_version != self.exact.compactions:
-                self._low_keys = None
-            else:
-                rows = torch.from_numpy(self.exact.slots_of(ids)).to(self.device)
-                rows = rows[rows < self._low_keys.shape[0]]
-                self._low_keys[rows] = self.exact._keys[rows].bfloat16()
-        if self._basis is not None and self._version == self.exact.compactions:
+        if self._basis is not None and self._version == self.exact.compactions:  # else the next sync remakes all
             rows = torch.from_numpy(self.exact.slots_of(ids)).to(self.device)
+            if self._low_keys is not None:
+                kept = rows[rows < self._low_keys.shape[0]]
+                self._low_keys[kept] = self.exact._keys[kept].bfloat16()
             rows = rows[rows < self._proj.shape[0]]  # rewritten rows; appended ones come on sync
             if rows.numel():
                 self._proj[rows] = self._project(self.exact._keys[rows])
@@ -370,14 +373,8 @@ class ProjBoundIndex(ExactBacked):
         n = self.exact._n
         if self._low is None:
             return self.exact._keys[:n]
-        if self._low_keys is not None and self._low_keys_version != self.exact.compactions:
-            self._low_keys = None  # rows moved
-        done = 0 if self._low_keys is None else self._low_keys.shape[0]
-        if done < n:
-            new = self.exact._keys[done:n].bfloat16()
-            self._low_keys = new if self._low_keys is None else torch.cat([self._low_keys, new])
-            self._low_keys_version = self.exact.compactions
-        return self._low_keys[:n]
+        self._low_keys = extend_bf16(self._low_keys, self.exact._keys[:n])  # reset by _sync when rows move
+        return self._low_keys
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q64 = queries.to(self.device).double()
@@ -421,8 +418,9 @@ class ProjBoundIndex(ExactBacked):
         n = q64.shape[0]
         p64 = q64 @ self._basis64.T  # (n, r): one float64 product, no second pass over the basis
         pq = p64.float()  # the projection the bound uses
+        pq64 = pq.double()
         # |q - P^T pq|^2 = 1 - 2 Pq.pq + pq.(P P^T) pq <= 1 - 2 Pq.pq + |pq|^2 (1 + |P P^T - I|)
-        sq = 1 - 2 * (p64 * pq.double()).sum(1) + pq.double().square().sum(1) * (1 + self._ortho)
+        sq = 1 - 2 * (p64 * pq64).sum(1) + pq64.square().sum(1) * (1 + self._ortho)
         qperp = (sq.clamp_min(0) + 1e-12).sqrt().float()  # (n,): an upper bound on |q_perp|
         a = torch.cat([pq, qperp[:, None]], 1)  # (n, r+1)
         if self._low is not None:
