@@ -21,8 +21,10 @@ Per design: ROC curves (own-open against spurious-open, log x, one panel per m) 
 OUT/gate_roc.png, and operating points (at fixed spurious-open rates and at fixed gammas) in
 OUT/gate.json and OUT/gate.md. Designs are named like `ffn`, `ffn+ctx5`, `ffn+ctx5@0.6`
 (context weight), `ffn+cat5` (each block's output unit, side by side: the blocks' mean cosine),
-`ffn,white` (whitened on the fitting passages), `ffn+ctx5,bank` (per-fact thresholds: max(gamma,
-the key's best cosine over the fitting passages + margin)), `ffn+ctx5,verify=cat5@0.5` (the
+`ffn,white` (whitened on the fitting passages), `ffn+ctx5,learn` (a low-rank map fitted on
+other facts' prompts and other passages: bench/transform.py, the --learn-* options),
+`ffn+ctx5,bank` (per-fact thresholds: max(gamma, the key's best cosine over the fitting
+passages + margin)), `ffn+ctx5,verify=cat5@0.5` (the
 winner must also pass 0.5 in a second space: one more dot product per token)."""
 from __future__ import annotations
 
@@ -93,19 +95,20 @@ class Design:
     bank: bool  # per-fact thresholds from the fitting passages
     mode: str = "ctx"  # "ctx": the blocks' outputs summed; "cat": each unit, side by side (mean cosine)
     verify: tuple[str, int, tuple[float, ...]] | None = None  # (space, blocks, gamma_v values): the winner must pass there
+    learn: bool = False  # a GateTransform fitted on held-apart facts and text maps keys and queries
 
     @classmethod
     def parse(cls, spec: str) -> "Design":
-        m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank)*)"
+        m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank|,learn)*)"
                          r"(?:,verify=(ffn|ctx|cat|lo)(\d*)@([0-9.]+|\*))?", spec)
         if not m:
-            raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC|+catC[@W]][,white][,bank][,verify=SPACE[C]@G]")
+            raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC|+catC[@W]][,white][,bank][,learn][,verify=SPACE[C]@G]")
         verify = None
         if m.group(5):
             gv = VERIFY_SWEEP if m.group(7) == "*" else (float(m.group(7)),)
             verify = (m.group(5), int(m.group(6) or 0), gv)
         return cls(spec, int(m.group(2) or 0), float(m.group(3) or 0.5), ",white" in m.group(4), ",bank" in m.group(4),
-                   m.group(1) or "ctx", verify)
+                   m.group(1) or "ctx", verify, ",learn" in m.group(4))
 
 
 def _blocks(wide: WideSpace, raw: torch.Tensor) -> torch.Tensor:
@@ -206,17 +209,31 @@ def text_queries(db: NeuralDB, wide: WideSpace, texts: Sequence[str], max_tokens
 
 
 @torch.no_grad()
-def subject_queries(db: NeuralDB, wide: WideSpace, rows: Sequence[tuple[Fact, str]]) -> torch.Tensor:
-    """Wide activations (N, d_wide) at the subject's last token of each (fact, prompt text)."""
-    out = []
+def subject_queries(db: NeuralDB, wide: WideSpace, rows: Sequence[tuple[Fact, str]], batch: int = 64) -> torch.Tensor:
+    """Wide activations (N, d_wide) at the subject's last token of each (fact, prompt text); the
+    prompts run right-padded in batches of similar length (a causal model's earlier positions
+    do not see the padding)."""
+    encs = []
     for fact, text in rows:
         tmpl = text if "{}" in text else text.replace(fact.subject, "{}", 1)
-        enc = encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True)
-        ids = torch.tensor([enc.ids], device=model_device(db.model))
+        encs.append(encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True))
+    out = torch.zeros(len(rows), wide.dim)
+    order = sorted(range(len(encs)), key=lambda i: len(encs[i].ids))
+    pad = db.tok.pad_token_id if db.tok.pad_token_id is not None else 0
+    for s in range(0, len(order), batch):
+        group = order[s : s + batch]
+        T = max(len(encs[i].ids) for i in group)
+        ids = torch.full((len(group), T), pad, dtype=torch.long)  # (b, T)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(group):
+            ids[r, : len(encs[i].ids)] = torch.tensor(encs[i].ids)
+            mask[r, : len(encs[i].ids)] = 1
+        dev = model_device(db.model)
         with db.disabled(), Capture(db.model, wide) as cap:
-            db.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-        out.append(cap.raw[0, enc.subject_last].cpu())
-    return torch.stack(out) if out else torch.zeros(0, wide.dim)
+            db.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        at = torch.tensor([encs[i].subject_last for i in group])
+        out[torch.tensor(group)] = cap.raw[torch.arange(len(group)), at].cpu()  # (b, d_wide)
+    return out
 
 
 # ----- measuring -------------------------------------------------------------------------------
@@ -333,6 +350,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     q.add_argument("--fit-texts", type=int, default=40, help="WikiText-2 passages for whitening and banks")
     q.add_argument("--test-texts", type=int, default=120, help="WikiText-2 passages measured (after the fit ones)")
     q.add_argument("--max-tokens", type=int, default=160)
+    t = ap.add_argument_group("learned transform (',learn')")
+    t.add_argument("--learn-facts", default="10000:20000", help="facts A:B whose prompts are the fit's positives "
+                   "(keep them out of the first m0: the sample is drawn there)")
+    t.add_argument("--learn-texts", type=int, default=300, help="WikiText-2 passages of the fit's negatives")
+    t.add_argument("--learn-texts-from", type=int, default=400, help="first passage of those (after every measured one "
+                   "and bench/scale.py's retention passages)")
+    t.add_argument("--learn-neighbourhood", type=int, default=3000, help="neighbourhood prompts of the fit's facts")
+    t.add_argument("--learn-rank", type=int, default=64)
+    t.add_argument("--learn-epochs", type=int, default=8)
+    t.add_argument("--learn-gamma", type=float, default=0.8, help="the threshold the fit's margins aim at")
+    t.add_argument("--learn-neg-weight", type=float, default=1.0, help="weight of the negatives' margin")
+    t.add_argument("--learn-save", help="write the fitted transform of the last ',learn' design here")
     r = ap.add_argument_group("run")
     r.add_argument("--chunk", type=int, default=1024, help="facts per cached key file")
     r.add_argument("--out", default="results/gate")
@@ -353,7 +382,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     wide = wide_space(model, db.layer)
     if max(d.context for d in designs) > len(wide.attn_paths):
         raise SystemExit(f"--design: layer {db.layer} has only {len(wide.attn_paths)} attention blocks")
-    pool, _, sources = get_facts(args.data, ms[-1], args.seed, extra=1, data_dir=args.data_dir)
+    la, lb = (int(x) for x in args.learn_facts.split(":"))
+    learning = any(d.learn for d in designs)
+    if learning and la < ms[0]:
+        raise SystemExit(f"--learn-facts {args.learn_facts}: must start at or after m0 = {ms[0]} (the sample's facts)")
+    n_pool = max(ms[-1], lb if learning else 0)
+    pool, _, sources = get_facts(args.data, n_pool, args.seed, extra=1, data_dir=args.data_dir)
     facts = list(pool)
     cache = out / "cache" / f"{Path(args.model).name}-L{db.layer}-{args.data.replace(',', '+')}-s{args.seed}"
     keys_raw = fact_keys(db, wide, facts, cache, args.chunk).float()  # (M, d_wide)
@@ -371,6 +405,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     q_fit, _ = text_queries(db, wide, fit, args.max_tokens)
     q_wiki, where = text_queries(db, wide, test, args.max_tokens)
     q_neigh, _ = text_queries(db, wide, neigh, args.max_tokens)
+    if learning:  # the fit's own facts, prompts and text: none of them is measured
+        lrows = [(i, p) for i in range(la, lb) for p in [facts[i].prompt, *facts[i].paraphrases]
+                 if facts[i].subject in p or "{}" in p]
+        l_own = torch.tensor([i - la for i, _ in lrows])
+        fit_file = cache / (f"fit_{la}-{lb}_t{args.learn_texts_from}+{args.learn_texts}"
+                            f"_n{args.learn_neighbourhood}_{args.max_tokens}.safetensors")
+        if fit_file.is_file():
+            saved = load_file(str(fit_file))
+            l_pos, l_neg = saved["pos"].float(), saved["neg"].float()
+        else:
+            l_pos = subject_queries(db, wide, [(facts[i], p) for i, p in lrows])
+            l_texts = wikitext_passages(resolve("wikitext", args.data_dir).path,
+                                        args.learn_texts_from + args.learn_texts, max_words=110)[args.learn_texts_from :]
+            l_neigh = [p for i in range(la, lb) for p in facts[i].neighborhood][: args.learn_neighbourhood]
+            l_neg = torch.cat([text_queries(db, wide, l_texts, args.max_tokens)[0],
+                               text_queries(db, wide, l_neigh, args.max_tokens)[0]])
+            save_file({"pos": l_pos.half().contiguous(), "neg": l_neg.half().contiguous()}, str(fit_file))
+        log.warning("fit data: %d positives of facts %d:%d, %d negative tokens", len(l_pos), la, lb, len(l_neg))
     log.warning("queries: %d paraphrase, %d rewrite, %d WikiText, %d neighbourhood tokens (%.0f s)",
                 len(q_para), len(q_rew), len(q_wiki), len(q_neigh), time.perf_counter() - t0)
 
@@ -384,6 +436,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for design in designs:
         white = whitening(q_fit[:, : wide.d_ffn]) if design.white else None
         dv = lambda x: derive(wide, design, x, white)  # noqa: E731
+        if design.learn:
+            from neuraldb.bench.transform import FitConfig, fit_transform
+
+            fcfg = FitConfig(rank=args.learn_rank, epochs=args.learn_epochs, gamma=args.learn_gamma,
+                             neg_weight=args.learn_neg_weight, seed=args.seed)
+            T = fit_transform(dv(keys_raw[la:lb]), dv(l_pos), l_own, dv(l_neg), fcfg)
+            if args.learn_save:
+                T.save(Path(args.learn_save))
+            plain = dv
+            dv = lambda x: T(plain(x))  # noqa: E731
         K_all = dv(keys_raw)  # (M, dim)
         queries = {"paraphrase": dv(q_para), "rewrite": dv(q_rew), "wikitext": dv(q_wiki), "neighbourhood": dv(q_neigh)}
         own = {"paraphrase": torch.tensor([i for i, _ in para_rows]), "rewrite": torch.tensor([i for i, _ in rew_rows])}
@@ -421,4 +483,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("neuraldb.bench.transform").setLevel(logging.INFO)
     run_main(main, "bench/gate.py")

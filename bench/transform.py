@@ -1,0 +1,141 @@
+"""A learned map of the gate's space: `T(v) = unit(v + (v V) U^T)`, a low-rank correction of
+the identity fitted so that a fact's prompts land on its key and ordinary text lands on none.
+
+The gate stays one exact cosine test: keys and queries both pass through T (a unit vector
+out), so every exact index answers argmax-then-threshold in the mapped space unchanged, and a
+closed gate still leaves the layer bit-identical. With U = 0 T is the plain space.
+
+Fitting (`fit_transform`) takes, in the plain space: a bank of keys, positive queries (a fact's
+prompts at its subject's last token, each with its own key's row) and negative queries (tokens
+of ordinary text, neighbourhood prompts). Every epoch it mines, for each query, the `hard` keys
+nearest to it under the current T (exact, no gradient); then minibatches minimise
+
+- InfoNCE of the own key against the mined keys (the own key wins the argmax),
+- softplus((gamma - cos_own) / s) (the own key passes the threshold),
+- softplus((max_mined cos_neg - gamma) / s) (no key passes it on a negative),
+
+with Adam on U and V. Nothing here knows about models: bench/gate.py builds the vectors (design `,learn`)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from neuraldb.kernels import l2_normalize
+
+log = logging.getLogger(__name__)
+
+
+class GateTransform:
+    """T(v) = unit(v + (v V) U^T) over vectors of width `dim` (rank = U's columns)."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        if U.shape != V.shape or U.dim() != 2:
+            raise ValueError(f"gate transform: U {tuple(U.shape)} and V {tuple(V.shape)} must both be (dim, rank)")
+        self.U, self.V = U.float(), V.float()
+
+    @property
+    def dim(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        U, V = self.U.to(v.device), self.V.to(v.device)
+        x = v.float()
+        return l2_normalize(x + (x @ V) @ U.T)  # (..., dim) -> (..., rank) -> (..., dim)
+
+    def save(self, path: Path) -> None:
+        save_file({"U": self.U.contiguous(), "V": self.V.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "GateTransform":
+        try:
+            t = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ValueError(f"{path}: not a gate transform ({e})") from e
+        if set(t) != {"U", "V"}:
+            raise ValueError(f"{path}: a gate transform holds tensors U and V, found {sorted(t)}")
+        return cls(t["U"], t["V"])
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self.U.numpy().tobytes())
+        h.update(self.V.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    rank: int = 64
+    epochs: int = 8
+    batch: int = 512
+    lr: float = 2e-3
+    hard: int = 32  # keys mined per query each epoch
+    gamma: float = 0.8  # the threshold the margins aim at
+    scale: float = 0.02  # softness of the margins
+    temperature: float = 0.05  # InfoNCE
+    neg_weight: float = 1.0
+    seed: int = 0
+
+
+def _mine(T: GateTransform, keys: torch.Tensor, q: torch.Tensor, hard: int, block: int = 4096) -> torch.Tensor:
+    """Indices (N, hard) of the keys nearest each query under T, exact."""
+    tk = T(keys)  # (M, dim)
+    out = []
+    for s in range(0, q.shape[0], block):
+        out.append((T(q[s : s + block]) @ tk.T).topk(min(hard, keys.shape[0]), dim=1).indices)  # (b, hard)
+    return torch.cat(out)
+
+
+def fit_transform(keys: torch.Tensor, pos: torch.Tensor, own: torch.Tensor, neg: torch.Tensor,
+                  cfg: FitConfig = FitConfig()) -> GateTransform:
+    """Fit T on unit vectors: keys (M, d), positive queries (P, d) with their own key rows
+    own (P,), negative queries (N, d). Returns the fitted transform."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    d = keys.shape[1]
+    U = torch.zeros(d, cfg.rank, requires_grad=True)
+    V = (torch.randn(d, cfg.rank, generator=g) / d**0.5).requires_grad_(True)
+    opt = torch.optim.Adam([U, V], lr=cfg.lr)
+    keys, pos, neg = keys.float(), pos.float(), neg.float()
+    for epoch in range(cfg.epochs):
+        with torch.no_grad():
+            T = GateTransform(U.detach(), V.detach())
+            pos_hard, neg_hard = _mine(T, keys, pos, cfg.hard + 1), _mine(T, keys, neg, cfg.hard)
+        # each positive: its own key first, then the mined keys that are not it
+        others = torch.where(pos_hard == own[:, None], pos_hard[:, -1:], pos_hard)[:, : cfg.hard]  # (P, hard)
+        pos_cand = torch.cat([own[:, None], others], 1)  # (P, 1 + hard)
+        n_pos, n_neg = pos.shape[0], neg.shape[0]
+        order_p = torch.randperm(n_pos, generator=g)
+        order_n = torch.randperm(n_neg, generator=g)
+        steps = max(1, (n_pos + n_neg) // cfg.batch)
+        total = {"nce": 0.0, "pos": 0.0, "neg": 0.0}
+        for s in tqdm(range(steps), desc=f"gate transform epoch {epoch + 1}/{cfg.epochs}", leave=False):
+            bp = order_p[s * n_pos // steps : (s + 1) * n_pos // steps]
+            bn = order_n[s * n_neg // steps : (s + 1) * n_neg // steps]
+            T = GateTransform(U, V)  # float32 already: U, V themselves, gradients flow
+            qp = T(pos[bp])  # (b, d)
+            kp = T(keys[pos_cand[bp]])  # (b, 1 + hard, d)
+            cp = (kp @ qp[:, :, None])[..., 0]  # (b, 1 + hard)
+            nce = torch.nn.functional.cross_entropy(cp / cfg.temperature, torch.zeros(len(bp), dtype=torch.long))
+            l_pos = torch.nn.functional.softplus((cfg.gamma - cp[:, 0]) / cfg.scale).mean()
+            qn = T(neg[bn])  # (b, d)
+            kn = T(keys[neg_hard[bn]])  # (b, hard, d)
+            cn = (kn @ qn[:, :, None])[..., 0].max(1).values  # (b,)
+            l_neg = torch.nn.functional.softplus((cn - cfg.gamma) / cfg.scale).mean()
+            loss = nce + l_pos + cfg.neg_weight * l_neg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total["nce"] += nce.item() / steps
+            total["pos"] += l_pos.item() / steps
+            total["neg"] += l_neg.item() / steps
+        log.info("gate transform epoch %d: nce %.3f pos %.4f neg %.4f", epoch + 1, total["nce"], total["pos"], total["neg"])
+    return GateTransform(U.detach().clone(), V.detach().clone())
