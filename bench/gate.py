@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from neuraldb import NeuralDB, load_model
 from neuraldb.bench.common import machine, markdown_table, progress, run_main, save_figure, write_outputs
@@ -48,7 +49,7 @@ from neuraldb.bench.scale import get_facts
 from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.facts import Fact
-from neuraldb.engine.keys import compute_keys
+from neuraldb.engine.keys import compute_keys, plain_keys
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.space import Capture, KeySpace, key_space
 from neuraldb.engine.tokens import encode_with_subject
@@ -210,30 +211,40 @@ def text_queries(db: NeuralDB, wide: WideSpace, texts: Sequence[str], max_tokens
 
 @torch.no_grad()
 def subject_queries(db: NeuralDB, wide: WideSpace, rows: Sequence[tuple[Fact, str]], batch: int = 64) -> torch.Tensor:
-    """Wide activations (N, d_wide) at the subject's last token of each (fact, prompt text); the
-    prompts run right-padded in batches of similar length (a causal model's earlier positions
-    do not see the padding)."""
+    """Wide activations (N, d_wide) at the subject's last token of each (fact, prompt text),
+    run as the engine runs a key's bare prompt (right-padded batches of similar length)."""
     encs = []
     for fact, text in rows:
         tmpl = text if "{}" in text else text.replace(fact.subject, "{}", 1)
-        encs.append(encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True))
-    out = torch.zeros(len(rows), wide.dim)
-    order = sorted(range(len(encs)), key=lambda i: len(encs[i].ids))
-    pad = db.tok.pad_token_id if db.tok.pad_token_id is not None else 0
-    for s in range(0, len(order), batch):
-        group = order[s : s + batch]
-        T = max(len(encs[i].ids) for i in group)
-        ids = torch.full((len(group), T), pad, dtype=torch.long)  # (b, T)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(group):
-            ids[r, : len(encs[i].ids)] = torch.tensor(encs[i].ids)
-            mask[r, : len(encs[i].ids)] = 1
-        dev = model_device(db.model)
-        with db.disabled(), Capture(db.model, wide) as cap:
-            db.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
-        at = torch.tensor([encs[i].subject_last for i in group])
-        out[torch.tensor(group)] = cap.raw[torch.arange(len(group)), at].cpu()  # (b, d_wide)
-    return out
+        enc = encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True)
+        encs.append((enc.ids, enc.subject_last))
+    if not encs:
+        return torch.zeros(0, wide.dim)
+    with db.disabled(), tqdm(total=len(encs), desc="subject prompts", unit="row", disable=None, leave=False) as bar:
+        return plain_keys(db.model, db.tok, encs, wide, batch, bar).cpu()
+
+
+def fit_queries(db: NeuralDB, wide: WideSpace, facts: Sequence[Fact], la: int, lb: int, args: argparse.Namespace,
+                cache: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ',learn' fit's material, cached under `cache`: wide activations of facts la:lb's
+    prompts at the subject (P, d_wide) with their key rows counted from la (P,), and of the
+    negative tokens (N, d_wide): WikiText-2 passages after every measured one and those facts'
+    neighbourhood prompts."""
+    rows = [(i, p) for i in range(la, lb) for p in [facts[i].prompt, *facts[i].paraphrases]
+            if facts[i].subject in p or "{}" in p]
+    own = torch.tensor([i - la for i, _ in rows])
+    path = cache / (f"fit_{la}-{lb}_t{args.learn_texts_from}+{args.learn_texts}"
+                    f"_n{args.learn_neighbourhood}_{args.max_tokens}.safetensors")
+    if path.is_file():
+        saved = load_file(str(path))
+        return saved["pos"].float(), own, saved["neg"].float()
+    pos = subject_queries(db, wide, [(facts[i], p) for i, p in rows])
+    texts = wikitext_passages(resolve("wikitext", args.data_dir).path, args.learn_texts_from + args.learn_texts,
+                              max_words=110)[args.learn_texts_from :]
+    neigh = [p for i in range(la, lb) for p in facts[i].neighborhood][: args.learn_neighbourhood]
+    neg = torch.cat([text_queries(db, wide, texts, args.max_tokens)[0], text_queries(db, wide, neigh, args.max_tokens)[0]])
+    save_file({"pos": pos.half().contiguous(), "neg": neg.half().contiguous()}, str(path))
+    return pos, own, neg
 
 
 # ----- measuring -------------------------------------------------------------------------------
@@ -406,22 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     q_wiki, where = text_queries(db, wide, test, args.max_tokens)
     q_neigh, _ = text_queries(db, wide, neigh, args.max_tokens)
     if learning:  # the fit's own facts, prompts and text: none of them is measured
-        lrows = [(i, p) for i in range(la, lb) for p in [facts[i].prompt, *facts[i].paraphrases]
-                 if facts[i].subject in p or "{}" in p]
-        l_own = torch.tensor([i - la for i, _ in lrows])
-        fit_file = cache / (f"fit_{la}-{lb}_t{args.learn_texts_from}+{args.learn_texts}"
-                            f"_n{args.learn_neighbourhood}_{args.max_tokens}.safetensors")
-        if fit_file.is_file():
-            saved = load_file(str(fit_file))
-            l_pos, l_neg = saved["pos"].float(), saved["neg"].float()
-        else:
-            l_pos = subject_queries(db, wide, [(facts[i], p) for i, p in lrows])
-            l_texts = wikitext_passages(resolve("wikitext", args.data_dir).path,
-                                        args.learn_texts_from + args.learn_texts, max_words=110)[args.learn_texts_from :]
-            l_neigh = [p for i in range(la, lb) for p in facts[i].neighborhood][: args.learn_neighbourhood]
-            l_neg = torch.cat([text_queries(db, wide, l_texts, args.max_tokens)[0],
-                               text_queries(db, wide, l_neigh, args.max_tokens)[0]])
-            save_file({"pos": l_pos.half().contiguous(), "neg": l_neg.half().contiguous()}, str(fit_file))
+        l_pos, l_own, l_neg = fit_queries(db, wide, facts, la, lb, args, cache)
         log.warning("fit data: %d positives of facts %d:%d, %d negative tokens", len(l_pos), la, lb, len(l_neg))
     log.warning("queries: %d paraphrase, %d rewrite, %d WikiText, %d neighbourhood tokens (%.0f s)",
                 len(q_para), len(q_rew), len(q_wiki), len(q_neigh), time.perf_counter() - t0)

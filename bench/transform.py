@@ -31,20 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class GateTransform:
-    """T(v) = unit(v + (v V) U^T) over vectors of width `dim` (rank = U's columns)."""
+    """T(v) = unit(v + (v V) U^T); U and V are (dim, rank)."""
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
         if U.shape != V.shape or U.dim() != 2:
             raise ValueError(f"gate transform: U {tuple(U.shape)} and V {tuple(V.shape)} must both be (dim, rank)")
         self.U, self.V = U.float(), V.float()
-
-    @property
-    def dim(self) -> int:
-        return self.U.shape[0]
-
-    @property
-    def rank(self) -> int:
-        return self.U.shape[1]
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         U, V = self.U.to(v.device), self.V.to(v.device)
@@ -63,13 +55,6 @@ class GateTransform:
         if set(t) != {"U", "V"}:
             raise ValueError(f"{path}: a gate transform holds tensors U and V, found {sorted(t)}")
         return cls(t["U"], t["V"])
-
-    def fingerprint(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256(self.U.numpy().tobytes())
-        h.update(self.V.numpy().tobytes())
-        return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def _run_to_key(model: PreTrainedModel, space: KeySpace, ids: torch.Tensor, mask
     return cap.raw[torch.arange(ids.shape[0], device=ids.device), pos]
 
 
-def _plain_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: Sequence[tuple[list[int], int]],
+def plain_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: Sequence[tuple[list[int], int]],
                 space: KeySpace, batch: int, bar: Any) -> torch.Tensor:
     """Each row run in full (rows bucketed by length): (R, d_raw)."""
     device = model_device(model)
@@ -131,12 +131,12 @@ def _shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) ->
 def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: str,
                  rows: Sequence[tuple[list[int], int]], space: KeySpace, batch: int, bar: Any) -> torch.Tensor:
     """Rows that share a generated prefix: the prefix runs once, its KV cache serves every row,
-    and only each row's own tokens run. Exact under causal attention (equal to `_plain_keys`
+    and only each row's own tokens run. Exact under causal attention (equal to `plain_keys`
     up to float rounding)."""
     device = model_device(model)
     shared = _shared_len(tok(prefix)["input_ids"], rows)
     if shared == 0:
-        return _plain_keys(model, tok, rows, space, batch, bar)
+        return plain_keys(model, tok, rows, space, batch, bar)
     head = torch.tensor([rows[0][0][:shared]], device=device)  # (1, S)
     with Capture(model, space):
         cache = DynamicCache(config=model.config)
@@ -172,10 +172,10 @@ def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Se
     bar = tqdm(total=len(facts) * (1 + len(prefixes)), desc="keys", unit="row", disable=None, leave=False)
     cols = [[r[c] for r in per_fact] for c in range(1 + len(prefixes))]  # (1 + P) x F
     if reuse_prefix_cache and prefixes:
-        parts = [_plain_keys(model, tok, cols[0], space, bs, bar)]
+        parts = [plain_keys(model, tok, cols[0], space, bs, bar)]
         parts += [_cached_keys(model, tok, p, cols[1 + k], space, bs, bar) for k, p in enumerate(prefixes)]
     else:
-        flat = _plain_keys(model, tok, [r for col in cols for r in col], space, bs, bar)  # ((1+P) F, d_raw)
+        flat = plain_keys(model, tok, [r for col in cols for r in col], space, bs, bar)  # ((1+P) F, d_raw)
         parts = list(flat.view(1 + len(prefixes), len(facts), -1))
     bar.close()
     bare = parts[0]  # (F, d_raw)
