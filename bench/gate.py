@@ -23,6 +23,7 @@ OUT/gate.json and OUT/gate.md. Designs are named like `ffn`, `ffn+ctx5`, `ffn+ct
 (context weight), `ffn+cat5` (each block's output unit, side by side: the blocks' mean cosine),
 `ffn,white` (whitened on the fitting passages), `ffn+ctx5,learn` (a low-rank map fitted on
 other facts' prompts and other passages: bench/transform.py, the --learn-* options),
+`ffn+ctx5,map=smollm2-135m-l6-ctx5` (a saved map: a shipped one's name or a file),
 `ffn+ctx5,bank` (per-fact thresholds: max(gamma, the key's best cosine over the fitting
 passages + margin)), `ffn+ctx5,verify=cat5@0.5` (the
 winner must also pass 0.5 in a second space: one more dot product per token)."""
@@ -48,7 +49,9 @@ from neuraldb.bench.common import machine, markdown_table, progress, run_main, s
 from neuraldb.bench.scale import get_facts
 from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
+from neuraldb.engine.editor import layer_fingerprint
 from neuraldb.engine.facts import Fact
+from neuraldb.engine.gate_map import load_map, space_meta
 from neuraldb.engine.keys import compute_keys, plain_keys
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.space import Capture, KeySpace, key_space
@@ -96,20 +99,22 @@ class Design:
     bank: bool  # per-fact thresholds from the fitting passages
     mode: str = "ctx"  # "ctx": the blocks' outputs summed; "cat": each unit, side by side (mean cosine)
     verify: tuple[str, int, tuple[float, ...]] | None = None  # (space, blocks, gamma_v values): the winner must pass there
-    learn: bool = False  # a GateTransform fitted on held-apart facts and text maps keys and queries
+    learn: bool = False  # a GateMap fitted on held-apart facts and text maps keys and queries
+    gate_map: str | None = None  # a saved map (EditConfig.gate_map's names or a path) maps them instead
 
     @classmethod
     def parse(cls, spec: str) -> "Design":
-        m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank|,learn)*)"
+        m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank|,learn)*)(?:,map=([^,]+))?"
                          r"(?:,verify=(ffn|ctx|cat|lo)(\d*)@([0-9.]+|\*))?", spec)
         if not m:
-            raise SystemExit(f"--design {spec!r}: expected ffn[+ctxC|+catC[@W]][,white][,bank][,learn][,verify=SPACE[C]@G]")
+            raise SystemExit(f"--design {spec!r}: expected "
+                             "ffn[+ctxC|+catC[@W]][,white][,bank][,learn][,map=NAME][,verify=SPACE[C]@G]")
         verify = None
-        if m.group(5):
-            gv = VERIFY_SWEEP if m.group(7) == "*" else (float(m.group(7)),)
-            verify = (m.group(5), int(m.group(6) or 0), gv)
+        if m.group(6):
+            gv = VERIFY_SWEEP if m.group(8) == "*" else (float(m.group(8)),)
+            verify = (m.group(6), int(m.group(7) or 0), gv)
         return cls(spec, int(m.group(2) or 0), float(m.group(3) or 0.5), ",white" in m.group(4), ",bank" in m.group(4),
-                   m.group(1) or "ctx", verify, ",learn" in m.group(4))
+                   m.group(1) or "ctx", verify, ",learn" in m.group(4), m.group(5))
 
 
 def _blocks(wide: WideSpace, raw: torch.Tensor) -> torch.Tensor:
@@ -437,11 +442,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
             fcfg = FitConfig(rank=args.learn_rank, epochs=args.learn_epochs, gamma=args.learn_gamma,
                              neg_weight=args.learn_neg_weight, seed=args.seed)
-            T = fit_transform(dv(keys_raw[la:lb]), dv(l_pos), l_own, dv(l_neg), fcfg)
+            fk = dv(keys_raw[la:lb])  # (lb - la, dim)
+            meta = space_meta(db.layer, design.context, design.weight, fk.shape[1], layer_fingerprint(model, db.layer))
+            T = fit_transform(fk, dv(l_pos), l_own, dv(l_neg), fcfg, meta)
             if args.learn_save:
                 T.save(Path(args.learn_save))
             plain = dv
             dv = lambda x: T(plain(x))  # noqa: E731
+        elif design.gate_map is not None:
+            gm = load_map(design.gate_map)
+            gm.check(space_meta(db.layer, design.context, design.weight, dv(keys_raw[:1]).shape[1],
+                                layer_fingerprint(model, db.layer)), f"--design {design.name}")
+            plain_dv = dv
+            dv = lambda x: gm(plain_dv(x))  # noqa: E731
         K_all = dv(keys_raw)  # (M, dim)
         queries = {"paraphrase": dv(q_para), "rewrite": dv(q_rew), "wikitext": dv(q_wiki), "neighbourhood": dv(q_neigh)}
         own = {"paraphrase": torch.tensor([i for i, _ in para_rows]), "rewrite": torch.tensor([i for i, _ in rew_rows])}

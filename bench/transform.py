@@ -1,9 +1,5 @@
-"""A learned map of the gate's space: `T(v) = unit(v + (v V) U^T)`, a low-rank correction of
-the identity fitted so that a fact's prompts land on its key and ordinary text lands on none.
-
-The gate stays one exact cosine test: keys and queries both pass through T (a unit vector
-out), so every exact index answers argmax-then-threshold in the mapped space unchanged, and a
-closed gate still leaves the layer bit-identical. With U = 0 T is the plain space.
+"""Fitting the gate map (`neuraldb.engine.gate_map.GateMap`, `T(v) = unit(v + (v V) U^T)`) so
+that a fact's prompts land on its key and ordinary text lands on none.
 
 Fitting (`fit_transform`) takes, in the plain space: a bank of keys, positive queries (a fact's
 prompts at its subject's last token, each with its own key's row) and negative queries (tokens
@@ -19,42 +15,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from neuraldb.kernels import l2_normalize
+from neuraldb.engine.gate_map import GateMap
 
 log = logging.getLogger(__name__)
-
-
-class GateTransform:
-    """T(v) = unit(v + (v V) U^T); U and V are (dim, rank)."""
-
-    def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
-        if U.shape != V.shape or U.dim() != 2:
-            raise ValueError(f"gate transform: U {tuple(U.shape)} and V {tuple(V.shape)} must both be (dim, rank)")
-        self.U, self.V = U.float(), V.float()
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        U, V = self.U.to(v.device), self.V.to(v.device)
-        x = v.float()
-        return l2_normalize(x + (x @ V) @ U.T)  # (..., dim) -> (..., rank) -> (..., dim)
-
-    def save(self, path: Path) -> None:
-        save_file({"U": self.U.contiguous(), "V": self.V.contiguous()}, str(path))
-
-    @classmethod
-    def load(cls, path: Path) -> "GateTransform":
-        try:
-            t = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise ValueError(f"{path}: not a gate transform ({e})") from e
-        if set(t) != {"U", "V"}:
-            raise ValueError(f"{path}: a gate transform holds tensors U and V, found {sorted(t)}")
-        return cls(t["U"], t["V"])
 
 
 @dataclass(frozen=True)
@@ -71,7 +39,7 @@ class FitConfig:
     seed: int = 0
 
 
-def _mine(T: GateTransform, keys: torch.Tensor, q: torch.Tensor, hard: int, block: int = 4096) -> torch.Tensor:
+def _mine(T: GateMap, keys: torch.Tensor, q: torch.Tensor, hard: int, block: int = 4096) -> torch.Tensor:
     """Indices (N, hard) of the keys nearest each query under T, exact."""
     tk = T(keys)  # (M, dim)
     out = []
@@ -81,9 +49,10 @@ def _mine(T: GateTransform, keys: torch.Tensor, q: torch.Tensor, hard: int, bloc
 
 
 def fit_transform(keys: torch.Tensor, pos: torch.Tensor, own: torch.Tensor, neg: torch.Tensor,
-                  cfg: FitConfig = FitConfig()) -> GateTransform:
+                  cfg: FitConfig = FitConfig(), meta: Mapping[str, str] | None = None) -> GateMap:
     """Fit T on unit vectors: keys (M, d), positive queries (P, d) with their own key rows
-    own (P,), negative queries (N, d). Returns the fitted transform."""
+    own (P,), negative queries (N, d). Returns the fitted map, carrying `meta` (what space it
+    was fitted for: `neuraldb.engine.gate_map.space_meta`)."""
     g = torch.Generator().manual_seed(cfg.seed)
     d = keys.shape[1]
     U = torch.zeros(d, cfg.rank, requires_grad=True)
@@ -92,7 +61,7 @@ def fit_transform(keys: torch.Tensor, pos: torch.Tensor, own: torch.Tensor, neg:
     keys, pos, neg = keys.float(), pos.float(), neg.float()
     for epoch in range(cfg.epochs):
         with torch.no_grad():
-            T = GateTransform(U.detach(), V.detach())
+            T = GateMap(U.detach(), V.detach())
             pos_hard, neg_hard = _mine(T, keys, pos, cfg.hard + 1), _mine(T, keys, neg, cfg.hard)
         # each positive: its own key first, then the mined keys that are not it
         others = torch.where(pos_hard == own[:, None], pos_hard[:, -1:], pos_hard)[:, : cfg.hard]  # (P, hard)
@@ -105,7 +74,7 @@ def fit_transform(keys: torch.Tensor, pos: torch.Tensor, own: torch.Tensor, neg:
         for s in tqdm(range(steps), desc=f"gate transform epoch {epoch + 1}/{cfg.epochs}", leave=False):
             bp = order_p[s * n_pos // steps : (s + 1) * n_pos // steps]
             bn = order_n[s * n_neg // steps : (s + 1) * n_neg // steps]
-            T = GateTransform(U, V)  # float32 already: U, V themselves, gradients flow
+            T = GateMap(U, V)  # float32 already: U, V themselves, gradients flow
             qp = T(pos[bp])  # (b, d)
             kp = T(keys[pos_cand[bp]])  # (b, 1 + hard, d)
             cp = (kp @ qp[:, :, None])[..., 0]  # (b, 1 + hard)
@@ -123,4 +92,4 @@ def fit_transform(keys: torch.Tensor, pos: torch.Tensor, own: torch.Tensor, neg:
             total["pos"] += l_pos.item() / steps
             total["neg"] += l_neg.item() / steps
         log.info("gate transform epoch %d: nce %.3f pos %.4f neg %.4f", epoch + 1, total["nce"], total["pos"], total["neg"])
-    return GateTransform(U.detach().clone(), V.detach().clone())
+    return GateMap(U.detach().clone(), V.detach().clone(), meta)

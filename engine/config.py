@@ -100,6 +100,9 @@ class EditConfig:
     # before it), weighted `gate_context_weight` in the cosine
     gate_context: int = 0
     gate_context_weight: float = 0.5
+    # a learned map of that space applied to keys and queries alike (engine/gate_map.py): the
+    # name of a map shipped under engine/maps/, or a file path; "" = none
+    gate_map: str = ""
     # keys (MEMIT compute_ks recipe)
     n_prefixes: int = 5
     prefix_len: int = 10

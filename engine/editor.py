@@ -18,6 +18,7 @@ from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_
 from .change import Change
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
+from .gate_map import GateMap, load_map, space_meta
 from .gated import GatedFFNOut, Hit, gate_mask_hook
 from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes
 from .persistence import Stored, check_model, read_db, save_state
@@ -56,7 +57,8 @@ class NeuralDB:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  config: EditConfig | None = None, *, layer: int | None = None,
-                 gamma: float | None = None, index: str | None = None, attach: bool = True) -> None:
+                 gamma: float | None = None, index: str | None = None, attach: bool = True,
+                 gate_map: GateMap | None = None) -> None:
         self.model, self.tok = model, tokenizer
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
@@ -67,7 +69,8 @@ class NeuralDB:
             raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "
                               f"(set EditConfig.layer or --layer)")
         self.layer = self.config.layer
-        self.space = key_space(model, self.layer, self.config)
+        self.gate_map = self._gate_map(gate_map)
+        self.space = key_space(model, self.layer, self.config, self.gate_map)
         self.d_key, self.d_res = self.space.dim, ffn_dims(model, self.layer)[1]
         device = model_device(model)
         self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
@@ -85,6 +88,24 @@ class NeuralDB:
         self.generate_hits: list[Hit] = []  # hits of every step of the last generate()
         if attach:
             self.attach()
+
+    def _gate_map(self, given: GateMap | None) -> GateMap | None:
+        """The map `config.gate_map` names (or `given`, a stored database's copy of it), checked
+        against this model, layer and space."""
+        if not self.config.gate_map:
+            if given is not None:
+                raise ConfigError("a gate map was given but EditConfig.gate_map is empty")
+            return None
+        gm = given if given is not None else load_map(self.config.gate_map)
+        plain = key_space(self.model, self.layer, self.config)
+        gm.check(self.map_meta(plain.dim), f"EditConfig.gate_map {self.config.gate_map!r}")
+        return gm
+
+    def map_meta(self, dim: int | None = None) -> dict[str, str]:
+        """What a gate map fitted for this database's space records (`GateMap.meta`)."""
+        dim = self.space.dim if dim is None else dim
+        return space_meta(self.layer, self.config.gate_context, self.config.gate_context_weight, dim,
+                          layer_fingerprint(self.model, self.layer))
 
     # ----- the gate -------------------------------------------------------------------
     @property
@@ -352,14 +373,14 @@ class NeuralDB:
     def state(self) -> Stored:
         """The whole database as plain parts (no model): what `save` writes."""
         meta = {"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration}
-        return Stored(meta, self.config, self.facts, self.table, self.index, self.next_id)
+        return Stored(meta, self.config, self.facts, self.table, self.index, self.next_id, self.gate_map)
 
     @classmethod
     def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: Stored,
                    index: str | None = None, where: str | Path = "<state>") -> "NeuralDB":
         """A database over `model` from a state (`read_db`'s, or another database's), after
         checking that the state was built for this model. `index` re-indexes the keys."""
-        db = cls(model, tokenizer, state.config.replace(index=index), attach=False)
+        db = cls(model, tokenizer, state.config.replace(index=index), attach=False, gate_map=state.gate_map)
         check_model(state.meta, db.fingerprint(), Path(where))
         if index is not None and index != state.index.spec:  # another spec: re-index the stored keys
             ids, keys = state.index.export()

@@ -1,4 +1,5 @@
-"""Saving and loading a database directory: config.yaml + facts.jsonl + residuals + index.
+"""Saving and loading a database directory: config.yaml + facts.jsonl + residuals + index, and
+gate_map.safetensors (a copy of the learned map) when the config names one.
 
 What a save guarantees
 - It never deletes what is not a database: a path that exists and is neither empty nor a
@@ -38,12 +39,14 @@ import yaml
 from ..index import IndexError_, KeyIndex, ResidualTable
 from .config import ConfigError, EditConfig, from_mapping, to_mapping
 from .facts import Fact, FactError, fact_from_json
+from .gate_map import GateMap
 
 
 log = logging.getLogger(__name__)
 FORMAT = "neuraldb-db-2"
 DATA_FILES = ("facts.jsonl", "residuals.safetensors", "index.safetensors")
 FILES = ("config.yaml", *DATA_FILES)
+MAP_FILE = "gate_map.safetensors"  # a copy of the gate map, when the config names one
 META_TYPES: dict[str, type | tuple[type, ...]] = {
     "format": str, "model": dict, "next_id": int, "prefixes": (list, type(None)), "config": dict,
     "num_facts": int, "files": dict}
@@ -74,7 +77,7 @@ def fsync_dir(path: Path) -> None:
 def _only_db_files(path: Path) -> bool:
     """Nothing but what a save writes: the database files, and the `.tmp*` files through which
     safetensors writes them (left behind when a save is killed mid-write)."""
-    return path.is_dir() and all(p.is_file() and (p.name in FILES or p.name.startswith(".tmp"))
+    return path.is_dir() and all(p.is_file() and (p.name in FILES or p.name == MAP_FILE or p.name.startswith(".tmp"))
                                  for p in path.iterdir())
 
 
@@ -162,7 +165,7 @@ def _refuse_foreign(directory: Path) -> None:
 
 
 def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, Fact]], table: ResidualTable,
-             index: KeyIndex, fault: Callable[[str], None] | None = None) -> Path:
+             index: KeyIndex, fault: Callable[[str], None] | None = None, gate_map: GateMap | None = None) -> Path:
     """Write a database to `directory`, atomically replacing a database already there.
     `fault(stage)` is called between the steps (tests inject crashes there)."""
     fault = fault or (lambda stage: None)
@@ -183,10 +186,14 @@ def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, F
             fault("residuals")
             index.save(tmp / "index.safetensors")
             fault("index")
-            for f in DATA_FILES:  # flush to disk before the renames make them visible
+            written = DATA_FILES
+            if gate_map is not None:
+                gate_map.save(tmp / MAP_FILE)
+                written += (MAP_FILE,)
+            for f in written:  # flush to disk before the renames make them visible
                 with open(tmp / f, "rb") as fh:
                     os.fsync(fh.fileno())
-            files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in DATA_FILES}
+            files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in written}
             _write_durable(tmp / "config.yaml", _sealed_yaml({**meta, "files": files}))
             fsync_dir(tmp)
             fault("written")
@@ -223,7 +230,8 @@ def save_state(directory: Path, state: "Stored", fault: Callable[[str], None] | 
     # "format" leads: is_database() recognises a database by its first 256 bytes
     meta = {"format": FORMAT, "model": state.meta["model"], "next_id": state.next_id, **state.meta,
             "config": to_mapping(state.config), "num_facts": len(ids)}
-    return write_db(directory, meta, [(int(i), state.facts[int(i)]) for i in ids], state.table, state.index, fault)
+    return write_db(directory, meta, [(int(i), state.facts[int(i)]) for i in ids], state.table, state.index, fault,
+                    state.gate_map)
 
 
 # ----- reading -------------------------------------------------------------------------------
@@ -258,11 +266,14 @@ def read_meta(directory: Path, verify_files: bool = True) -> dict[str, Any]:
     missing = [k for k in MODEL_KEYS if k not in meta["model"]]
     if missing:
         raise DatabaseError(f"{cfg}: key 'model' lacks {missing}")
-    for f in DATA_FILES if verify_files else ():
+    listed = DATA_FILES + ((MAP_FILE,) if MAP_FILE in meta["files"] else ())
+    for f in listed if verify_files else ():
         entry = meta["files"].get(f)
         if not isinstance(entry, dict) or "bytes" not in entry or "sha256" not in entry:
             raise DatabaseError(f"{cfg}: key 'files' has no size and sha256 for {f}")
         path = directory / f
+        if not path.is_file():
+            raise DatabaseError(f"{path}: missing database file")
         if path.stat().st_size != entry["bytes"]:
             raise DatabaseError(f"{path}: {path.stat().st_size} bytes, expected {entry['bytes']} (truncated or damaged)")
         if _sha256(path) != entry["sha256"]:
@@ -282,6 +293,7 @@ class Stored:
     table: ResidualTable
     index: KeyIndex
     next_id: int
+    gate_map: GateMap | None = None
 
     @property
     def prefixes(self) -> list[str] | None:
@@ -346,7 +358,21 @@ def read_db(directory: Path, device: str | torch.device = "cpu", residual_mmap: 
             raise DatabaseError(f"{directory / name}: ids do not match facts.jsonl "
                                 f"({len(other)} vs {len(ids)} ids, {len(np.setxor1d(other, ids))} differ)")
     next_id = max(meta["next_id"], int(ids.max()) + 1 if len(ids) else 0)
-    return Stored(meta, config, facts, table, index, next_id)
+    return Stored(meta, config, facts, table, index, next_id, _read_map(directory, meta, config))
+
+
+def _read_map(directory: Path, meta: dict[str, Any], config: EditConfig) -> GateMap | None:
+    """The database's copy of its gate map: present exactly when the config names one."""
+    listed = MAP_FILE in meta["files"]
+    if bool(config.gate_map) != listed:
+        raise DatabaseError(f"{directory / 'config.yaml'}: gate_map {config.gate_map!r} but {MAP_FILE} is "
+                            f"{'listed' if listed else 'not listed'} in 'files'")
+    if not listed:
+        return None
+    try:
+        return GateMap.load(directory / MAP_FILE)
+    except ValueError as exc:
+        raise DatabaseError(f"{directory / MAP_FILE}: damaged gate map ({exc})") from exc
 
 
 def check_model(meta: dict[str, Any], fp: dict[str, Any], directory: Path) -> None:

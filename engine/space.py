@@ -26,6 +26,7 @@ from torch import nn
 
 from .arch import ffn_dims, get_arch, get_module, num_layers
 from .config import ConfigError, EditConfig
+from .gate_map import GateMap
 from .hooks import StopForward
 
 
@@ -36,6 +37,7 @@ class KeySpace:
     d_ffn: int
     d_ctx: int
     context_weight: float
+    gate_map: GateMap | None = None  # a learned map applied last to keys and queries alike (engine/gate_map.py)
 
     @property
     def dim(self) -> int:
@@ -47,9 +49,14 @@ class KeySpace:
         return self.dim
 
     def combine(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw activations (..., d_raw), or their mean over contexts, -> gate vectors (..., dim).
-        FFN only: returned as they are (the index normalises). With context: each part unit,
-        weighted, concatenated (a unit vector)."""
+        """Raw activations (..., d_raw), or their mean over contexts, -> gate vectors (..., dim):
+        the plain space (`plain`), then the gate map if there is one."""
+        v = self.plain(raw)
+        return v if self.gate_map is None else self.gate_map(v)
+
+    def plain(self, raw: torch.Tensor) -> torch.Tensor:
+        """The space before any map. FFN only: the activations as they are (the index
+        normalises). With context: each part unit, weighted, concatenated (a unit vector)."""
         if not self.attn_paths:
             return raw
         f, c = raw[..., : self.d_ffn].float(), raw[..., self.d_ffn :].float()  # (..., d_ffn), (..., d_ctx)
@@ -61,7 +68,7 @@ class KeySpace:
         """The gate's queries (N, dim) from the FFN input x (..., d_ffn) and the context sum
         (..., d_ctx) recorded by `context_hooks` in the same forward pass."""
         if not self.attn_paths:
-            return x.reshape(-1, x.shape[-1])  # (N, d_ffn)
+            return self.combine(x.reshape(-1, x.shape[-1]))  # (N, d_ffn)
         if context is None or context.shape[:-1] != x.shape[:-1]:
             raise RuntimeError("the gate's context hooks recorded no attention output for this forward pass "
                                f"(context {None if context is None else tuple(context.shape)}, input {tuple(x.shape)})")
@@ -91,8 +98,10 @@ class KeySpace:
         return handles
 
 
-def key_space(model: nn.Module, layer: int, cfg: EditConfig | None = None) -> KeySpace:
-    """The space of `cfg` at `layer` (None: FFN only, as the baselines' keys are)."""
+def key_space(model: nn.Module, layer: int, cfg: EditConfig | None = None,
+              gate_map: GateMap | None = None) -> KeySpace:
+    """The space of `cfg` at `layer` (None: FFN only, as the baselines' keys are), mapped by
+    `gate_map` (checked by the caller against `cfg.gate_map`'s space)."""
     arch = get_arch(model)
     c = 0 if cfg is None else cfg.gate_context
     if c > layer + 1:
@@ -102,7 +111,7 @@ def key_space(model: nn.Module, layer: int, cfg: EditConfig | None = None) -> Ke
     d_ffn, d_model = ffn_dims(model, layer)
     w = 0.0 if cfg is None else cfg.gate_context_weight
     return KeySpace(arch.ffn_out.format(layer), tuple(arch.attn.format(i) for i in range(layer - c + 1, layer + 1)),
-                    d_ffn, d_model, w)
+                    d_ffn, d_model, w, gate_map)
 
 
 class Capture(contextlib.AbstractContextManager):

@@ -1,4 +1,4 @@
-"""The learned map of the gate's space (bench/transform.py): identity at U = 0, unit vectors
+"""The learned map of the gate's space (engine/gate_map.py, fitted by bench/transform.py): identity at U = 0, unit vectors
 out, a round trip through safetensors, refusal of a foreign file, and a fit that separates
 what the plain space cannot: positives that share a nuisance direction with ordinary text."""
 from __future__ import annotations
@@ -8,32 +8,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuraldb.bench.transform import FitConfig, GateTransform, fit_transform
+from neuraldb.bench.transform import FitConfig, fit_transform
+from neuraldb.engine.gate_map import GateMap
 from neuraldb.kernels import l2_normalize
 
 
 def test_identity_at_zero_and_unit_out(tmp_path: Path) -> None:
     v = l2_normalize(torch.randn(10, 16))
-    T = GateTransform(torch.zeros(16, 4), torch.randn(16, 4))
+    T = GateMap(torch.zeros(16, 4), torch.randn(16, 4))
     assert torch.allclose(T(v), v, atol=1e-6)
-    T = GateTransform(torch.randn(16, 4), torch.randn(16, 4))
+    T = GateMap(torch.randn(16, 4), torch.randn(16, 4))
     assert torch.allclose(T(v).norm(dim=-1), torch.ones(10), atol=1e-5)
     T.save(tmp_path / "t.safetensors")
-    back = GateTransform.load(tmp_path / "t.safetensors")
+    back = GateMap.load(tmp_path / "t.safetensors")
     assert torch.equal(back(v), T(v)) and torch.equal(back.U, T.U) and torch.equal(back.V, T.V)
 
 
 def test_foreign_files_refused(tmp_path: Path) -> None:
     (tmp_path / "junk").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="junk: not a gate transform"):
-        GateTransform.load(tmp_path / "junk")
+    with pytest.raises(ValueError, match="junk: not a gate map"):
+        GateMap.load(tmp_path / "junk")
     from safetensors.torch import save_file
 
     save_file({"W": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="holds tensors U and V"):
-        GateTransform.load(tmp_path / "w.safetensors")
+        GateMap.load(tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="must both be"):
-        GateTransform(torch.zeros(4, 2), torch.zeros(4, 3))
+        GateMap(torch.zeros(4, 2), torch.zeros(4, 3))
 
 
 def test_fit_suppresses_a_shared_nuisance() -> None:
@@ -55,7 +56,7 @@ def test_fit_suppresses_a_shared_nuisance() -> None:
         wins = float(((p @ k.T).argmax(1) == own).float().mean())
         return wins, float((p * k[own]).sum(1).quantile(0.1) - (n @ k.T).max(1).values.max())
 
-    plain = GateTransform(torch.zeros(d, 4), torch.zeros(d, 4))
+    plain = GateMap(torch.zeros(d, 4), torch.zeros(d, 4))
     fitted = fit_transform(keys, pos, own, neg, FitConfig(rank=4, epochs=10, batch=64, lr=2e-2, hard=8, gamma=0.6))
     (w0, g0), (w1, g1) = gap(plain), gap(fitted)
     assert g1 > g0 + 0.2 and w1 >= w0, (w0, g0, w1, g1)  # measured: gap 0.05 -> 0.37
