@@ -120,3 +120,24 @@ def test_server_edits_smollm2_over_http(tmp_path: Path) -> None:
         assert httpx.get(s.url + "/health").json()["replayed"] == 2
     finally:
         s.kill()
+
+
+def test_the_shipped_gate_map_is_the_default(smol, tmp_path: Path) -> None:
+    """SmolLM2's defaults name the shipped map; it matches the model's space, a database saved
+    with it holds a copy and answers as before after a reload."""
+    from neuraldb.engine.gate_map import maps
+
+    model, tok = smol
+    db = NeuralDB(model, tok)
+    assert db.config.gate_map in maps() and db.gate_map is not None
+    want = db.map_meta()
+    assert {k: db.gate_map.meta[k] for k in want} == want
+    db.add(SUBJECT_FACTS[:2])
+    answers = [db.generate(f.text, 4) for f in SUBJECT_FACTS[:2]]
+    assert all(a.strip().startswith(f.target_new) for a, f in zip(answers, SUBJECT_FACTS[:2])), answers
+    db.save(tmp_path / "db")
+    db.detach()
+    assert (tmp_path / "db" / "gate_map.safetensors").is_file()
+    back = NeuralDB.load(tmp_path / "db", model, tok)
+    assert [back.generate(f.text, 4) for f in SUBJECT_FACTS[:2]] == answers
+    back.detach()

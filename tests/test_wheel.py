@@ -1,6 +1,6 @@
 """The wheel works on its own: built from a copy of the source, installed into a fresh virtual
-environment (no editable checkout reachable), it ships the defaults and the data sample, and
-its `neuraldb` command edits two facts into a tiny model and answers from the saved database."""
+environment (no editable checkout reachable), it ships the defaults, the data sample and the
+gate map, and its `neuraldb` command edits two facts into a tiny model and answers from the saved database."""
 from __future__ import annotations
 
 import json
@@ -44,10 +44,12 @@ def test_wheel_installs_and_runs_without_the_checkout(tmp_path: Path, tiny_model
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NEURALDB_DATA")}
     env["NEURALDB_CACHE"] = str(tmp_path / "model-cache")
     where = run([str(py), "-c", "import neuraldb, neuraldb.data as d; print(neuraldb.__file__); "
-                 "r = d.resolve('counterfact'); print(r.origin, r.path.stat().st_size)"],
+                 "r = d.resolve('counterfact'); print(r.origin, r.path.stat().st_size); "
+                 "from neuraldb.engine.gate_map import load_map; print(load_map('smollm2-135m-l6-ctx5').dim)"],
                 env=env, cwd=tmp_path).stdout.split()
     assert where[0].startswith(str(env_dir)), f"neuraldb imported from {where[0]}, not the wheel"
     assert where[1] == "sample" and int(where[2]) > 10_000
+    assert where[3] == "2112"  # SmolLM2's shipped gate map
     neuraldb = str(env_dir / "bin" / "neuraldb")
     assert "edit" in run([neuraldb, "--help"], env=env).stdout
 
