@@ -33,6 +33,19 @@ def mapped(tokenizer, tmp_path: Path, cfg: EditConfig = CTX) -> tuple[torch.nn.M
     return model, cfg.replace(gate_map=str(tmp_path / "map.safetensors"))
 
 
+def saved(model: torch.nn.Module, tokenizer, cfg: EditConfig, where: Path) -> tuple[NeuralDB, torch.Tensor]:
+    """A database of FACTS saved to `where` and detached, and the logits it gave TEXTS."""
+    db = NeuralDB(model, tokenizer, cfg)
+    db.add(FACTS)
+    want = logits(model, tokenizer, TEXTS)
+    db.save(where)
+    db.detach()
+    return db, want
+
+
+TEXTS = [f.text for f in FACTS] + UNRELATED
+
+
 @pytest.mark.parametrize("context", [0, 2])
 def test_keys_and_queries_share_the_map(tokenizer, tmp_path: Path, context: int) -> None:
     """A key is T(plain key); the gate's query at a token is T(plain query) there; at the fact's
@@ -68,14 +81,13 @@ def test_zero_map_is_the_plain_gate(tokenizer, tmp_path: Path) -> None:
     model = make_model("llama", tokenizer)
     plain = NeuralDB(model, tokenizer, CTX)
     plain.add(FACTS)
-    texts = [f.text for f in FACTS] + UNRELATED
-    want, want_open = logits(model, tokenizer, texts), plain.gate.last[2].clone()
+    want, want_open = logits(model, tokenizer, TEXTS), plain.gate.last[2].clone()
     plain.detach()
     d = plain.d_key
     GateMap(torch.zeros(d, 3), torch.randn(d, 3), plain.map_meta()).save(tmp_path / "zero.safetensors")
     db = NeuralDB(model, tokenizer, CTX.replace(gate_map=str(tmp_path / "zero.safetensors")))
     db.add(FACTS)
-    got = logits(model, tokenizer, texts)
+    got = logits(model, tokenizer, TEXTS)
     assert torch.equal(db.gate.last[2], want_open)
     assert torch.allclose(got, want, atol=1e-4)
 
@@ -85,17 +97,12 @@ def test_saved_database_keeps_its_map(tokenizer, tmp_path: Path) -> None:
     and generates as before after the original file is deleted; a damaged or missing copy is
     refused naming the file."""
     model, cfg = mapped(tokenizer, tmp_path)
-    db = NeuralDB(model, tokenizer, cfg)
-    db.add(FACTS)
-    texts = [f.text for f in FACTS] + UNRELATED
-    want = logits(model, tokenizer, texts)
-    db.save(tmp_path / "db")
-    db.detach()
+    db, want = saved(model, tokenizer, cfg, tmp_path / "db")
     assert (tmp_path / "db" / MAP_FILE).is_file()
     (tmp_path / "map.safetensors").unlink()
     back = NeuralDB.load(tmp_path / "db", model, tokenizer)
     assert back.config.gate_map == cfg.gate_map and torch.equal(back.gate_map.U, db.gate_map.U)
-    assert torch.equal(logits(model, tokenizer, texts), want)
+    assert torch.equal(logits(model, tokenizer, TEXTS), want)
     back.remove([0])
     back.save(tmp_path / "db")  # a re-save keeps the copy
     back.detach()
@@ -141,19 +148,14 @@ def test_a_database_saved_before_gate_maps_loads_as_it_was(tokenizer, tmp_path: 
     from neuraldb.engine.persistence import CHECKSUM_PREFIX, _sealed_yaml
 
     model = make_model("llama", tokenizer)
-    db = NeuralDB(model, tokenizer, CTX)
-    db.add(FACTS)
-    texts = [f.text for f in FACTS] + UNRELATED
-    want = logits(model, tokenizer, texts)
-    db.save(tmp_path / "db")
-    db.detach()
+    _, want = saved(model, tokenizer, CTX, tmp_path / "db")
     cfg = tmp_path / "db" / "config.yaml"
     meta = yaml.safe_load(cfg.read_text().rpartition(CHECKSUM_PREFIX)[0])
     del meta["config"]["gate_map"]
     cfg.write_text(_sealed_yaml(meta))
     back = NeuralDB.load(tmp_path / "db", model, tokenizer)
     assert back.gate_map is None and back.config.gate_map == ""
-    assert torch.equal(logits(model, tokenizer, texts), want)
+    assert torch.equal(logits(model, tokenizer, TEXTS), want)
 
 
 def test_bench_gate_applies_a_saved_map_as_the_engine_does(tokenizer, tmp_path: Path) -> None:
