@@ -433,26 +433,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     gammas = [float(x) for x in args.gammas.split(",")]
     fprs = (1e-2, 1e-3, 1e-4)
+    fingerprint = layer_fingerprint(model, db.layer)
     results: dict[int, dict[str, Any]] = {m: {} for m in ms}
     for design in designs:
         white = whitening(q_fit[:, : wide.d_ffn]) if design.white else None
         dv = lambda x: derive(wide, design, x, white)  # noqa: E731
+        # what a map of this design's space records (fitted here, or a saved one checked against it)
+        meta = space_meta(db.layer, design.context, design.weight, dv(keys_raw[:1]).shape[1], fingerprint)
         if design.learn:
             from neuraldb.bench.transform import FitConfig, fit_transform
 
             fcfg = FitConfig(rank=args.learn_rank, epochs=args.learn_epochs, gamma=args.learn_gamma,
                              neg_weight=args.learn_neg_weight, seed=args.seed)
-            fk = dv(keys_raw[la:lb])  # (lb - la, dim)
-            meta = space_meta(db.layer, design.context, design.weight, fk.shape[1], layer_fingerprint(model, db.layer))
-            T = fit_transform(fk, dv(l_pos), l_own, dv(l_neg), fcfg, meta)
+            T = fit_transform(dv(keys_raw[la:lb]), dv(l_pos), l_own, dv(l_neg), fcfg, meta)
             if args.learn_save:
                 T.save(Path(args.learn_save))
             plain = dv
             dv = lambda x: T(plain(x))  # noqa: E731
         elif design.gate_map is not None:
             gm = load_map(design.gate_map)
-            gm.check(space_meta(db.layer, design.context, design.weight, dv(keys_raw[:1]).shape[1],
-                                layer_fingerprint(model, db.layer)), f"--design {design.name}")
+            gm.check(meta, f"--design {design.name}")
             plain_dv = dv
             dv = lambda x: gm(plain_dv(x))  # noqa: E731
         K_all = dv(keys_raw)  # (M, dim)

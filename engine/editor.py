@@ -3,6 +3,7 @@ attached to one FFN layer; add, remove, update, attach/detach, disable, save and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -69,8 +70,9 @@ class NeuralDB:
             raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "
                               f"(set EditConfig.layer or --layer)")
         self.layer = self.config.layer
-        self.gate_map = self._gate_map(gate_map)
-        self.space = key_space(model, self.layer, self.config, self.gate_map)
+        plain = key_space(model, self.layer, self.config)
+        self.gate_map = self._gate_map(gate_map, plain.dim)
+        self.space = dataclasses.replace(plain, gate_map=self.gate_map)
         self.d_key, self.d_res = self.space.dim, ffn_dims(model, self.layer)[1]
         device = model_device(model)
         self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
@@ -89,16 +91,15 @@ class NeuralDB:
         if attach:
             self.attach()
 
-    def _gate_map(self, given: GateMap | None) -> GateMap | None:
+    def _gate_map(self, given: GateMap | None, dim: int) -> GateMap | None:
         """The map `config.gate_map` names (or `given`, a stored database's copy of it), checked
-        against this model, layer and space."""
+        against this model, layer and `dim`-dimensional space."""
         if not self.config.gate_map:
             if given is not None:
                 raise ConfigError("a gate map was given but EditConfig.gate_map is empty")
             return None
         gm = given if given is not None else load_map(self.config.gate_map)
-        plain = key_space(self.model, self.layer, self.config)
-        gm.check(self.map_meta(plain.dim), f"EditConfig.gate_map {self.config.gate_map!r}")
+        gm.check(self.map_meta(dim), f"EditConfig.gate_map {self.config.gate_map!r}")
         return gm
 
     def map_meta(self, dim: int | None = None) -> dict[str, str]:

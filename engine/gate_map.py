@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
@@ -34,6 +34,7 @@ class GateMap:
     def __init__(self, U: torch.Tensor, V: torch.Tensor, meta: Mapping[str, str] | None = None) -> None:
         if U.shape != V.shape or U.dim() != 2:
             raise ValueError(f"gate map: U {tuple(U.shape)} and V {tuple(V.shape)} must both be (dim, rank)")
+        self.dtype = U.dtype  # what `save` writes back by default: a shipped fp16 map stays fp16
         self.U, self.V = U.float(), V.float()
         self.meta = dict(meta or {})
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copies per device, made once
@@ -49,8 +50,10 @@ class GateMap:
         x = v.float()
         return l2_normalize(x + (x @ V) @ U.T)  # (..., dim) -> (..., rank) -> (..., dim)
 
-    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        """U, V (in `dtype`: float16 halves a shipped map) and the metadata, as safetensors."""
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """U, V (in `dtype`, default the one it was made from: float16 halves a shipped map)
+        and the metadata, as safetensors."""
+        dtype = dtype or self.dtype
         save_file({"U": self.U.to(dtype).contiguous(), "V": self.V.to(dtype).contiguous()}, str(path),
                   metadata=self.meta)
 
@@ -82,16 +85,21 @@ def space_meta(layer: int, gate_context: int, gate_context_weight: float, dim: i
             "dim": str(dim), "layer_sha256": layer_sha256}
 
 
+def _shipped() -> Any:
+    """engine/maps/ as installed (a resources Traversable)."""
+    return resources.files("neuraldb.engine").joinpath("maps")
+
+
 def maps() -> list[str]:
     """Names of the maps shipped with neuraldb (engine/maps/NAME.safetensors)."""
-    root = resources.files("neuraldb.engine").joinpath("maps")
+    root = _shipped()
     return sorted(p.name[: -len(MAP_SUFFIX)] for p in root.iterdir() if p.name.endswith(MAP_SUFFIX)) \
         if root.is_dir() else []
 
 
 def resolve_map(name: str) -> Path:
     """`EditConfig.gate_map` -> a file: a shipped map's name, or a path."""
-    shipped = resources.files("neuraldb.engine").joinpath("maps", name + MAP_SUFFIX)
+    shipped = _shipped().joinpath(name + MAP_SUFFIX)
     if "/" not in name and not name.endswith(MAP_SUFFIX) and shipped.is_file():
         return Path(str(shipped))
     path = Path(name).expanduser()

@@ -77,7 +77,7 @@ def fsync_dir(path: Path) -> None:
 def _only_db_files(path: Path) -> bool:
     """Nothing but what a save writes: the database files, and the `.tmp*` files through which
     safetensors writes them (left behind when a save is killed mid-write)."""
-    return path.is_dir() and all(p.is_file() and (p.name in FILES or p.name == MAP_FILE or p.name.startswith(".tmp"))
+    return path.is_dir() and all(p.is_file() and (p.name in (*FILES, MAP_FILE) or p.name.startswith(".tmp"))
                                  for p in path.iterdir())
 
 
