@@ -262,9 +262,11 @@ VERIFY_SWEEP = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2).tolist())  # gamma
 
 def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
             mention: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor | None, gammas: Sequence[float],
-            fprs: Sequence[float], check: tuple[torch.Tensor, dict[str, torch.Tensor], Sequence[float]] | None = None
-            ) -> dict[str, Any]:
-    """Operating points and the ROC of one design over m keys; `check` = (verification keys,
+            fprs: Sequence[float], check: tuple[torch.Tensor, dict[str, torch.Tensor], Sequence[float]] | None = None,
+            group: torch.Tensor | None = None) -> dict[str, Any]:
+    """Operating points and the ROC of one design over m keys; `own` holds each positive's own
+    group (`group[key row]`; default: the row itself), so a winner of the own group counts as
+    the own fact (facts about one subject share one residual); `check` = (verification keys,
     queries, gamma_v values): a gate opens only where its winner also passes gamma_v there. With
     several gamma_v the ROC is the upper envelope over every (gamma, gamma_v) pair, and each
     operating point the best pair."""
@@ -278,7 +280,7 @@ def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str,
         if bank is not None:  # open iff cos > max(gamma, bank_j): score = cos - max(0, bank_j - gamma) per gamma
             s[name + ":bank"] = bank[ids]
         s[name] = sims
-        won[name] = (ids == own[name]) if name in own else torch.ones_like(sims, dtype=torch.bool)
+        won[name] = ((ids if group is None else group[ids]) == own[name]) if name in own else torch.ones_like(sims, dtype=torch.bool)
         if check is not None:  # one dot product per token
             second[name] = (check[1][name] * check[0][ids]).sum(1)
         if name == "wikitext":  # the winner's subject occurs earlier in the passage: a mention
@@ -366,6 +368,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     q.add_argument("--fit-texts", type=int, default=40, help="WikiText-2 passages for whitening and banks")
     q.add_argument("--test-texts", type=int, default=120, help="WikiText-2 passages measured (after the fit ones)")
     q.add_argument("--max-tokens", type=int, default=160)
+    q.add_argument("--own", choices=("subject", "fact"), default="subject",
+                   help="a positive is its own when the winner is a fact about its subject (the engine's default, "
+                        "subject_groups: they share one residual) or only when it is the fact itself")
     t = ap.add_argument_group("learned transform (',learn')")
     t.add_argument("--learn-facts", default="10000:20000", help="facts A:B whose prompts are the fit's positives "
                    "(keep them out of the first m0: the sample is drawn there)")
@@ -432,6 +437,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             dtype=torch.bool)
 
     gammas = [float(x) for x in args.gammas.split(",")]
+    if args.own == "subject":  # EditConfig.subject_groups (the default): one residual per subject
+        names: dict[str, int] = {}
+        group = torch.tensor([names.setdefault(f.subject.strip(), len(names)) for f in facts])
+    else:
+        group = torch.arange(len(facts))
     fprs = (1e-2, 1e-3, 1e-4)
     fingerprint = layer_fingerprint(model, db.layer)
     results: dict[int, dict[str, Any]] = {m: {} for m in ms}
@@ -457,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dv = lambda x: gm(plain_dv(x))  # noqa: E731
         K_all = dv(keys_raw)  # (M, dim)
         queries = {"paraphrase": dv(q_para), "rewrite": dv(q_rew), "wikitext": dv(q_wiki), "neighbourhood": dv(q_neigh)}
-        own = {"paraphrase": torch.tensor([i for i, _ in para_rows]), "rewrite": torch.tensor([i for i, _ in rew_rows])}
+        own = {"paraphrase": group[torch.tensor([i for i, _ in para_rows])],
+               "rewrite": group[torch.tensor([i for i, _ in rew_rows])]}
         bank_all = top1(dv(q_fit), K_all)[0] + args.bank_margin if design.bank else None  # (M,) per key
         check = None
         if design.verify is not None:
@@ -466,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      "neighbourhood": vf(q_neigh)}, design.verify[2])  # gamma_v values
         for m in ms:
             r = measure(K_all[:m], queries, own, mention, None if bank_all is None else bank_all[:m], gammas, fprs,
-                        check=None if check is None else (check[0][:m], check[1], check[2]))
+                        check=None if check is None else (check[0][:m], check[1], check[2]), group=group)
             results[m][design.name] = r
             log.warning("m=%d %-16s own-open at 0.1%% spurious: %.1f%% (gamma %.3f)", m, design.name,
                         100 * r["at_spurious"][1]["paraphrase_own_open"], r["at_spurious"][1]["gamma"])
