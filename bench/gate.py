@@ -252,6 +252,13 @@ def fit_queries(db: NeuralDB, wide: WideSpace, facts: Sequence[Fact], la: int, l
     return pos, own, neg
 
 
+def subject_groups(facts: Sequence[Fact]) -> torch.Tensor:
+    """(F,) one id per subject as written, outer spaces stripped: the facts EditConfig.subject_groups
+    (the default) gives one shared residual."""
+    names: dict[str, int] = {}
+    return torch.tensor([names.setdefault(f.subject.strip(), len(names)) for f in facts])
+
+
 # ----- measuring -------------------------------------------------------------------------------
 def rates(score: torch.Tensor, ok: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
     return [float(((score > t) & ok).float().mean()) if len(score) else float("nan") for t in thresholds]
@@ -437,11 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             dtype=torch.bool)
 
     gammas = [float(x) for x in args.gammas.split(",")]
-    if args.own == "subject":  # EditConfig.subject_groups (the default): one residual per subject
-        names: dict[str, int] = {}
-        group = torch.tensor([names.setdefault(f.subject.strip(), len(names)) for f in facts])
-    else:
-        group = torch.arange(len(facts))
+    group = subject_groups(facts) if args.own == "subject" else torch.arange(len(facts))
     fprs = (1e-2, 1e-3, 1e-4)
     fingerprint = layer_fingerprint(model, db.layer)
     results: dict[int, dict[str, Any]] = {m: {} for m in ms}

@@ -17,7 +17,6 @@ from neuraldb.bench import gate as G
 from neuraldb.bench.scale import get_facts
 from neuraldb.data import resolve
 from neuraldb.engine.gate_map import load_map
-from neuraldb.evaluation.texts import wikitext_passages
 
 torch.set_grad_enabled(False)
 t0 = time.time()
@@ -32,7 +31,7 @@ M, BANK_FROM, BANK_N = args.m, args.bank_from, args.bank_texts
 model, tok = load_model(G.DEFAULT_MODEL)
 db = NeuralDB(model, tok, attach=False)
 wide = G.wide_space(model, db.layer)
-pool, _, _ = get_facts("counterfact,synthetic", M, 0, extra=1)
+pool, _, sources = get_facts("counterfact,synthetic", M, 0, extra=1)
 facts = list(pool)
 cache = Path(args.gate_out) / "cache" / f"{Path(G.DEFAULT_MODEL).name}-L{db.layer}-counterfact+synthetic-s0"
 keys_raw = G.fact_keys(db, wide, facts, cache, 1024).float()
@@ -43,12 +42,14 @@ pas = G.wikitext_passages(resolve("wikitext", None).path, 160, max_words=110)
 test = pas[40:]
 q_para = G.subject_queries(db, wide, [(facts[i], p) for i, p in para_rows])
 q_wiki, where = G.text_queries(db, wide, test, 160)
-bank_pas = wikitext_passages(resolve("wikitext", None).path, BANK_FROM + BANK_N, max_words=110)[BANK_FROM:]
+bank_pas = G.wikitext_passages(resolve("wikitext", None).path, BANK_FROM + BANK_N, max_words=110)[BANK_FROM:]
 q_bank, _ = G.text_queries(db, wide, bank_pas, 160)
 print(f"queries ready {time.time() - t0:.0f}s: para {len(q_para)} wiki {len(q_wiki)} bank {len(q_bank)}", flush=True)
 
 design = G.Design.parse("ffn+ctx5")
 gm = load_map(args.map)
+group = G.subject_groups(facts)
+n_cf = sources.get("counterfact", 0)  # facts [0, n_cf) are CounterFact's, the rest synthetic
 out = {}
 for name, dv in [("map", lambda x: gm(G.derive(wide, design, x, None))), ("plain", lambda x: G.derive(wide, design, x, None))]:
     K = dv(keys_raw[:M])
@@ -58,7 +59,7 @@ for name, dv in [("map", lambda x: gm(G.derive(wide, design, x, None))), ("plain
     sw, iw = G.top1(K, qw)
     men = torch.tensor([facts[j].subject in test[t][:end] for j, (t, end) in zip(iw.tolist(), where)])
     lost = (ip != own).nonzero()[:, 0].tolist()
-    same = sum(facts[int(ip[k])].subject.strip() == facts[int(own[k])].subject.strip() for k in lost)
+    same = int((group[ip[lost]] == group[own[lost]]).sum())
     print(f"{name}: paraphrase argmax lost {len(lost)}/{len(own)}, to a same-subject fact {same}", flush=True)
     for k in lost[:12]:
         print(f"    {para_rows[k][1]!r} -> {facts[int(ip[k])].subject!r} ({facts[int(ip[k])].prompt!r}) {sp[k]:.3f}")
@@ -71,7 +72,7 @@ for name, dv in [("map", lambda x: gm(G.derive(wide, design, x, None))), ("plain
         cnt = torch.bincount(ids, minlength=M)
         top = torch.argsort(cnt, descending=True)[:15]
         print(f"  {name} gamma {g}: spurious {int(o.sum())} / {len(sw)} = {100 * o.float().mean():.3f}%, "
-              f"distinct winners {int((cnt > 0).sum())}, from CF {int((ids < 20000).sum())}, "
+              f"distinct winners {int((cnt > 0).sum())}, from CounterFact {int((ids < n_cf).sum())}, "
               f"own-open {100 * ((ip == own) & (sp > g)).float().mean():.1f}%")
         for j in top[:10].tolist():
             if cnt[j] == 0:
@@ -95,5 +96,5 @@ for name, dv in [("map", lambda x: gm(G.derive(wide, design, x, None))), ("plain
         res[str(delta)] = {"points": pts, "row": row}
         print(f"  {name} delta {delta}: own-open at 1% / 0.1% / 0.05% / 0.01%: {row}", flush=True)
     out[name] = res
-Path(args.gate_out) / f"probe-{M}-{BANK_N}.json".write_text(json.dumps(out))
+(Path(args.gate_out) / f"probe-{M}-{BANK_N}.json").write_text(json.dumps(out))
 print(f"done {time.time() - t0:.0f}s")
