@@ -78,14 +78,26 @@ def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, la
     return torch.cat(out)
 
 
-def key_inputs(tok: PreTrainedTokenizerBase, fact: Fact, prefixes: Sequence[str]) -> list[tuple[list[int], int]]:
-    """(ids, subject-last index) for the bare prompt and each prefixed prompt; the text after
-    the subject cannot change the key under causal attention, so it is cut off."""
+def key_inputs(tok: PreTrainedTokenizerBase, fact: Fact, prefixes: Sequence[str],
+               at: str = "last") -> list[tuple[list[int], int]]:
+    """(ids, index of the subject's `at` token: "last" or "first") for the bare prompt and each
+    prefixed prompt; the text after the subject cannot change the key under causal attention,
+    so it is cut off."""
     out = []
     for p in ("", *prefixes):
         enc = encode_with_subject(tok, p, fact.prompt, fact.subject, truncate_after_subject=True)
-        out.append((enc.ids, enc.subject_last))
+        out.append((enc.ids, enc.subject_last if at == "last" else enc.subject_first))
     return out
+
+
+def subject_spans(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], prefixes: Sequence[str]) -> torch.Tensor:
+    """(F,) long: tokens from the subject's first to its last, minus one, as it reads inside
+    text (after the first generated prefix; the bare prompt where there is none)."""
+    out = []
+    for f in facts:
+        enc = encode_with_subject(tok, prefixes[0] if prefixes else "", f.prompt, f.subject, truncate_after_subject=True)
+        out.append(enc.subject_last - enc.subject_first)
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _bucketed(n: int, lengths: Sequence[int], batch: int) -> list[list[int]]:
@@ -157,17 +169,20 @@ def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: s
 @torch.no_grad()
 def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact],
                  layer: int, prefixes: Sequence[str], cfg: EditConfig, reuse_prefix_cache: bool = True,
-                 space: KeySpace | None = None) -> torch.Tensor:
+                 space: KeySpace | None = None, at: str = "last") -> torch.Tensor:
     """(F, d_key) float32 keys in `space` (default: the FFN input at `layer`, MEMIT's key). The
     raw key is mean(bare, mean of prefixed) activations; where the bare subject token is the
     sequence's first token (an attention sink) only prefixed ones count; `space.combine` then
     makes the gate vector.
 
     With `reuse_prefix_cache` each generated prefix is encoded once and its KV cache reused
-    for every fact (the reference path, False, runs every row in full)."""
+    for every fact (the reference path, False, runs every row in full). `at="first"` takes the
+    subject's first token instead (the "head" a gate can verify)."""
+    if at not in ("last", "first"):
+        raise ValueError(f"at={at!r}: expected 'last' or 'first'")
     space = space or key_space(model, layer)
     device = model_device(model)
-    per_fact = [key_inputs(tok, f, prefixes) for f in facts]  # F x (1 + P) rows
+    per_fact = [key_inputs(tok, f, prefixes, at) for f in facts]  # F x (1 + P) rows
     bs = max(1, cfg.key_batch_size)
     bar = tqdm(total=len(facts) * (1 + len(prefixes)), desc="keys", unit="row", disable=None, leave=False)
     cols = [[r[c] for r in per_fact] for c in range(1 + len(prefixes))]  # (1 + P) x F

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 class Encoded:
     ids: list[int]
     subject_last: int  # index of the subject's last token in `ids`
+    subject_first: int = -1  # index of its first token (-1: not located)
 
 
 def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
@@ -23,7 +24,9 @@ def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
 
 def encode_with_subject(tok: PreTrainedTokenizerBase, prefix: str, template: str, subject: str,
                         truncate_after_subject: bool = False) -> Encoded:
-    """Tokenise prefix + template.format(subject) and locate the subject's last token."""
+    """Tokenise prefix + template.format(subject) and locate the subject's last and first tokens
+    (the first: the first token that ends inside the subject; one merged with the text before
+    it counts)."""
     before, _, after = template.partition("{}")
     head = prefix + before
     text = head + subject + ("" if truncate_after_subject else after)
@@ -31,11 +34,14 @@ def encode_with_subject(tok: PreTrainedTokenizerBase, prefix: str, template: str
     if getattr(tok, "is_fast", False):
         enc = tok(text, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        span = [i for i, (s, e) in enumerate(offsets) if e > s and s < subj_end and e > len(head)]
         last = max(i for i, (s, e) in enumerate(offsets) if e > s and s < subj_end)
+        first = min(span) if span else last
     else:  # MEMIT's rule: the length of the tokenised text up to the end of the subject
         ids = tok(text)["input_ids"]
         last = len(tok(text[:subj_end])["input_ids"]) - 1
-    return Encoded(list(ids), last)
+        first = min(last, len(tok(head)["input_ids"]))  # BOS (if any) counted as in `last`
+    return Encoded(list(ids), last, first)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

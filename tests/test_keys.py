@@ -130,3 +130,21 @@ def test_stopped_facts_leave_the_batch(arch: str, tokenizer) -> None:
     assert torch.equal(s_together.steps, s_alone.steps)
     assert torch.allclose(together, alone, atol=1e-4, rtol=1e-3), (together - alone).abs().max()
     assert torch.allclose(s_together.nll, s_alone.nll, atol=1e-4)
+
+
+def test_subject_first_and_last_tokens_bound_the_subject(tokenizer) -> None:
+    from neuraldb.engine.keys import subject_spans
+
+    prefixes = ["Because of this.", "Hello world."]
+    for fact in FACTS:
+        for ids, first in key_inputs(tokenizer, fact, prefixes, at="first"):
+            text = tokenizer.decode(ids)
+            assert 0 <= first < len(ids)
+            assert tokenizer.decode(ids[first:]).lstrip().startswith(fact.subject[:1]), (text, first)
+        lasts = [i for _, i in key_inputs(tokenizer, fact, prefixes)]
+        firsts = [i for _, i in key_inputs(tokenizer, fact, prefixes, at="first")]
+        assert all(f <= last for f, last in zip(firsts, lasts))
+    spans = subject_spans(tokenizer, FACTS, prefixes)
+    assert spans.shape == (len(FACTS),) and (spans >= 0).all()
+    with pytest.raises(ValueError, match="at"):
+        compute_keys(None, tokenizer, FACTS, 1, prefixes, CFG, at="middle")
