@@ -52,7 +52,7 @@ from neuraldb.engine.arch import model_device
 from neuraldb.engine.editor import layer_fingerprint
 from neuraldb.engine.facts import Fact
 from neuraldb.engine.gate_map import load_map, space_meta
-from neuraldb.engine.keys import compute_keys, plain_keys
+from neuraldb.engine.keys import compute_keys, key_inputs, plain_keys, subject_spans
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.space import Capture, KeySpace, key_space
 from neuraldb.engine.tokens import encode_with_subject
@@ -99,22 +99,26 @@ class Design:
     bank: bool  # per-fact thresholds from the fitting passages
     mode: str = "ctx"  # "ctx": the blocks' outputs summed; "cat": each unit, side by side (mean cosine)
     verify: tuple[str, int, tuple[float, ...]] | None = None  # (space, blocks, gamma_v values): the winner must pass there
+    head: bool = False  # the verification compares at the winner's subject's first token (see HeadCheck)
     learn: bool = False  # a GateMap fitted on held-apart facts and text maps keys and queries
     gate_map: str | None = None  # a saved map (EditConfig.gate_map's names or a path) maps them instead
 
     @classmethod
     def parse(cls, spec: str) -> "Design":
         m = re.fullmatch(r"ffn(?:\+(ctx|cat)(\d+)(?:@([0-9.]+))?)?((?:,white|,bank|,learn)*)(?:,map=([^,]+))?"
-                         r"(?:,verify=(ffn|ctx|cat|lo)(\d*)@([0-9.]+|\*))?", spec)
+                         r"(?:,verify=(head-)?(key|ffn|ctx|cat|lo)(\d*)@([0-9.]+|\*))?", spec)
         if not m:
             raise SystemExit(f"--design {spec!r}: expected "
-                             "ffn[+ctxC|+catC[@W]][,white][,bank][,learn][,map=NAME][,verify=SPACE[C]@G]")
+                             "ffn[+ctxC|+catC[@W]][,white][,bank][,learn][,map=NAME][,verify=[head-]SPACE[C]@G]")
         verify = None
-        if m.group(6):
-            gv = VERIFY_SWEEP if m.group(8) == "*" else (float(m.group(8)),)
-            verify = (m.group(6), int(m.group(7) or 0), gv)
-        return cls(spec, int(m.group(2) or 0), float(m.group(3) or 0.5), ",white" in m.group(4), ",bank" in m.group(4),
-                   m.group(1) or "ctx", verify, ",learn" in m.group(4), m.group(5))
+        if m.group(7):
+            gv = VERIFY_SWEEP if m.group(9) == "*" else (float(m.group(9)),)
+            verify = (m.group(7), int(m.group(8) or 0), gv)
+            if m.group(7) == "key" and not m.group(6):
+                raise SystemExit(f"--design {spec!r}: verify=key compares in the gate's own space: only as head-key")
+        return cls(spec, int(m.group(2) or 0), float(m.group(3) or 0.5), white=",white" in m.group(4),
+                   bank=",bank" in m.group(4), mode=m.group(1) or "ctx", verify=verify, head=bool(m.group(6)),
+                   learn=",learn" in m.group(4), gate_map=m.group(5))
 
 
 def _blocks(wide: WideSpace, raw: torch.Tensor) -> torch.Tensor:
@@ -200,29 +204,53 @@ def fact_keys(db: NeuralDB, wide: WideSpace, facts: Sequence[Fact], cache: Path,
 
 
 @torch.no_grad()
-def text_queries(db: NeuralDB, wide: WideSpace, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Wide activations (N, d_wide) of every token but the first of `texts`, and for each its
-    (text index, character offset of the token's end)."""
-    out, where = [], []
-    for ti, text in enumerate(texts):
-        enc = db.tok(text, return_offsets_mapping=True)
-        ids = torch.tensor([enc["input_ids"][:max_tokens]], device=model_device(db.model))  # (1, T)
+def states(db: NeuralDB, wide: WideSpace, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wide activations (N, d_wide) of every token but the first of each token-id sequence, one
+    forward each, and each row's position in its sequence (N,): a sequence's rows are contiguous,
+    so the row `o` above one at position p >= o + 1 is o tokens earlier in the same sequence."""
+    out, pos = [], []
+    for seq in seqs:
+        ids = torch.tensor([list(seq)], device=model_device(db.model))  # (1, T)
         with db.disabled(), Capture(db.model, wide) as cap:
             db.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         out.append(cap.raw[0, 1:].cpu())  # (T - 1, d_wide)
-        where += [(ti, enc["offset_mapping"][j][1]) for j in range(1, ids.shape[1])]
-    return torch.cat(out), where
+        pos.append(torch.arange(1, ids.shape[1]))
+    return (torch.cat(out), torch.cat(pos)) if seqs else (torch.zeros(0, wide.dim), torch.zeros(0, dtype=torch.long))
+
+
+def text_states(db: NeuralDB, wide: WideSpace, texts: Sequence[str], max_tokens: int
+                ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+    """`states` of each text's first `max_tokens` tokens, with each row's (text index, character
+    offset of the token's end)."""
+    encs = [db.tok(text, return_offsets_mapping=True) for text in texts]
+    seqs = [e["input_ids"][:max_tokens] for e in encs]
+    where = [(ti, e["offset_mapping"][j][1]) for ti, (e, q) in enumerate(zip(encs, seqs)) for j in range(1, len(q))]
+    acts, pos = states(db, wide, seqs)
+    return acts, where, pos
+
+
+def text_queries(db: NeuralDB, wide: WideSpace, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Wide activations (N, d_wide) of every token but the first of `texts`, and for each its
+    (text index, character offset of the token's end)."""
+    acts, where, _ = text_states(db, wide, texts, max_tokens)
+    return acts, where
+
+
+def _subject_encodings(db: NeuralDB, rows: Sequence[tuple[Fact, str]]) -> list[tuple[list[int], int]]:
+    """(ids cut after the subject, subject-last index) of each (fact, prompt text)."""
+    encs = []
+    for fact, text in rows:
+        tmpl = text if "{}" in text else text.replace(fact.subject, "{}", 1)
+        enc = encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True)
+        encs.append((enc.ids, enc.subject_last))
+    return encs
 
 
 @torch.no_grad()
 def subject_queries(db: NeuralDB, wide: WideSpace, rows: Sequence[tuple[Fact, str]], batch: int = 64) -> torch.Tensor:
     """Wide activations (N, d_wide) at the subject's last token of each (fact, prompt text),
     run as the engine runs a key's bare prompt (right-padded batches of similar length)."""
-    encs = []
-    for fact, text in rows:
-        tmpl = text if "{}" in text else text.replace(fact.subject, "{}", 1)
-        enc = encode_with_subject(db.tok, "", tmpl, fact.subject, truncate_after_subject=True)
-        encs.append((enc.ids, enc.subject_last))
+    encs = _subject_encodings(db, rows)
     if not encs:
         return torch.zeros(0, wide.dim)
     with db.disabled(), tqdm(total=len(encs), desc="subject prompts", unit="row", disable=None, leave=False) as bar:
@@ -259,22 +287,105 @@ def subject_groups(facts: Sequence[Fact]) -> torch.Tensor:
     return torch.tensor([names.setdefault(f.subject.strip(), len(names)) for f in facts])
 
 
+@dataclass
+class Context:
+    """Where a query set's tokens sit: wide activations of every token but the first of its
+    sequences (`states`), the row of each query among them and each query's position."""
+    acts: torch.Tensor  # (N, d_wide)
+    row: torch.Tensor  # (Q,) long
+    pos: torch.Tensor  # (Q,) long
+
+
+def prompt_context(db: NeuralDB, wide: WideSpace, rows: Sequence[tuple[Fact, str]]) -> Context:
+    """The Context of subject prompts: each prompt cut after its subject, run alone; the query is
+    the subject's last token."""
+    encs = _subject_encodings(db, rows)
+    acts, pos = states(db, wide, [ids for ids, _ in encs])
+    starts = torch.tensor([0] + [len(ids) - 1 for ids, _ in encs]).cumsum(0)[:-1]  # first row of each prompt
+    last = torch.tensor([lst for _, lst in encs], dtype=torch.long)
+    return Context(acts, starts + last - 1, last)
+
+
+class HeadCheck:
+    """The second check at the winner's subject's *first* token: the query `span_j` tokens before
+    the gated one (span_j = fact j's subject's last minus first token index, as the subject reads
+    in text) against j's head key (the subject's first token, averaged over the key contexts as
+    the key is). A look-alike last token ("... CBS Evening News" for "Buffalo Evening News") fails
+    there. Where the subject would start at or before the sequence's first token the check passes
+    (nothing to compare). Head keys are computed for winners only and cached under `cache`."""
+
+    def __init__(self, db: NeuralDB, wide: WideSpace, facts: Sequence[Fact], cache: Path, chunk: int) -> None:
+        self.db, self.wide, self.facts, self.chunk = db, wide, facts, chunk
+        self.path = cache / "heads.safetensors"
+        self.rows: dict[int, int] = {}
+        self.bare: dict[int, int] = {}  # fact -> its span in the bare prompt (tokenizer only)
+        self.raw, self.span = torch.zeros(0, wide.dim), torch.zeros(0, dtype=torch.long)
+        if self.path.is_file():
+            saved = load_file(str(self.path))
+            self.raw, self.span = saved["keys"].float(), saved["span"]
+            self.rows = {int(j): r for r, j in enumerate(saved["ids"].tolist())}
+
+    def _fill(self, ids: torch.Tensor) -> None:
+        todo = sorted(set(ids.tolist()) - set(self.rows))
+        if not todo:
+            return
+        prefixes = self.db.ensure_prefixes()
+        parts = range(0, len(todo), self.chunk)
+        for s in progress(parts, len(parts), "head key chunks"):
+            part = todo[s : s + self.chunk]
+            fs = [self.facts[j] for j in part]
+            with self.db.disabled(), torch.no_grad():
+                raw = compute_keys(self.db.model, self.db.tok, fs, self.db.layer, prefixes, self.db.config,
+                                   space=self.wide, at="first")
+            self.raw = torch.cat([self.raw, raw.cpu()])
+            self.span = torch.cat([self.span, subject_spans(self.db.tok, fs, prefixes)])
+            self.rows.update({j: len(self.rows) + k for k, j in enumerate(part)})
+            ids_t = torch.tensor(list(self.rows), dtype=torch.long)  # insertion order = row order
+            tmp = self.path.with_suffix(".tmp")
+            save_file({"keys": self.raw.half().contiguous(), "span": self.span, "ids": ids_t}, str(tmp))
+            tmp.rename(self.path)
+
+    def cosines(self, ids: torch.Tensor, ctx: Context, space: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(Q,) the winners' (ids: (Q,)) cosine at their head in `space` (raw -> unit rows); +inf
+        where the check passes unseen."""
+        self._fill(ids)
+        r = torch.tensor([self.rows[j] for j in ids.tolist()], dtype=torch.long)
+        k = space(self.raw[r])  # (Q, dv)
+        best = torch.full((len(ids),), -math.inf)
+        for span in (self.span[r], self._bare_spans(ids)):  # (Q,) each: the subject reads either way
+            at = ctx.pos - span  # the head's position in its sequence
+            inside = at >= 1
+            q = space(ctx.acts[torch.where(inside, ctx.row - span, ctx.row)])  # (Q, dv)
+            best = torch.maximum(best, torch.where(inside, (q * k).sum(1), torch.full_like(best, math.inf)))
+        return best
+
+    def _bare_spans(self, ids: torch.Tensor) -> torch.Tensor:
+        """(Q,) the span as the bare prompt tokenizes the subject (at a sentence start, say)."""
+        for j in set(ids.tolist()) - set(self.bare):
+            (_, last), = key_inputs(self.db.tok, self.facts[j], [])
+            (_, first), = key_inputs(self.db.tok, self.facts[j], [], at="first")
+            self.bare[j] = last - first
+        return torch.tensor([self.bare[j] for j in ids.tolist()], dtype=torch.long)
+
+
 # ----- measuring -------------------------------------------------------------------------------
 def rates(score: torch.Tensor, ok: torch.Tensor, thresholds: Sequence[float]) -> list[float]:
     return [float(((score > t) & ok).float().mean()) if len(score) else float("nan") for t in thresholds]
 
 
+HEAD_FLOOR = 0.6  # a head check looks only at winners above this cosine (gammas swept from here)
 VERIFY_SWEEP = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2).tolist())  # gamma_v values of a `@*` design
 
 
 def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
             mention: Callable[[torch.Tensor], torch.Tensor], bank: torch.Tensor | None, gammas: Sequence[float],
-            fprs: Sequence[float], check: tuple[torch.Tensor, dict[str, torch.Tensor], Sequence[float]] | None = None,
-            group: torch.Tensor | None = None) -> dict[str, Any]:
+            fprs: Sequence[float], check: tuple[Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor], Sequence[float]] | None = None,
+            group: torch.Tensor | None = None, grid_from: float = 0.40) -> dict[str, Any]:
     """Operating points and the ROC of one design over m keys; `own` holds each positive's own
     group (`group[key row]`; default: the row itself), so a winner of the own group counts as
-    the own fact (facts about one subject share one residual); `check` = (verification keys,
-    queries, gamma_v values): a gate opens only where its winner also passes gamma_v there. With
+    the own fact (facts about one subject share one residual); `check` = (the winners' second
+    cosine: f(query set, winner ids, winner cosines) -> (Q,), gamma_v values): a gate opens only
+    where its winner also passes gamma_v there; gammas from `grid_from` are swept. With
     several gamma_v the ROC is the upper envelope over every (gamma, gamma_v) pair, and each
     operating point the best pair."""
     res: dict[str, Any] = {}
@@ -289,7 +400,7 @@ def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str,
         s[name] = sims
         won[name] = ((ids if group is None else group[ids]) == own[name]) if name in own else torch.ones_like(sims, dtype=torch.bool)
         if check is not None:  # one dot product per token
-            second[name] = (check[1][name] * check[0][ids]).sum(1)
+            second[name] = check[0](name, ids, sims)
         if name == "wikitext":  # the winner's subject occurs earlier in the passage: a mention
             men = mention(ids)
             res["mention_tokens"] = int(men.sum())
@@ -309,8 +420,8 @@ def measure(keys: torch.Tensor, queries: dict[str, torch.Tensor], own: dict[str,
                "neighbourhood_open": opened("neighbourhood", g, ok["neighbourhood"])}
         return out if gv is None else {**out, "gamma_v": gv}
 
-    grid = np.round(np.arange(0.40, 1.0001, 0.005), 3)
-    gvs: Sequence[float | None] = list(check[2]) if check is not None else [None]
+    grid = np.round(np.arange(grid_from, 1.0001, 0.005), 3)
+    gvs: Sequence[float | None] = list(check[1]) if check is not None else [None]
     points = [point(float(g), gv) for gv in gvs for g in grid]
     env, top = [], -1.0  # the upper envelope: by spurious-open, each point that beats all before it
     for c in sorted(points, key=lambda c: (c["spurious_open"], -c["paraphrase_own_open"])):
@@ -431,8 +542,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     q_para = subject_queries(db, wide, [(facts[i], p) for i, p in para_rows])
     q_rew = subject_queries(db, wide, [(facts[i], p) for i, p in rew_rows])
     q_fit, _ = text_queries(db, wide, fit, args.max_tokens)
-    q_wiki, where = text_queries(db, wide, test, args.max_tokens)
-    q_neigh, _ = text_queries(db, wide, neigh, args.max_tokens)
+    q_wiki, where, p_wiki = text_states(db, wide, test, args.max_tokens)
+    q_neigh, _, p_neigh = text_states(db, wide, neigh, args.max_tokens)
+    if any(d.head for d in designs):  # the tokens before each query, and the winners' head keys
+        c_para = prompt_context(db, wide, [(facts[i], p) for i, p in para_rows])
+        c_rew = prompt_context(db, wide, [(facts[i], p) for i, p in rew_rows])
+        c_wiki = Context(q_wiki, torch.arange(len(q_wiki)), p_wiki)
+        c_neigh = Context(q_neigh, torch.arange(len(q_neigh)), p_neigh)
+        heads = HeadCheck(db, wide, facts, cache, args.chunk)
     if learning:  # the fit's own facts, prompts and text: none of them is measured
         l_pos, l_own, l_neg = fit_queries(db, wide, facts, la, lb, args, cache)
         log.warning("fit data: %d positives of facts %d:%d, %d negative tokens", len(l_pos), la, lb, len(l_neg))
@@ -473,14 +590,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         own = {"paraphrase": group[torch.tensor([i for i, _ in para_rows])],
                "rewrite": group[torch.tensor([i for i, _ in rew_rows])]}
         bank_all = top1(dv(q_fit), K_all)[0] + args.bank_margin if design.bank else None  # (M,) per key
-        check = None
+        check, grid_from = None, 0.40
         if design.verify is not None:
-            vf = lambda x: verifier(wide, design, x)  # noqa: E731
-            check = (vf(keys_raw), {"paraphrase": vf(q_para), "rewrite": vf(q_rew), "wikitext": vf(q_wiki),
-                                     "neighbourhood": vf(q_neigh)}, design.verify[2])  # gamma_v values
+            kind = design.verify[0]
+            vf = dv if kind == "key" else (lambda x: verifier(wide, design, x))  # noqa: E731
+            if design.head:  # the winner's head, for winners that could open (cos > HEAD_FLOOR) only
+                ctxs = {"paraphrase": c_para, "rewrite": c_rew, "wikitext": c_wiki, "neighbourhood": c_neigh}
+                def second(name: str, ids: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+                    out = torch.full_like(sims, -math.inf)
+                    sel = sims > HEAD_FLOOR
+                    c = ctxs[name]
+                    out[sel] = heads.cosines(ids[sel], Context(c.acts, c.row[sel], c.pos[sel]), vf)
+                    return out
+                grid_from = HEAD_FLOOR
+            else:
+                vk = vf(keys_raw)
+                vq = {"paraphrase": vf(q_para), "rewrite": vf(q_rew), "wikitext": vf(q_wiki), "neighbourhood": vf(q_neigh)}
+                second = lambda name, ids, sims: (vq[name] * vk[ids]).sum(1)  # noqa: E731
+            check = (second, design.verify[2])  # gamma_v values
         for m in ms:
             r = measure(K_all[:m], queries, own, mention, None if bank_all is None else bank_all[:m], gammas, fprs,
-                        check=None if check is None else (check[0][:m], check[1], check[2]), group=group)
+                        check=check, group=group, grid_from=grid_from)
             results[m][design.name] = r
             log.warning("m=%d %-16s own-open at 0.1%% spurious: %.1f%% (gamma %.3f)", m, design.name,
                         100 * r["at_spurious"][1]["paraphrase_own_open"], r["at_spurious"][1]["gamma"])

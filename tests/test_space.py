@@ -46,6 +46,11 @@ def test_context_keys_are_unit_cosine_mixtures(arch: str, tokenizer) -> None:
     d = Design.parse("ffn+ctx2,verify=cat2@0.4")
     assert d.verify == ("cat", 2, (0.4,)) and d.context == 2 and d.mode == "ctx"
     assert len(Design.parse("ffn+ctx2,verify=lo1@*").verify[2]) > 10  # a sweep of gamma_v
+    h = Design.parse("ffn+ctx2,white,map=m1,verify=head-key@0.7")  # every field lands in its own slot
+    assert (h.head, h.learn, h.white, h.bank, h.gate_map, h.verify) == (True, False, True, False, "m1", ("key", 0, (0.7,)))
+    assert not Design.parse("ffn,learn").head and Design.parse("ffn,learn").learn
+    with pytest.raises(SystemExit, match="head-key"):
+        Design.parse("ffn,verify=key@0.7")
     v = verifier(wide, d, raw)
     assert torch.allclose(v @ v.T, mean_cos, atol=1e-5)
 
@@ -197,3 +202,31 @@ def test_gate_context_config_is_checked(tokenizer) -> None:
         NeuralDB(model, tokenizer, CFG.replace(gate_context=3), attach=False)  # layer 1 has 2 blocks at or below
     with pytest.raises(ValueError, match="gate_context_weight"):
         EditConfig(gate_context_weight=1.0)
+
+
+def test_head_check_reads_the_subjects_first_token(tokenizer, tmp_path: Path) -> None:
+    """bench/gate.py's HeadCheck: each winner gets its own head key (also when many are filled
+    in one chunk, and after reloading the cache); a prompt's own head compares at cosine ~1 in
+    the FFN space where the prompt is a key context, and a head at or before the first token
+    passes unseen (+inf)."""
+    from neuraldb.bench.gate import HeadCheck, prompt_context
+
+    model = make_model("llama", tokenizer)
+    db = NeuralDB(model, tokenizer, CTX.replace(n_prefixes=0, residual_prefixes=0), attach=False)
+    wide = wide_space(model, db.layer)
+    facts = [Fact("Danielle Darrieux", "The mother tongue of {} is", "English"),
+             Fact("Toko Yasuda", "Everyone knows that {} plays the", "piano"),
+             Fact("Michel Rocard", "Where is {} from? It is", "Rome")]
+    ctx = prompt_context(db, wide, [(f, f.prompt) for f in facts])
+    space = lambda x: verifier(wide, Design.parse("ffn,verify=ffn@0.5"), x)  # noqa: E731
+    ids = torch.arange(len(facts))
+    heads = HeadCheck(db, wide, facts, tmp_path, chunk=8)
+    cos = heads.cosines(ids, ctx, space)
+    assert len(set(heads.rows.values())) == len(facts)
+    assert torch.allclose(cos, torch.ones(3), atol=1e-4), cos  # the bare prompt is the one key context
+    wrong = heads.cosines(ids.roll(1), ctx, space)  # another fact's head key at this prompt's head
+    assert (wrong < 0.999).all()
+    again = HeadCheck(db, wide, facts, tmp_path, chunk=8).cosines(ids, ctx, space)
+    assert torch.allclose(again, cos, atol=1e-2)  # the cache holds half precision
+    lone = prompt_context(db, wide, [(facts[0], "{} speaks")])  # the subject opens the sequence
+    assert HeadCheck(db, wide, facts, tmp_path, chunk=8).cosines(ids[:1], lone, space).isinf().all()
