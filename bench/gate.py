@@ -477,8 +477,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     d = ap.add_argument_group("designs")
     d.add_argument("--design", action="append", default=[],
-                   help="ffn[+ctxC|+catC[@W]][,white][,bank][,verify=SPACE[C]@G] (repeatable; SPACE: ffn, ctx, "
-                        "cat, lo; default: ffn, ffn,bank, ffn,white, ffn+ctx3, ffn+ctx5, ffn+ctx7, ffn+ctx5@0.6)")
+                   help="ffn[+ctxC|+catC[@W]][,white][,bank][,learn][,map=NAME][,verify=[head-]SPACE[C]@G] "
+                        "(repeatable; SPACE: ffn, ctx, cat, lo, and key with head-: the check at the winner's "
+                        "subject's first token; G: a gamma_v, or * to sweep; default: ffn, ffn,bank, ffn,white, ffn+ctx3, ffn+ctx5, ffn+ctx7, ffn+ctx5@0.6)")
     d.add_argument("--gammas", default="0.65,0.7,0.75,0.8,0.85", help="operating points reported per design")
     d.add_argument("--bank-margin", type=float, default=0.05, help="per-fact threshold margin (',bank')")
     q = ap.add_argument_group("queries")
