@@ -52,7 +52,7 @@ from neuraldb.engine.arch import model_device
 from neuraldb.engine.editor import layer_fingerprint
 from neuraldb.engine.facts import Fact
 from neuraldb.engine.gate_map import load_map, space_meta
-from neuraldb.engine.keys import compute_keys, key_inputs, plain_keys, subject_spans
+from neuraldb.engine.keys import compute_keys, plain_keys, subject_spans
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.space import Capture, KeySpace, key_space
 from neuraldb.engine.tokens import encode_with_subject
@@ -361,10 +361,8 @@ class HeadCheck:
 
     def _bare_spans(self, ids: torch.Tensor) -> torch.Tensor:
         """(Q,) the span as the bare prompt tokenizes the subject (at a sentence start, say)."""
-        for j in set(ids.tolist()) - set(self.bare):
-            (_, last), = key_inputs(self.db.tok, self.facts[j], [])
-            (_, first), = key_inputs(self.db.tok, self.facts[j], [], at="first")
-            self.bare[j] = last - first
+        todo = sorted(set(ids.tolist()) - set(self.bare))
+        self.bare.update(zip(todo, subject_spans(self.db.tok, [self.facts[j] for j in todo], []).tolist()))
         return torch.tensor([self.bare[j] for j in ids.tolist()], dtype=torch.long)
 
 
