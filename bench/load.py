@@ -53,7 +53,7 @@ def build(model: Any, tok: Any, m: int, path: Path, seed: int) -> dict[str, floa
     t0 = time.perf_counter()
     for s in range(0, m, 10_000):
         n = min(10_000, m - s)
-        keys = torch.randn(n, db.d_key, generator=g) + 2.0  # (n, d_key): a shared direction, as activations have
+        keys = torch.randn(n, db.d_row, generator=g) + 2.0  # (n, d_row): a shared direction, as activations have
         res = 0.1 * torch.randn(n, db.d_res, generator=g)  # (n, d_res)
         db.insert(list(range(s, s + n)), facts[s : s + n], keys, res)
     insert_s = time.perf_counter() - t0

@@ -103,6 +103,11 @@ class EditConfig:
     # a learned map of that space applied to keys and queries alike (engine/gate_map.py): the
     # name of a map shipped under engine/maps/, or a file path; "" = none
     gate_map: str = ""
+    # the head check (engine/heads.py): a winner must also match at its subject's first token,
+    # cos(query there, the fact's head key) > head_gamma; None = no check (no head table).
+    # Spans wider than head_window tokens are not checked.
+    head_gamma: float | None = None
+    head_window: int = 16
     # keys (MEMIT compute_ks recipe)
     n_prefixes: int = 5
     prefix_len: int = 10
@@ -141,6 +146,8 @@ class EditConfig:
             "kl_span": self.kl_span in KL_SPANS,
             "gate_context": self.gate_context >= 0,
             "gate_context_weight": 0.0 < self.gate_context_weight < 1.0,
+            "head_gamma": self.head_gamma is None or -1.0 <= self.head_gamma <= 1.0,
+            "head_window": 1 <= self.head_window <= 512,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

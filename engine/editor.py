@@ -21,7 +21,8 @@ from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gate_map import GateMap, load_map, space_meta
 from .gated import GatedFFNOut, Hit, gate_mask_hook
-from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes
+from .heads import N_SPANS, head_rows
+from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_spans
 from .persistence import Stored, check_model, read_db, save_state
 from .residuals import ResidualStats, compute_residuals
 from .space import key_space
@@ -77,6 +78,11 @@ class NeuralDB:
         device = model_device(model)
         self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
         self.table = ResidualTable(self.d_res, device=device)
+        # the head check's table (engine/heads.py): the unit head key and the spans, by id
+        self.heads = ResidualTable(self.d_key + N_SPANS, device=device, dtype=torch.float16) \
+            if self.config.head_gamma is not None else None
+        # a fact's stored key row: the gate key, then its head row when there is a head table
+        self.d_row = self.d_key + (self.d_key + N_SPANS if self.heads is not None else 0)
         self.facts: dict[int, Fact] = {}
         self._by_subject: dict[str, set[int]] = {}  # subject_key -> ids of the facts about it
         self.prefixes: list[str] | None = None
@@ -123,7 +129,8 @@ class NeuralDB:
         base = get_module(self.model, self.path)
         if isinstance(base, GatedFFNOut):
             raise RuntimeError(f"{self.path} is already gated by another NeuralDB; detach it first")
-        self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma, self.space)
+        self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma, self.space, self.heads,
+                                 self.config.head_gamma or 0.0, self.config.head_window)
         set_module(self.model, self.path, self._gate)
         self._hooks += self.space.context_hooks(self.model, self._gate)
         # On the decoder, not the LM wrapper: every path (model(...), generate, model.base_model(...)
@@ -199,10 +206,16 @@ class NeuralDB:
             return calibration_queries(self.model, self.tok, self.layer, self.config, self.calibration)
 
     def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
-        """Keys (F, d_key) of facts on the unedited model."""
+        """Key rows (F, d_row) of facts on the unedited model: the gate key (F, d_key), then,
+        with a head table, the head key and spans (F, d_key + 2) read from the same passes."""
         prefixes = self.ensure_prefixes()
         with self.disabled():
-            return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space)
+            if self.heads is None:
+                return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space)
+            both = compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space,
+                                at="both")  # (F, 2, d_key)
+        spans = torch.stack([subject_spans(self.tok, facts, prefixes), subject_spans(self.tok, facts, [])], 1)  # (F, 2)
+        return torch.cat([both[:, 0], head_rows(both[:, 1], spans.to(both.device))], 1)  # (F, d_row)
 
     def encode_residuals(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`).
@@ -218,7 +231,7 @@ class NeuralDB:
         return res
 
     def encode(self, facts: Sequence[Fact]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (F, d_key) and residuals (F, d_res) of facts, computed on the unedited model."""
+        """Key rows (F, d_row) and residuals (F, d_res) of facts, computed on the unedited model."""
         t0 = time.perf_counter()
         keys = self.encode_keys(facts)
         keys_s = time.perf_counter() - t0
@@ -243,7 +256,7 @@ class NeuralDB:
         """What `add(facts)` writes, computed on the unedited model and not yet applied."""
         facts = [facts] if isinstance(facts, Fact) else list(facts)
         if not facts:
-            return Change("add", (), (), torch.zeros(0, self.d_key), (), (), torch.zeros(0, self.d_res))
+            return Change("add", (), (), torch.zeros(0, self.d_row), (), (), torch.zeros(0, self.d_res))
         fresh = self.prefixes is None
         ids = list(range(self.next_id, self.next_id + len(facts)))
         t0 = time.perf_counter()
@@ -263,14 +276,16 @@ class NeuralDB:
     def apply(self, change: Change) -> None:
         """Write a planned change: index and table inserts only, the model is not run. A change
         must be applied to the database state it was planned on (ids and groups are its)."""
-        if change.keys.shape[0] and change.keys.shape[1] != self.d_key:
-            raise ValueError(f"change keys have dim {change.keys.shape[1]}, the database {self.d_key}")
+        if change.keys.shape[0] and change.keys.shape[1] != self.d_row:
+            raise ValueError(f"change keys have dim {change.keys.shape[1]}, the database's key rows {self.d_row}")
         if change.prefixes is not None and self.prefixes is None:
             self.prefixes = list(change.prefixes)
         if change.removed:
             arr = np.asarray(change.removed, dtype=np.int64)
             self.index.remove(arr)
             self.table.remove(arr)
+            if self.heads is not None:
+                self.heads.remove(arr)
             for i in change.removed:
                 self._forget(i)
                 del self.facts[i]
@@ -287,13 +302,17 @@ class NeuralDB:
         n_res = len(ids) if residuals is None else residuals.shape[0]
         if not (len(ids) == len(facts) == keys.shape[0] == n_res):
             raise ValueError("ids, facts, keys and residuals must have the same length")
-        if keys.shape[1] != self.d_key or (residuals is not None and residuals.shape[1] != self.d_res):
-            raise ValueError(f"keys must have dim {self.d_key} and residuals {self.d_res}, got "
-                             f"{keys.shape[1]} and {None if residuals is None else residuals.shape[1]}")
+        if keys.shape[1] != self.d_row or (residuals is not None and residuals.shape[1] != self.d_res):
+            raise ValueError(f"key rows must have dim {self.d_row} and residuals {self.d_res}, got "
+                             f"{keys.shape[1]} and {None if residuals is None else residuals.shape[1]}"
+                             + (" (with a head table a key row is the key, then its head row: encode_keys)"
+                                if self.heads is not None else ""))
         arr = np.asarray(ids, dtype=np.int64)
         if self._trained is not self.index:
             self.train_index()
-        self.index.add(arr, keys)
+        self.index.add(arr, keys[:, : self.d_key])
+        if self.heads is not None:
+            self.heads.put(arr, keys[:, self.d_key :])
         if residuals is not None:
             self.table.put(arr, residuals)
         for i, f in zip(ids, facts):
@@ -328,7 +347,7 @@ class NeuralDB:
         rest = [i for i in self.same_subject(subject_key(self.facts[i]) for i in ids) if i not in gone] \
             if self.config.subject_groups else []
         res = self.encode_residuals([self.facts[i] for i in rest]) if rest else torch.zeros(0, self.d_res)
-        return Change("remove", (), (), torch.zeros(0, self.d_key), tuple(ids), tuple(rest), res)
+        return Change("remove", (), (), torch.zeros(0, self.d_row), tuple(ids), tuple(rest), res)
 
     def update(self, id_: int, fact: Fact) -> None:
         """Replace fact `id_` with `fact`, keeping its id. The facts about its old and its new
@@ -374,7 +393,7 @@ class NeuralDB:
     def state(self) -> Stored:
         """The whole database as plain parts (no model): what `save` writes."""
         meta = {"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration}
-        return Stored(meta, self.config, self.facts, self.table, self.index, self.next_id, self.gate_map)
+        return Stored(meta, self.config, self.facts, self.table, self.index, self.next_id, self.gate_map, self.heads)
 
     @classmethod
     def from_state(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: Stored,
@@ -390,7 +409,7 @@ class NeuralDB:
                 db.index.add(ids, keys.to(model_device(model)), unit=True)
         else:
             db.index = state.index
-        db.table, db.next_id, db.prefixes = state.table, state.next_id, state.prefixes
+        db.table, db.next_id, db.prefixes, db.heads = state.table, state.next_id, state.prefixes, state.heads
         db.calibration = state.meta.get("calibration")  # absent from databases saved before it was kept
         for i, f in state.facts.items():
             db.facts[i] = f

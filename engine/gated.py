@@ -5,7 +5,12 @@ the best-matching fact is added where cos > gamma. Closed tokens keep the base o
 Two ways to add, same bits: on the CPU the open rows are listed (`nonzero`) and only they are
 gathered; on an accelerator, where listing them would stall the stream on a host sync, the
 residuals are read by id from the table's dense block and added in place by a fused kernel
-(`kernels.gather_add_`), with no host sync unless hits or timings are asked for."""
+(`kernels.gather_add_`), with no host sync unless hits or timings are asked for.
+
+With a head table (`EditConfig.head_gamma`) a winner must also pass the head check at its
+subject's first token (engine/heads.py); the decoder's pre-hook tells the layer where each
+sequence starts and how many tokens its cache holds, so a decode step decides as a full
+forward does."""
 from __future__ import annotations
 
 import time
@@ -17,6 +22,7 @@ from torch import nn
 
 from ..kernels import gate_add, gather_add_
 from .arch import passed_cache
+from .heads import HeadState, head_pass
 
 if TYPE_CHECKING:
     from ..index import KeyIndex, ResidualTable
@@ -31,12 +37,26 @@ class Hit:
     similarity: float
 
 
+@dataclass(frozen=True)
+class Step:
+    """What the decoder's pre-hook knows of one forward: the tokens its cache already holds,
+    each row's first real token (absolute; left padding before it), and the cache object."""
+
+    past: int
+    first: torch.Tensor  # (B,) long
+    cache: Any = None
+
+
 class GatedFFNOut(nn.Module):
     def __init__(self, base_layer: nn.Module, index: "KeyIndex", table: "ResidualTable", gamma: float,
-                 space: "KeySpace") -> None:
+                 space: "KeySpace", heads: "ResidualTable | None" = None, head_gamma: float = 0.0,
+                 head_window: int = 16) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.index, self.table, self.gamma, self.space = index, table, gamma, space
+        self.heads, self.head_gamma, self.head_window = heads, head_gamma, head_window  # (capacity, d_key + 2) by id
+        self.head_state = HeadState()
+        self.step: Step | None = None  # left by the decoder's pre-hook, read once
         self.context: torch.Tensor | None = None  # (B, T, d_ctx): left by the space's hooks, read once
         self.enabled = True
         self.token_mask: torch.Tensor | None = None  # (B, T): tokens the next forward may gate
@@ -53,14 +73,17 @@ class GatedFFNOut(nn.Module):
         if w is not None and w.device != self.table.device:
             self.index.to(w.device)
             self.table.to(w.device)
+            if self.heads is not None:
+                self.heads.to(w.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         mask, self.token_mask = self.token_mask, None  # consumed: a mask never outlives its forward
         context, self.context = self.context, None  # likewise the attention context
+        step, self.step = self.step, None
         self.last_mask = mask
-        if not self.enabled or self.index.ntotal == 0:
+        if not self.enabled or (self.index.ntotal == 0 and self.heads is None):
             self.last = None
             return out
         lead, d_out = x.shape[:-1], out.shape[-1]
@@ -69,6 +92,10 @@ class GatedFFNOut(nn.Module):
                                f"the decoder's pre-hook and this layer saw different batches")
         t0 = time.perf_counter() if self.timings is not None else 0.0
         q = self.space.query(x, context)  # (B*T, d_key)
+        if self.index.ntotal == 0:  # nothing to gate, but a later step's head check reads these queries
+            self._head_check(q, None, lead, step)
+            self.last = None
+            return out
         if mask is not None and q.device.type == "cpu" and not bool(mask.all()):
             sims, ids = self._search_masked(q, mask.reshape(-1))  # pads and sinks are never searched
         else:
@@ -76,6 +103,8 @@ class GatedFFNOut(nn.Module):
         open_ = (ids >= 0) & (sims > self.gamma)
         if mask is not None:
             open_ &= mask.reshape(-1).to(open_.device)
+        if self.heads is not None:
+            open_ &= self._head_check(q, ids, lead, step).reshape(-1).to(open_.device)
         if self.timings is not None:
             if q.device.type == "cuda":
                 torch.cuda.synchronize(q.device)
@@ -101,6 +130,23 @@ class GatedFFNOut(nn.Module):
         full[rows] = res
         return gate_add(out.reshape(-1, d_out), open_, full).view(out.shape)  # (B, T, d_model)
 
+    def _head_check(self, q: torch.Tensor, ids: torch.Tensor | None, lead: torch.Size,
+                    step: Step | None) -> torch.Tensor:
+        """(B, T) whether each token's winner passes the head check (engine/heads.py); records
+        this pass's queries for the next decode step either way."""
+        if len(lead) != 2:
+            raise RuntimeError(f"the head check needs (batch, tokens) inputs, got {tuple(lead)}")
+        b, t = lead
+        step = step or Step(0, torch.zeros(b, dtype=torch.long, device=q.device))
+        w, d = self.head_window, q.shape[-1]
+        before = self.head_state.before(step.cache, step.past, b, w, d, q.device)  # (B, W, d)
+        qs = q.view(b, t, d)  # (B, T, d)
+        ids = torch.full(lead, -1, dtype=torch.long, device=q.device) if ids is None else ids.view(b, t).to(q.device)
+        passed, ext = head_pass(self.heads.dense(q.device), ids, qs, before, step.past, step.first.to(q.device),
+                                self.head_gamma)
+        self.head_state.after(step.cache, ext, step.past + t, w)
+        return passed
+
     def _search_masked(self, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Search only the tokens the mask lets through (on the CPU, where listing them costs no
         device sync); the others read (-inf, -1), as a search that found nothing."""
@@ -123,8 +169,9 @@ class GatedFFNOut(nn.Module):
 
 def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
     """A forward pre-hook for the decoder (`model.base_model`): marks which input tokens may be gated. Pads never
-    are, and neither is the first real token of a sequence started from scratch (it acts as an
-    attention sink whose activations resemble many keys) unless `gate_first_token`."""
+    are, and neither is the first real token of a sequence (it acts as an attention sink whose
+    activations resemble many keys) unless `gate_first_token`; and leaves the `Step` (cached
+    tokens, where each row starts) that the head check reads."""
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -135,14 +182,18 @@ def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
             return
         b, t = ids.shape[:2]
         am = kwargs.get("attention_mask")
-        if am is None or am.dim() != 2:
+        given = am is not None and am.dim() == 2
+        if not given:
             am = torch.ones(b, t, dtype=torch.long, device=ids.device)
         cache = passed_cache(kwargs)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else am.shape[1] - t
         mask = am[:, -t:].bool().clone()  # (B, T)
-        if not gate_first_token and past == 0:
-            first = am.long().argmax(dim=1)  # (B,) first real token
-            mask[torch.arange(b, device=mask.device), first.clamp(max=t - 1)] = False
+        first = am.long().argmax(dim=1)  # (B,) first real token, in the mask's columns
+        # absolute positions: the mask's columns end where this pass ends (none given: no padding)
+        first = first + (past + t - am.shape[1]) if given else torch.zeros_like(first)
+        if not gate_first_token:  # wherever the first real token falls: a prefill, or a decode step after pads
+            mask &= torch.arange(t, device=mask.device)[None, :] != (first - past)[:, None]
         gate.token_mask = mask
+        gate.step = Step(past, first, cache)
 
     return hook

@@ -78,15 +78,19 @@ def calibration_queries(model: PreTrainedModel, tok: PreTrainedTokenizerBase, la
     return torch.cat(out)
 
 
+AT = ("last", "first", "both")  # which subject token a key is read at ("both": last, then first)
+
+
 def key_inputs(tok: PreTrainedTokenizerBase, fact: Fact, prefixes: Sequence[str],
-               at: str = "last") -> list[tuple[list[int], int]]:
-    """(ids, index of the subject's `at` token: "last" or "first") for the bare prompt and each
-    prefixed prompt; the text after the subject cannot change the key under causal attention,
-    so it is cut off."""
+               at: str = "last") -> list[tuple[list[int], Any]]:
+    """(ids, index of the subject's `at` token: "last" or "first"; "both": (last, first)) for the
+    bare prompt and each prefixed prompt; the text after the subject cannot change the key
+    under causal attention, so it is cut off."""
     out = []
     for p in ("", *prefixes):
         enc = encode_with_subject(tok, p, fact.prompt, fact.subject, truncate_after_subject=True)
-        out.append((enc.ids, enc.subject_last if at == "last" else enc.subject_first))
+        pos = {"last": enc.subject_last, "first": enc.subject_first, "both": (enc.subject_last, enc.subject_first)}
+        out.append((enc.ids, pos[at]))
     return out
 
 
@@ -108,10 +112,12 @@ def _bucketed(n: int, lengths: Sequence[int], batch: int) -> list[list[int]]:
 
 def _run_to_key(model: PreTrainedModel, space: KeySpace, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                 cache: Any = None) -> torch.Tensor:
-    """The raw activations of `space` at one position per row: (B, d_raw) float32."""
+    """The raw activations of `space` at one position per row (pos: (B,)): (B, d_raw) float32,
+    or at k per row (pos: (B, k)): (B, k, d_raw)."""
     with Capture(model, space) as cap:
         model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, **cache_kwargs(model, cache))
-    return cap.raw[torch.arange(ids.shape[0], device=ids.device), pos]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    return cap.raw[rows if pos.dim() == 1 else rows[:, None], pos]
 
 
 def plain_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: Sequence[tuple[list[int], int]],
@@ -136,7 +142,7 @@ def _shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) ->
         k = 0
         while k < min(n, len(ids)) and ids[k] == prefix_ids[k]:
             k += 1
-        n = min(n, k, last)
+        n = min(n, k, min(last) if isinstance(last, tuple) else last)
     return n
 
 
@@ -157,7 +163,7 @@ def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: s
     for group in _bucketed(len(rows), [len(r[0]) for r in rows], batch):
         ids, mask = pad_right([rows[i][0][shared:] for i in group], tok.pad_token_id, device)  # (B, T - S)
         mask = torch.cat([torch.ones(len(group), shared, dtype=mask.dtype, device=device), mask], 1)  # (B, T)
-        pos = torch.tensor([rows[i][1] - shared for i in group], device=device)
+        pos = torch.tensor([rows[i][1] for i in group], device=device) - shared  # (B,) or (B, 2)
         c = copy.deepcopy(cache)
         c.batch_repeat_interleave(len(group))
         for i, k in zip(group, _run_to_key(model, space, ids, mask, pos, c)):
@@ -177,9 +183,10 @@ def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Se
 
     With `reuse_prefix_cache` each generated prefix is encoded once and its KV cache reused
     for every fact (the reference path, False, runs every row in full). `at="first"` takes the
-    subject's first token instead (the "head" a gate can verify)."""
-    if at not in ("last", "first"):
-        raise ValueError(f"at={at!r}: expected 'last' or 'first'")
+    subject's first token instead (the "head" a gate can verify); `at="both"` reads both from the
+    same passes: (F, 2, d_key), the key then the head key."""
+    if at not in AT:
+        raise ValueError(f"at={at!r}: expected one of {AT}")
     space = space or key_space(model, layer)
     device = model_device(model)
     per_fact = [key_inputs(tok, f, prefixes, at) for f in facts]  # F x (1 + P) rows
@@ -191,14 +198,15 @@ def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Se
         parts += [_cached_keys(model, tok, p, cols[1 + k], space, bs, bar) for k, p in enumerate(prefixes)]
     else:
         flat = plain_keys(model, tok, [r for col in cols for r in col], space, bs, bar)  # ((1+P) F, d_raw)
-        parts = list(flat.view(1 + len(prefixes), len(facts), -1))
+        parts = list(flat.view(1 + len(prefixes), len(facts), *flat.shape[1:]))  # (1+P) x (F, [2,] d_raw)
     bar.close()
     bare = parts[0]  # (F, d_raw)
     if not prefixes:
         return space.combine(bare)
-    ctx_mean = torch.stack(parts[1:], 1).mean(1)  # (F, P, d_raw) -> (F, d_raw)
-    bare_ok = torch.tensor([rows[0][1] > 0 for rows in per_fact], device=device)
-    return space.combine(torch.where(bare_ok[:, None], (bare + ctx_mean) / 2, ctx_mean))
+    ctx_mean = torch.stack(parts[1:], 1).mean(1)  # (F, P, [2,] d_raw) -> (F, [2,] d_raw)
+    bare_ok = torch.tensor([rows[0][1] > 0 if at != "both" else [p > 0 for p in rows[0][1]] for rows in per_fact],
+                           device=device)  # (F,) or (F, 2)
+    return space.combine(torch.where(bare_ok[..., None], (bare + ctx_mean) / 2, ctx_mean))
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Saving and loading a database directory: config.yaml + facts.jsonl + residuals + index, and
-gate_map.safetensors (a copy of the learned map) when the config names one.
+"""Saving and loading a database directory: config.yaml + facts.jsonl + residuals + index,
+gate_map.safetensors (a copy of the learned map) when the config names one, and
+heads.safetensors (the head check's table, engine/heads.py) when the config sets head_gamma.
 
 What a save guarantees
 - It never deletes what is not a database: a path that exists and is neither empty nor a
@@ -47,6 +48,8 @@ FORMAT = "neuraldb-db-2"
 DATA_FILES = ("facts.jsonl", "residuals.safetensors", "index.safetensors")
 FILES = ("config.yaml", *DATA_FILES)
 MAP_FILE = "gate_map.safetensors"  # a copy of the gate map, when the config names one
+HEADS_FILE = "heads.safetensors"  # the head table, when the config sets head_gamma
+OPTIONAL = (MAP_FILE, HEADS_FILE)
 META_TYPES: dict[str, type | tuple[type, ...]] = {
     "format": str, "model": dict, "next_id": int, "prefixes": (list, type(None)), "config": dict,
     "num_facts": int, "files": dict}
@@ -77,7 +80,7 @@ def fsync_dir(path: Path) -> None:
 def _only_db_files(path: Path) -> bool:
     """Nothing but what a save writes: the database files, and the `.tmp*` files through which
     safetensors writes them (left behind when a save is killed mid-write)."""
-    return path.is_dir() and all(p.is_file() and (p.name in (*FILES, MAP_FILE) or p.name.startswith(".tmp"))
+    return path.is_dir() and all(p.is_file() and (p.name in (*FILES, *OPTIONAL) or p.name.startswith(".tmp"))
                                  for p in path.iterdir())
 
 
@@ -165,7 +168,8 @@ def _refuse_foreign(directory: Path) -> None:
 
 
 def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, Fact]], table: ResidualTable,
-             index: KeyIndex, fault: Callable[[str], None] | None = None, gate_map: GateMap | None = None) -> Path:
+             index: KeyIndex, fault: Callable[[str], None] | None = None, gate_map: GateMap | None = None,
+             heads: ResidualTable | None = None) -> Path:
     """Write a database to `directory`, atomically replacing a database already there.
     `fault(stage)` is called between the steps (tests inject crashes there)."""
     fault = fault or (lambda stage: None)
@@ -190,6 +194,9 @@ def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, F
             if gate_map is not None:
                 gate_map.save(tmp / MAP_FILE)
                 written += (MAP_FILE,)
+            if heads is not None:
+                heads.save(tmp / HEADS_FILE)
+                written += (HEADS_FILE,)
             for f in written:  # flush to disk before the renames make them visible
                 with open(tmp / f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -223,7 +230,8 @@ def write_db(directory: Path, meta: dict[str, Any], facts: Sequence[tuple[int, F
 def save_state(directory: Path, state: "Stored", fault: Callable[[str], None] | None = None) -> Path:
     """Write a database's state (`NeuralDB.state()`) to `directory`, crash-safely."""
     ids = np.asarray(sorted(state.facts), dtype=np.int64)
-    for name, other in (("residual table", state.table.ids()), ("key index", state.index.ids())):
+    parts = [("residual table", state.table.ids()), ("key index", state.index.ids())]
+    for name, other in parts + ([("head table", state.heads.ids())] if state.heads is not None else []):
         if not np.array_equal(np.sort(other), ids):
             raise DatabaseError(f"{directory}: not saved: the {name} holds {len(other)} ids for {len(ids)} facts "
                                 f"(facts inserted without residuals?)")
@@ -231,7 +239,7 @@ def save_state(directory: Path, state: "Stored", fault: Callable[[str], None] | 
     meta = {"format": FORMAT, "model": state.meta["model"], "next_id": state.next_id, **state.meta,
             "config": to_mapping(state.config), "num_facts": len(ids)}
     return write_db(directory, meta, [(int(i), state.facts[int(i)]) for i in ids], state.table, state.index, fault,
-                    state.gate_map)
+                    state.gate_map, state.heads)
 
 
 # ----- reading -------------------------------------------------------------------------------
@@ -266,7 +274,7 @@ def read_meta(directory: Path, verify_files: bool = True) -> dict[str, Any]:
     missing = [k for k in MODEL_KEYS if k not in meta["model"]]
     if missing:
         raise DatabaseError(f"{cfg}: key 'model' lacks {missing}")
-    listed = DATA_FILES + ((MAP_FILE,) if MAP_FILE in meta["files"] else ())
+    listed = DATA_FILES + tuple(f for f in OPTIONAL if f in meta["files"])
     for f in listed if verify_files else ():
         entry = meta["files"].get(f)
         if not isinstance(entry, dict) or "bytes" not in entry or "sha256" not in entry:
@@ -294,6 +302,7 @@ class Stored:
     index: KeyIndex
     next_id: int
     gate_map: GateMap | None = None
+    heads: ResidualTable | None = None  # the head table (engine/heads.py), when config.head_gamma is set
 
     @property
     def prefixes(self) -> list[str] | None:
@@ -358,7 +367,30 @@ def read_db(directory: Path, device: str | torch.device = "cpu", residual_mmap: 
             raise DatabaseError(f"{directory / name}: ids do not match facts.jsonl "
                                 f"({len(other)} vs {len(ids)} ids, {len(np.setxor1d(other, ids))} differ)")
     next_id = max(meta["next_id"], int(ids.max()) + 1 if len(ids) else 0)
-    return Stored(meta, config, facts, table, index, next_id, _read_map(directory, meta, config))
+    heads = _read_heads(directory, meta, config, device, ids)
+    return Stored(meta, config, facts, table, index, next_id, _read_map(directory, meta, config), heads)
+
+
+def _read_heads(directory: Path, meta: dict[str, Any], config: EditConfig, device: str | torch.device,
+                ids: np.ndarray) -> ResidualTable | None:
+    """The head table: present exactly when the config sets head_gamma, one row per fact."""
+    listed = HEADS_FILE in meta["files"]
+    if (config.head_gamma is not None) != listed:
+        raise DatabaseError(f"{directory / 'config.yaml'}: head_gamma {config.head_gamma!r} but {HEADS_FILE} is "
+                            f"{'listed' if listed else 'not listed'} in 'files'")
+    if not listed:
+        return None
+    path = directory / HEADS_FILE
+    try:
+        heads = ResidualTable.load(path, device=device)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatabaseError(f"{path}: damaged head table ({exc})") from exc
+    want = meta["model"]["d_key"] + 2
+    if heads.dim != want:
+        raise DatabaseError(f"{path}: head rows of dim {heads.dim}, expected d_key + 2 = {want}")
+    if not np.array_equal(np.sort(heads.ids()), ids):
+        raise DatabaseError(f"{path}: ids do not match facts.jsonl ({len(heads.ids())} vs {len(ids)} ids)")
+    return heads
 
 
 def _read_map(directory: Path, meta: dict[str, Any], config: EditConfig) -> GateMap | None:

@@ -10,9 +10,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..engine.arch import cache_kwargs, model_device, returned_cache
+from ..engine.heads import select_rows
 
 
 @dataclass
@@ -88,7 +89,9 @@ def generate_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, reqs: S
         am[b, t - len(s.prompt_ids):] = 1
     ids, am = ids.to(device), am.to(device)
     pos = (am.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
+    # the cache is made here and passed in, so the gate's head check keys its window to it
+    out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True,
+                **cache_kwargs(model, DynamicCache(config=model.config)))
     if on_forward:
         on_forward()
     cache, live = returned_cache(out), list(range(len(reqs)))  # live: request index of each batch row
@@ -121,6 +124,7 @@ def generate_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, reqs: S
         if len(keep) < len(live):  # finished rows leave the batch
             sel = torch.tensor(keep, device=device)
             cache.batch_select_indices(sel)
+            select_rows(model, cache, sel)  # the head check's windows follow the cache rows
             am, pos = am[sel], pos[sel]
             step_tokens = [step_tokens[r] for r in keep]
             live = [live[r] for r in keep]
