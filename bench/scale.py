@@ -434,13 +434,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         stage(m, t0, "retention")
         ret = measure(lambda: retention(db, texts).as_dict())
         stage(m, t0, "latency")
+        head_bytes = db.heads.nbytes if db.heads is not None else 0
         row = {"m": m, **{k: v for k, v in post.items() if k != "n"},
                "false_open": ret["false_open_rate"], "identical": ret["identical_rate"], "kl": ret["mean_kl"],
                "kl_at_open": ret["kl_at_open"], "kl_after_open": ret["kl_after_open"], "reached": ret["reached_rate"],
                "ppl_before": ret["ppl_before"], "ppl_after": ret["ppl_after"],
-               "key_bytes": db.index.nbytes, "residual_bytes": db.table.nbytes,
-               "bytes_per_fact": (db.index.nbytes + db.table.nbytes) / m,  # allocated (whole shards)
-               "payload_bytes_per_fact": 4 * (db.d_key + db.d_res),  # one fp32 key + residual
+               "key_bytes": db.index.nbytes, "residual_bytes": db.table.nbytes, "head_bytes": head_bytes,
+               "bytes_per_fact": (db.index.nbytes + db.table.nbytes + head_bytes) / m,  # allocated (whole shards)
+               # one fp32 key + residual, and an fp16 head row (head key + spans) with the head check
+               "payload_bytes_per_fact": 4 * (db.d_key + db.d_res) + 2 * (db.d_row - db.d_key),
                **cache.throughput(m), **latency(db, texts, args.latency_batch, args.latency_repeats),
                **peak_memory(), "eval_s": time.perf_counter() - t0,
                "residuals_in_db": len(db.table.ids()), "residuals_computed": cache.computed()}
