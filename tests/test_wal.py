@@ -28,13 +28,17 @@ def same_db(a: NeuralDB, b: NeuralDB) -> None:
     ids = np.asarray(sorted(a.facts), dtype=np.int64)
     assert np.array_equal(a.table.ids(), b.table.ids())
     assert torch.equal(a.table.gather(torch.from_numpy(ids)), b.table.gather(torch.from_numpy(ids)))
+    assert (a.heads is None) == (b.heads is None)
+    if a.heads is not None:  # the head check's rows travel in the logged key rows
+        assert np.array_equal(a.heads.ids(), b.heads.ids()) and len(a.heads.ids()) == len(ids)
+        assert torch.equal(a.heads.gather(torch.from_numpy(ids)), b.heads.gather(torch.from_numpy(ids)))
 
 
-@pytest.fixture()
-def changes(tokenizer):
+@pytest.fixture(params=[None, 0.5], ids=["plain", "head-check"])
+def changes(tokenizer, request):
     """A live database and the Changes that built it: adds (one joins a subject group), an
-    update and a remove."""
-    db = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG)
+    update and a remove; without and with the head check."""
+    db = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG.replace(head_gamma=request.param))
     out = []
     for step in (lambda: db.plan_add(FACTS[:2]), lambda: db.plan_add(FACTS[2:]),
                  lambda: db.plan_update(1, Fact("Apple A5", "The maker of {}", "Honda", "Apple")),
@@ -57,7 +61,7 @@ def test_records_round_trip_and_replay_rebuilds_the_database(changes, tokenizer,
         wal.append(seq, ch)
     wal.sync()
     wal.close()
-    fresh = NeuralDB(live.model, tokenizer, CFG, attach=False)
+    fresh = NeuralDB(live.model, tokenizer, live.config, attach=False)
     for rec in WriteAheadLog(tmp_path / "db.wal").open():
         fresh.apply(rec.change)
     same_db(live, fresh)
