@@ -151,6 +151,7 @@ def main() -> None:
           f"decode B=1 {fwd['decode_B1']:.1f} ms, B=8 {fwd['decode_B8']:.1f} ms")
 
     keys_all = torch.cat([load_file(f)["keys"] for f in sorted(glob.glob(f"{args.keys}/keys_*.safetensors"))]).float()
+    keys_all = keys_all[:, : space.dim]  # a key row with the head check is the key, then its head row
     keys_all = keys_all / keys_all.norm(dim=1, keepdim=True)  # (M, d) unit rows
     sets = [(f"real {m}", keys_all[:m]) for m in (int(v) for v in args.m.split(",") if v)]
     if args.entity_keys:
