@@ -29,7 +29,8 @@ from neuraldb import EditConfig, Fact, NeuralDB, load_model
 from neuraldb.data import is_source, resolve
 from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_json, write_outputs
 from neuraldb.engine.arch import cache_kwargs, returned_cache
-from neuraldb.engine.config import load_yaml, to_mapping
+from neuraldb.engine.config import load_yaml, model_defaults, to_mapping
+from neuraldb.engine.editor import model_name
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.pool import FactPool
 from neuraldb.evaluation import counterfact_scores, fluency, retention, zsre_scores
@@ -189,10 +190,17 @@ class ChunkCache:
         return out
 
 
+GATE_ONLY = ("gamma", "head_gamma", "head_window", "index")  # config fields that change no key or residual
+
+
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:
     """The cache of `facts` for this model and config (args: data, seed, chunk, key_chunk); a
     cache made with other settings is refused."""
-    signature = {"model": db.fingerprint(), "config": to_mapping(db.config), "data": args.data, "seed": args.seed,
+    # what keys and residuals depend on: not the gate's thresholds or index (a cache serves every
+    # gamma / head_gamma), but whether key rows carry a head row
+    config = {k: v for k, v in to_mapping(db.config).items() if k not in GATE_ONLY}
+    config["head_rows"] = db.heads is not None
+    signature = {"model": db.fingerprint(), "config": config, "data": args.data, "seed": args.seed,
                  "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]],
                  "residual_files": "ids"}
     return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk)
@@ -327,6 +335,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--config", help="EditConfig YAML (default: the model's defaults)")
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
+    e.add_argument("--head-gamma", type=float, help="the head check's threshold (EditConfig.head_gamma)")
     e.add_argument("--index", help="key index spec (Auto, Flat, Proj512, torch, ...)")
     e.add_argument("--chunk", type=int, default=64,
                    help="facts per residual file (computed together, in optimisation batches of the config's "
@@ -359,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
     cfg = load_yaml(EditConfig, args.config) if args.config else None
+    if args.head_gamma is not None:
+        cfg = (cfg or model_defaults(model_name(model), model.config.model_type)).replace(head_gamma=args.head_gamma)
     db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
     # Residuals are cached per fact and computed lazily, so each must depend on its fact alone:
     # facts about one subject get independent residuals here (NeuralDB.add shares them).
@@ -400,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     eval_sig = {k: getattr(args, k) for k in ("eval_sample", "retention_texts", "retention_data", "fluency_tokens",
                                               "fluency_sample", "latency_batch", "latency_repeats")}
     eval_sig["sample_from"] = checkpoints[0]  # the sample is drawn from the first checkpoint's facts
+    eval_sig["gate"] = {k: v for k, v in to_mapping(db.config).items() if k in GATE_ONLY}  # the cache spans gates; a row does not
 
     def measure(fn: Any) -> Any:  # lazily: repeat until no evaluated token opens a fact without its residual
         return until_no_new_facts(db, fn, resid.load) if lazy else fn()
