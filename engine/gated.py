@@ -22,7 +22,7 @@ from torch import nn
 
 from ..kernels import gate_add, gather_add_
 from .arch import passed_cache
-from .heads import HeadState, head_pass
+from .heads import HeadState, extend, head_pass
 
 if TYPE_CHECKING:
     from ..index import KeyIndex, ResidualTable
@@ -131,21 +131,21 @@ class GatedFFNOut(nn.Module):
         return gate_add(out.reshape(-1, d_out), open_, full).view(out.shape)  # (B, T, d_model)
 
     def _head_check(self, q: torch.Tensor, ids: torch.Tensor | None, lead: torch.Size,
-                    step: Step | None) -> torch.Tensor:
-        """(B, T) whether each token's winner passes the head check (engine/heads.py); records
-        this pass's queries for the next decode step either way."""
+                    step: Step | None) -> torch.Tensor | None:
+        """(B, T) whether each token's winner (ids; None: no search ran) passes the head check
+        (engine/heads.py); records this pass's queries for the next decode step either way."""
         if len(lead) != 2:
             raise RuntimeError(f"the head check needs (batch, tokens) inputs, got {tuple(lead)}")
         b, t = lead
         step = step or Step(0, torch.zeros(b, dtype=torch.long, device=q.device))
-        w, d = self.head_window, q.shape[-1]
-        before = self.head_state.before(step.cache, step.past, b, w, d, q.device)  # (B, W, d)
-        qs = q.view(b, t, d)  # (B, T, d)
-        ids = torch.full(lead, -1, dtype=torch.long, device=q.device) if ids is None else ids.view(b, t).to(q.device)
-        passed, ext = head_pass(self.heads.dense(q.device), ids, qs, before, step.past, step.first.to(q.device),
-                                self.head_gamma)
+        w = self.head_window
+        before = self.head_state.before(step.cache, step.past, b, w, q.shape[-1], q.device)  # (B, W, d)
+        ext = extend(before, q.view(b, t, -1))  # (B, W + T, d)
         self.head_state.after(step.cache, ext, step.past + t, w)
-        return passed
+        if ids is None:
+            return None
+        return head_pass(self.heads.dense(q.device), ids.view(b, t).to(q.device), ext, step.past,
+                         step.first.to(q.device), self.head_gamma)
 
     def _search_masked(self, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Search only the tokens the mask lets through (on the CPU, where listing them costs no

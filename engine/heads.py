@@ -82,27 +82,31 @@ class HeadState:
                 pass
 
 
-def head_pass(heads: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, before: torch.Tensor, past: int,
-              first: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head check for every token of one forward, with no host sync.
+def extend(before: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The window of unit queries before this pass (B, W, d), extended by its queries q (B, T, d):
+    (B, W + T, d), what the head check reads and the next step keeps the tail of."""
+    return torch.cat([before.to(torch.float32), l2_normalize(q)], 1)  # (B, W + T, d)
+
+
+def head_pass(heads: torch.Tensor, ids: torch.Tensor, ext: torch.Tensor, past: int, first: torch.Tensor,
+              gamma: float) -> torch.Tensor:
+    """The head check for every token of one forward, with no host sync: (B, T) bool.
 
     heads: (capacity, d + 2) the head table by id; ids: (B, T) the winners (-1: none);
-    q: (B, T, d) this pass's queries; before: (B, W, d) unit queries of the W positions before
-    `past`; first: (B,) each row's first real token (absolute). Returns (passed (B, T) bool,
-    ext (B, W + T, d): the window extended by this pass, for the next step)."""
-    b, t, d = q.shape
-    w = before.shape[1]
-    ext = torch.cat([before.to(q.dtype), l2_normalize(q)], 1)  # (B, W + T, d)
+    ext: (B, W + T, d) `extend`'s window, position past - W first; first: (B,) each row's first
+    real token (absolute)."""
+    b, t = ids.shape
+    d, w = ext.shape[-1], ext.shape[1] - t
     rows = heads[ids.clamp(min=0).reshape(-1)].float()  # (B*T, d + 2)
     hk, spans = rows[:, :d].view(b, t, d), rows[:, d:].round().long().view(b, t, N_SPANS)
-    here = torch.arange(t, device=q.device)[None, :, None] + past  # (1, T, 1) absolute positions
+    here = torch.arange(t, device=ext.device)[None, :, None] + past  # (1, T, 1) absolute positions
     at = here - spans  # (B, T, S) the head's absolute position per span
     slot = (at - (past - w)).clamp(0, w + t - 1)  # (B, T, S) its index in ext
     seen = ext.gather(1, slot.reshape(b, -1, 1).expand(-1, -1, d)).view(b, t, N_SPANS, d)  # (B, T, S, d)
     cos = (seen * hk[:, :, None, :]).sum(-1)  # (B, T, S)
-    blind = (spans > w) | (at <= first.to(q.device)[:, None, None])  # nothing to compare: passes
+    blind = (spans > w) | (at <= first.to(ext.device)[:, None, None])  # nothing to compare: passes
     cos = torch.where(blind, torch.full_like(cos, float("inf")), cos)
-    return cos.amax(-1) > gamma, ext
+    return cos.amax(-1) > gamma
 
 
 def select_rows(model: nn.Module, cache: Any, rows: torch.Tensor) -> None:

@@ -41,6 +41,7 @@ from ..index import IndexError_, KeyIndex, ResidualTable
 from .config import ConfigError, EditConfig, from_mapping, to_mapping
 from .facts import Fact, FactError, fact_from_json
 from .gate_map import GateMap
+from .heads import N_SPANS
 
 
 log = logging.getLogger(__name__)
@@ -346,10 +347,7 @@ def read_db(directory: Path, device: str | torch.device = "cpu", residual_mmap: 
     facts = _read_facts(directory / "facts.jsonl")
     d_key, d_res = meta["model"]["d_key"], meta["model"]["d_res"]
     path = directory / "residuals.safetensors"
-    try:
-        table = ResidualTable.load(path, device=device, mmap=residual_mmap)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatabaseError(f"{path}: damaged residual table ({exc})") from exc
+    table = _load_table(path, "residual table", device, residual_mmap)
     if table.dim != d_res:
         raise DatabaseError(f"{path}: residual dim {table.dim}, config says d_res={d_res}")
     path = directory / "index.safetensors"
@@ -362,18 +360,27 @@ def read_db(directory: Path, device: str | torch.device = "cpu", residual_mmap: 
     ids = np.fromiter(sorted(facts), np.int64, len(facts))
     if len(ids) != meta["num_facts"]:
         raise DatabaseError(f"{directory / 'facts.jsonl'}: {len(ids)} facts, config says {meta['num_facts']}")
-    for name, other in (("residuals.safetensors", table.ids()), ("index.safetensors", index.ids())):
+    heads = _read_heads(directory, meta, config, device)
+    by_file = [("residuals.safetensors", table.ids()), ("index.safetensors", index.ids())]
+    for name, other in by_file + ([(HEADS_FILE, heads.ids())] if heads is not None else []):
         if not np.array_equal(np.sort(other), ids):
             raise DatabaseError(f"{directory / name}: ids do not match facts.jsonl "
                                 f"({len(other)} vs {len(ids)} ids, {len(np.setxor1d(other, ids))} differ)")
     next_id = max(meta["next_id"], int(ids.max()) + 1 if len(ids) else 0)
-    heads = _read_heads(directory, meta, config, device, ids)
     return Stored(meta, config, facts, table, index, next_id, _read_map(directory, meta, config), heads)
 
 
-def _read_heads(directory: Path, meta: dict[str, Any], config: EditConfig, device: str | torch.device,
-                ids: np.ndarray) -> ResidualTable | None:
-    """The head table: present exactly when the config sets head_gamma, one row per fact."""
+def _load_table(path: Path, what: str, device: str | torch.device, mmap: bool = False) -> ResidualTable:
+    try:
+        return ResidualTable.load(path, device=device, mmap=mmap)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatabaseError(f"{path}: damaged {what} ({exc})") from exc
+
+
+def _read_heads(directory: Path, meta: dict[str, Any], config: EditConfig,
+                device: str | torch.device) -> ResidualTable | None:
+    """The head table: present exactly when the config sets head_gamma (its ids are checked
+    with the other files')."""
     listed = HEADS_FILE in meta["files"]
     if (config.head_gamma is not None) != listed:
         raise DatabaseError(f"{directory / 'config.yaml'}: head_gamma {config.head_gamma!r} but {HEADS_FILE} is "
@@ -381,15 +388,10 @@ def _read_heads(directory: Path, meta: dict[str, Any], config: EditConfig, devic
     if not listed:
         return None
     path = directory / HEADS_FILE
-    try:
-        heads = ResidualTable.load(path, device=device)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatabaseError(f"{path}: damaged head table ({exc})") from exc
-    want = meta["model"]["d_key"] + 2
+    heads = _load_table(path, "head table", device)
+    want = meta["model"]["d_key"] + N_SPANS
     if heads.dim != want:
-        raise DatabaseError(f"{path}: head rows of dim {heads.dim}, expected d_key + 2 = {want}")
-    if not np.array_equal(np.sort(heads.ids()), ids):
-        raise DatabaseError(f"{path}: ids do not match facts.jsonl ({len(heads.ids())} vs {len(ids)} ids)")
+        raise DatabaseError(f"{path}: head rows of dim {heads.dim}, expected d_key + {N_SPANS} = {want}")
     return heads
 
 

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from neuraldb import DatabaseError, NeuralDB
 from neuraldb.engine.arch import cache_kwargs, returned_cache
-from neuraldb.engine.heads import head_pass, head_rows, select_rows
+from neuraldb.engine.heads import extend, head_pass, head_rows, select_rows
 
 from conftest import make_model
 from test_engine import CFG, FACTS, ffn_outputs, first_target_token, greedy_next
@@ -29,13 +29,14 @@ def test_head_pass_rule() -> None:
     q = torch.tensor([[[1.0, 0], [1, 0], [0, 1], [1, 0], [1, 0], [1, 0]]])  # (1, 6, 2)
     heads = head_rows(torch.tensor([[0.0, 3.0]]), torch.tensor([[2, 2]]))  # fact 0: head (0, 1), spans 2, 2
     ids = torch.tensor([[-1, -1, -1, -1, 0, 0]])
-    passed, ext = head_pass(heads, ids, q, torch.zeros(1, 4, 2), 0, torch.tensor([0]), 0.5)
+    ext = extend(torch.zeros(1, 4, 2), q)
+    passed = head_pass(heads, ids, ext, 0, torch.tensor([0]), 0.5)
     assert passed[0, 4] and not passed[0, 5]  # t=5 looks at t=3: (1, 0) against (0, 1)
     assert ext.shape == (1, 10, 2)
-    first_late = head_pass(heads, ids, q, torch.zeros(1, 4, 2), 0, torch.tensor([3]), 0.5)[0]
+    first_late = head_pass(heads, ids, ext, 0, torch.tensor([3]), 0.5)
     assert first_late[0, 5]  # the head at t=3 is the first real token: nothing to compare, passes
     wide = head_rows(torch.tensor([[0.0, 3.0]]), torch.tensor([[9, 9]]))
-    assert head_pass(wide, ids, q, torch.zeros(1, 4, 2), 0, torch.tensor([0]), 0.5)[0][0, 5]
+    assert head_pass(wide, ids, ext, 0, torch.tensor([0]), 0.5)[0, 5]
 
 
 def _db(tokenizer, **changes) -> NeuralDB:
