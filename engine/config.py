@@ -108,6 +108,10 @@ class EditConfig:
     # Spans wider than head_window tokens are not checked.
     head_gamma: float | None = None
     head_window: int = 16
+    # the key threshold where the winner's subject stands at the text's start: its head falls on
+    # the first real token and that token is the subject's first (an exact id test); None = gamma.
+    # A subject read right after the attention sink matches its averaged key less well.
+    sink_gamma: float | None = None
     # keys (MEMIT compute_ks recipe)
     n_prefixes: int = 5
     prefix_len: int = 10
@@ -148,10 +152,16 @@ class EditConfig:
             "gate_context_weight": 0.0 < self.gate_context_weight < 1.0,
             "head_gamma": self.head_gamma is None or -1.0 <= self.head_gamma <= 1.0,
             "head_window": 1 <= self.head_window <= 512,
+            "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"EditConfig: invalid value for {bad}: {[getattr(self, k) for k in bad]}")
+
+    @property
+    def floor(self) -> float:
+        """The lowest key similarity that can open a gate (what an index may prune below)."""
+        return self.gamma if self.sink_gamma is None else min(self.gamma, self.sink_gamma)
 
     def replace(self, **changes: Any) -> "EditConfig":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -21,8 +21,9 @@ from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gate_map import GateMap, load_map, space_meta
 from .gated import GatedFFNOut, Hit, gate_mask_hook
-from .heads import N_SPANS, head_rows
-from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_spans
+from .heads import N_SPANS, head_dim, head_rows, widen
+from .keys import (calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_head_ids,
+                   subject_spans)
 from .persistence import Stored, check_model, read_db, save_state
 from .residuals import ResidualStats, compute_residuals
 from .space import key_space
@@ -76,13 +77,13 @@ class NeuralDB:
         self.space = dataclasses.replace(plain, gate_map=self.gate_map)
         self.d_key, self.d_res = self.space.dim, ffn_dims(model, self.layer)[1]
         device = model_device(model)
-        self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.gamma)
+        self.index: KeyIndex = make_index(self.config.index, self.d_key, device=device, floor=self.config.floor)
         self.table = ResidualTable(self.d_res, device=device)
-        # the head check's table (engine/heads.py): the unit head key and the spans, by id
-        self.heads = ResidualTable(self.d_key + N_SPANS, device=device, dtype=torch.float16) \
+        # the head check's table (engine/heads.py): the unit head key, the spans, the head token ids
+        self.heads = ResidualTable(head_dim(self.d_key), device=device, dtype=torch.float16) \
             if self.config.head_gamma is not None else None
         # a fact's stored key row: the gate key, then its head row when there is a head table
-        self.d_row = self.d_key + (self.d_key + N_SPANS if self.heads is not None else 0)
+        self.d_row = self.d_key + (head_dim(self.d_key) if self.heads is not None else 0)
         self.facts: dict[int, Fact] = {}
         self._by_subject: dict[str, set[int]] = {}  # subject_key -> ids of the facts about it
         self.prefixes: list[str] | None = None
@@ -130,7 +131,7 @@ class NeuralDB:
         if isinstance(base, GatedFFNOut):
             raise RuntimeError(f"{self.path} is already gated by another NeuralDB; detach it first")
         self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma, self.space, self.heads,
-                                 self.config.head_gamma or 0.0, self.config.head_window)
+                                 self.config.head_gamma or 0.0, self.config.head_window, self.config.sink_gamma)
         set_module(self.model, self.path, self._gate)
         self._hooks += self.space.context_hooks(self.model, self._gate)
         # On the decoder, not the LM wrapper: every path (model(...), generate, model.base_model(...)
@@ -207,7 +208,8 @@ class NeuralDB:
 
     def encode_keys(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Key rows (F, d_row) of facts on the unedited model: the gate key (F, d_key), then,
-        with a head table, the head key and spans (F, d_key + 2) read from the same passes."""
+        with a head table, the head row (F, head_dim(d_key)): the head key read from the same
+        passes, the spans and the head token ids."""
         prefixes = self.ensure_prefixes()
         with self.disabled():
             if self.heads is None:
@@ -215,7 +217,8 @@ class NeuralDB:
             both = compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space,
                                 at="both")  # (F, 2, d_key)
         spans = torch.stack([subject_spans(self.tok, facts, prefixes), subject_spans(self.tok, facts, [])], 1)  # (F, 2)
-        return torch.cat([both[:, 0], head_rows(both[:, 1], spans.to(both.device))], 1)  # (F, d_row)
+        heads = head_rows(both[:, 1], spans.to(both.device), subject_head_ids(self.tok, facts))  # (F, head_dim)
+        return torch.cat([both[:, 0], heads], 1)  # (F, d_row)
 
     def encode_residuals(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`).
@@ -277,6 +280,8 @@ class NeuralDB:
         """Write a planned change: index and table inserts only, the model is not run. A change
         must be applied to the database state it was planned on (ids and groups are its)."""
         if change.keys.shape[0] and change.keys.shape[1] != self.d_row:
+            change = dataclasses.replace(change, keys=self._widen(change.keys))
+        if change.keys.shape[0] and change.keys.shape[1] != self.d_row:
             raise ValueError(f"change keys have dim {change.keys.shape[1]}, the database's key rows {self.d_row}")
         if change.prefixes is not None and self.prefixes is None:
             self.prefixes = list(change.prefixes)
@@ -302,6 +307,7 @@ class NeuralDB:
         n_res = len(ids) if residuals is None else residuals.shape[0]
         if not (len(ids) == len(facts) == keys.shape[0] == n_res):
             raise ValueError("ids, facts, keys and residuals must have the same length")
+        keys = self._widen(keys)
         if keys.shape[1] != self.d_row or (residuals is not None and residuals.shape[1] != self.d_res):
             raise ValueError(f"key rows must have dim {self.d_row} and residuals {self.d_res}, got "
                              f"{keys.shape[1]} and {None if residuals is None else residuals.shape[1]}"
@@ -320,6 +326,13 @@ class NeuralDB:
             self.facts[int(i)] = f
             self._by_subject.setdefault(subject_key(f), set()).add(int(i))
         self.next_id = max(self.next_id, int(arr.max()) + 1)
+
+    def _widen(self, keys: torch.Tensor) -> torch.Tensor:
+        """Key rows whose head part has the first layout (no head token ids, e.g. a log written
+        by session-17 code) widened to today's; other rows as they are."""
+        if self.heads is not None and keys.shape[1] == self.d_row - (head_dim(self.d_key) - self.d_key - N_SPANS):
+            return torch.cat([keys[:, : self.d_key], widen(keys[:, self.d_key :], self.d_key)], 1)  # (F, d_row)
+        return keys
 
     def _forget(self, id_: int) -> None:
         """Drop `id_` from the subject map (its record, key and residual are the caller's)."""
@@ -404,7 +417,7 @@ class NeuralDB:
         check_model(state.meta, db.fingerprint(), Path(where))
         if index is not None and index != state.index.spec:  # another spec: re-index the stored keys
             ids, keys = state.index.export()
-            db.index = make_index(index, db.d_key, device=model_device(model), floor=db.config.gamma)
+            db.index = make_index(index, db.d_key, device=model_device(model), floor=db.config.floor)
             if len(ids):
                 db.index.add(ids, keys.to(model_device(model)), unit=True)
         else:

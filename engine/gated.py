@@ -22,7 +22,7 @@ from torch import nn
 
 from ..kernels import gate_add, gather_add_
 from .arch import passed_cache
-from .heads import HeadState, extend, head_pass
+from .heads import UNKNOWN, HeadState, extend, head_pass
 
 if TYPE_CHECKING:
     from ..index import KeyIndex, ResidualTable
@@ -40,21 +40,24 @@ class Hit:
 @dataclass(frozen=True)
 class Step:
     """What the decoder's pre-hook knows of one forward: the tokens its cache already holds,
-    each row's first real token (absolute; left padding before it), and the cache object."""
+    each row's first real token (absolute; left padding before it), the cache object, and the
+    first real token's id where this pass holds it (else UNKNOWN: an earlier pass saw it)."""
 
     past: int
     first: torch.Tensor  # (B,) long
     cache: Any = None
+    sink: torch.Tensor | None = None  # (B,) long
 
 
 class GatedFFNOut(nn.Module):
     def __init__(self, base_layer: nn.Module, index: "KeyIndex", table: "ResidualTable", gamma: float,
                  space: "KeySpace", heads: "ResidualTable | None" = None, head_gamma: float = 0.0,
-                 head_window: int = 16) -> None:
+                 head_window: int = 16, sink_gamma: float | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.index, self.table, self.gamma, self.space = index, table, gamma, space
-        self.heads, self.head_gamma, self.head_window = heads, head_gamma, head_window  # (capacity, d_key + 2) by id
+        self.heads, self.head_gamma, self.head_window = heads, head_gamma, head_window  # (capacity, head_dim) by id
+        self.sink_gamma = sink_gamma  # the key threshold where the subject stands at the text's start (None: gamma)
         self.head_state = HeadState()
         self.step: Step | None = None  # left by the decoder's pre-hook, read once
         self.context: torch.Tensor | None = None  # (B, T, d_ctx): left by the space's hooks, read once
@@ -100,11 +103,16 @@ class GatedFFNOut(nn.Module):
             sims, ids = self._search_masked(q, mask.reshape(-1))  # pads and sinks are never searched
         else:
             sims, ids = self.index.search(q)  # (B*T,), (B*T,)
-        open_ = (ids >= 0) & (sims > self.gamma)
+        if self.heads is not None:
+            passed, anchored = (t.reshape(-1).to(sims.device) for t in self._head_check(q, ids, lead, step))
+            at_start = self.gamma if self.sink_gamma is None else self.sink_gamma
+            gamma = torch.where(anchored, torch.tensor(at_start, dtype=sims.dtype, device=sims.device),
+                                torch.tensor(self.gamma, dtype=sims.dtype, device=sims.device))  # (B*T,)
+            open_ = (ids >= 0) & (sims > gamma) & passed
+        else:
+            open_ = (ids >= 0) & (sims > self.gamma)
         if mask is not None:
             open_ &= mask.reshape(-1).to(open_.device)
-        if self.heads is not None:
-            open_ &= self._head_check(q, ids, lead, step).reshape(-1).to(open_.device)
         if self.timings is not None:
             if q.device.type == "cuda":
                 torch.cuda.synchronize(q.device)
@@ -131,21 +139,23 @@ class GatedFFNOut(nn.Module):
         return gate_add(out.reshape(-1, d_out), open_, full).view(out.shape)  # (B, T, d_model)
 
     def _head_check(self, q: torch.Tensor, ids: torch.Tensor | None, lead: torch.Size,
-                    step: Step | None) -> torch.Tensor | None:
+                    step: Step | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, T) whether each token's winner (ids; None: no search ran) passes the head check
-        (engine/heads.py); records this pass's queries for the next decode step either way."""
+        and whether it passes it at the sink by its token id (engine/heads.py); records this
+        pass's queries for the next decode step either way."""
         if len(lead) != 2:
             raise RuntimeError(f"the head check needs (batch, tokens) inputs, got {tuple(lead)}")
         b, t = lead
         step = step or Step(0, torch.zeros(b, dtype=torch.long, device=q.device))
         w = self.head_window
-        before = self.head_state.before(step.cache, step.past, b, w, q.shape[-1], q.device)  # (B, W, d)
+        before, seen = self.head_state.before(step.cache, step.past, b, w, q.shape[-1], q.device)  # (B, W, d), (B,)
         ext = extend(before, q.view(b, t, -1))  # (B, W + T, d)
-        self.head_state.after(step.cache, ext, step.past + t, w)
+        sink = seen if step.sink is None else torch.where(step.sink.to(seen.device) >= 0, step.sink.to(seen.device), seen)
+        self.head_state.after(step.cache, ext, step.past + t, w, sink)
         if ids is None:
             return None
         return head_pass(self.heads.dense(q.device), ids.view(b, t).to(q.device), ext, step.past,
-                         step.first.to(q.device), self.head_gamma)
+                         step.first.to(q.device), sink, self.head_gamma)
 
     def _search_masked(self, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Search only the tokens the mask lets through (on the CPU, where listing them costs no
@@ -175,6 +185,7 @@ def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = ids is not None  # token ids (not embeddings): the sink's id is known
         if ids is None:
             ids = kwargs.get("inputs_embeds")
         if ids is None:
@@ -194,6 +205,10 @@ def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:
         if not gate_first_token:  # wherever the first real token falls: a prefill, or a decode step after pads
             mask &= torch.arange(t, device=mask.device)[None, :] != (first - past)[:, None]
         gate.token_mask = mask
-        gate.step = Step(past, first, cache)
+        rel = first - past  # (B,) the first real token's column in this pass
+        inside = (rel >= 0) & (rel < t)
+        sink = torch.where(inside, ids.gather(1, rel.clamp(0, t - 1)[:, None])[:, 0], UNKNOWN) if tokens \
+            else torch.full_like(first, UNKNOWN)
+        gate.step = Step(past, first, cache, sink)
 
     return hook

@@ -104,6 +104,19 @@ def subject_spans(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], prefixes:
     return torch.tensor(out, dtype=torch.long)
 
 
+def subject_head_ids(tok: PreTrainedTokenizerBase, facts: Sequence[Fact]) -> torch.Tensor:
+    """(F, 2) long: the subject's first token id as it reads at a text's start, after a space
+    and with none (the head check's test at the sink token; -1 where it tokenises to nothing)."""
+    out = []
+    for f in facts:
+        row = []
+        for text in (" " + f.subject, f.subject):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            row.append(ids[0] if ids else -1)
+        out.append(row)
+    return torch.tensor(out, dtype=torch.long).view(len(facts), 2)
+
+
 def _bucketed(n: int, lengths: Sequence[int], batch: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (sorted), so padding stays small."""
     order = sorted(range(n), key=lambda i: lengths[i])

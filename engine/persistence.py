@@ -41,7 +41,7 @@ from ..index import IndexError_, KeyIndex, ResidualTable
 from .config import ConfigError, EditConfig, from_mapping, to_mapping
 from .facts import Fact, FactError, fact_from_json
 from .gate_map import GateMap
-from .heads import N_SPANS
+from .heads import N_SPANS, head_dim, widen
 
 
 log = logging.getLogger(__name__)
@@ -389,9 +389,15 @@ def _read_heads(directory: Path, meta: dict[str, Any], config: EditConfig,
         return None
     path = directory / HEADS_FILE
     heads = _load_table(path, "head table", device)
-    want = meta["model"]["d_key"] + N_SPANS
-    if heads.dim != want:
-        raise DatabaseError(f"{path}: head rows of dim {heads.dim}, expected d_key + {N_SPANS} = {want}")
+    d_key = meta["model"]["d_key"]
+    if heads.dim == d_key + N_SPANS:  # the first layout, without head token ids: widened, ids unknown
+        ids = torch.as_tensor(heads.ids(), dtype=torch.long)
+        wide = ResidualTable(head_dim(d_key), device=device, dtype=heads.dtype)
+        if ids.numel():
+            wide.put(ids.numpy(), widen(heads.gather(ids), d_key))
+        heads = wide
+    if heads.dim != head_dim(d_key):
+        raise DatabaseError(f"{path}: head rows of dim {heads.dim}, expected head_dim(d_key={d_key}) = {head_dim(d_key)}")
     return heads
 
 

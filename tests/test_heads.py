@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from neuraldb import DatabaseError, NeuralDB
+from neuraldb import DatabaseError, Fact, NeuralDB
+from neuraldb.index import ResidualTable
 from neuraldb.engine.arch import cache_kwargs, returned_cache
-from neuraldb.engine.heads import extend, head_pass, head_rows, select_rows
+from neuraldb.engine.heads import UNKNOWN, extend, head_dim, head_pass, head_rows, select_rows, token_ids, widen
 
 from conftest import make_model
 from test_engine import CFG, FACTS, ffn_outputs, first_target_token, greedy_next
@@ -27,16 +28,27 @@ def test_head_pass_rule() -> None:
     """One row of 6 tokens, d = 2: the winner at t=4 has span 2 (head at t=2) or span 9 (wider
     than the window: unchecked); its head key matches the query at t=2 only."""
     q = torch.tensor([[[1.0, 0], [1, 0], [0, 1], [1, 0], [1, 0], [1, 0]]])  # (1, 6, 2)
-    heads = head_rows(torch.tensor([[0.0, 3.0]]), torch.tensor([[2, 2]]))  # fact 0: head (0, 1), spans 2, 2
+    heads = head_rows(torch.tensor([[0.0, 3.0]]), torch.tensor([[2, 2]]), torch.tensor([[7, 5000]]))
+    assert heads.shape == (1, head_dim(2)) and token_ids(heads[:, 4:].half().float()).tolist() == [[7, 5000]]
     ids = torch.tensor([[-1, -1, -1, -1, 0, 0]])
     ext = extend(torch.zeros(1, 4, 2), q)
-    passed = head_pass(heads, ids, ext, 0, torch.tensor([0]), 0.5)
+    unknown = torch.tensor([UNKNOWN])
+    passed, anchored = head_pass(heads, ids, ext, 0, torch.tensor([0]), unknown, 0.5)
     assert passed[0, 4] and not passed[0, 5]  # t=5 looks at t=3: (1, 0) against (0, 1)
-    assert ext.shape == (1, 10, 2)
-    first_late = head_pass(heads, ids, ext, 0, torch.tensor([3]), 0.5)
-    assert first_late[0, 5]  # the head at t=3 is the first real token: nothing to compare, passes
-    wide = head_rows(torch.tensor([[0.0, 3.0]]), torch.tensor([[9, 9]]))
-    assert head_pass(wide, ids, ext, 0, torch.tensor([0]), 0.5)[0, 5]
+    assert not anchored.any() and ext.shape == (1, 10, 2)
+    # the head at t=3 is the first real token (the sink): its token id decides; only a known,
+    # equal id anchors the subject at the text's start
+    for sink, opens in ((UNKNOWN, True), (7, True), (5000, True), (8, False)):
+        passed, anchored = head_pass(heads, ids, ext, 0, torch.tensor([3]), torch.tensor([sink]), 0.5)
+        assert bool(passed[0, 5]) == opens and bool(anchored[0, 5]) == (opens and sink != UNKNOWN), sink
+        assert not anchored[0, 4]  # t=4's head is at t=2, before the first real token
+    # a head before the first real token: the subject cannot be whole in the text
+    assert not head_pass(heads, ids, ext, 0, torch.tensor([4]), torch.tensor([7]), 0.5)[0][0, 5]
+    wide = head_rows(torch.tensor([[0.0, 3.0]]), torch.tensor([[9, 9]]), torch.tensor([[7, 7]]))
+    assert head_pass(wide, ids, ext, 0, torch.tensor([0]), unknown, 0.5)[0][0, 5]
+    old = widen(heads[:, :4], 2)  # the first layout: ids unknown, the sink passes as it did, unanchored
+    passed, anchored = head_pass(old, ids, ext, 0, torch.tensor([3]), torch.tensor([8]), 0.5)
+    assert passed[0, 5] and not anchored[0, 5]
 
 
 def _db(tokenizer, **changes) -> NeuralDB:
@@ -47,7 +59,7 @@ def _db(tokenizer, **changes) -> NeuralDB:
 
 def test_edits_take_with_the_head_check(tokenizer) -> None:
     db = _db(tokenizer)
-    assert db.heads is not None and db.d_row == 2 * db.d_key + 2
+    assert db.heads is not None and db.d_row == db.d_key + head_dim(db.d_key)
     assert sorted(db.heads.ids().tolist()) == [0, 1, 2]
     for f in FACTS:
         assert greedy_next(db, f.text) == first_target_token(tokenizer, f), f
@@ -101,6 +113,59 @@ def test_kv_cache_decode_and_padding_decide_as_a_full_forward(tokenizer) -> None
             cache = returned_cache(out)
             steps.append(db.gate.last[2].clone())
     assert torch.equal(torch.cat(steps, 1), full)
+
+
+def test_at_the_sink_the_token_decides_in_a_forward_a_batch_and_a_decode(tokenizer) -> None:
+    """A head on a text's first token is tested by its token id: "Danielle Darrieux ..." opens
+    the fact's gate, "Michelle Darrieux ..." (same span, another first token) does not; left
+    padding and a one-token prefill then a decode decide the same."""
+    fact = Fact("Danielle Darrieux", "{} was born in", "Paris", "Rome", id="d")
+    db = NeuralDB(make_model("llama", tokenizer), tokenizer, HCFG)
+    db.add([fact])
+    db.gate.gamma, db.gate.head_gamma = -1.0, 1.0  # every token wins the key test, no cosine passes the head's
+    span = int(db.heads.gather(torch.tensor([0]))[0, db.d_key + 1])  # the bare prompt's span
+    texts = ["Danielle Darrieux was born in", "Michelle Darrieux was born in"]
+    assert tokenizer(texts[0])["input_ids"][0] != tokenizer(texts[1])["input_ids"][0]
+    alone = []
+    for text in texts:
+        one = tokenizer([text], return_tensors="pt")
+        alone.append(_decisions_full(db, one["input_ids"], one["attention_mask"])[0])
+    assert alone[0][span] and not alone[1][span]  # the subject's last token: the head is the sink
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    full = _decisions_full(db, ids, am)
+    for b in range(2):
+        assert torch.equal(full[b, -len(alone[b]):], alone[b]), b
+    steps, cache = [], DynamicCache(config=db.model.config)
+    pad = int((am[1] == 0).sum())
+    with torch.no_grad():
+        for s, e in [(0, pad + 1)] + [(t, t + 1) for t in range(pad + 1, ids.shape[1])]:
+            out = db.model(input_ids=ids[:, s:e], attention_mask=am[:, :e], use_cache=True,
+                           **cache_kwargs(db.model, cache))
+            cache = returned_cache(out)
+            steps.append(db.gate.last[2].clone())
+    assert torch.equal(torch.cat(steps, 1), full)
+
+
+def test_sink_gamma_applies_where_the_subject_starts_the_text(tokenizer) -> None:
+    """With the key threshold above the own similarity, `sink_gamma` below it opens the gate
+    where the text starts with the subject (its head is the sink, by token id) and nowhere
+    else; it is the index's floor too."""
+    fact = Fact("Danielle Darrieux", "{} was born in", "Paris", "Rome", id="d")
+    db = NeuralDB(make_model("llama", tokenizer), tokenizer, HCFG.replace(sink_gamma=0.3))
+    assert db.config.floor == 0.3
+    db.add([fact])
+    db.gate.head_gamma = 1.0  # no cosine passes the head test: only the sink's id can
+    span = int(db.heads.gather(torch.tensor([0]))[0, db.d_key + 1])
+    texts = ["Danielle Darrieux was born in", "Michelle Darrieux was born in"]
+    encs = [tokenizer([t], return_tensors="pt") for t in texts]
+    _decisions_full(db, encs[0]["input_ids"], encs[0]["attention_mask"])  # the own similarity at the subject
+    sim = float(db.gate.last[0][0, span])
+    db.gate.gamma, db.gate.sink_gamma = min(0.99, sim + 0.01), sim - 0.01
+    assert _decisions_full(db, encs[0]["input_ids"], encs[0]["attention_mask"])[0, span]
+    assert not _decisions_full(db, encs[1]["input_ids"], encs[1]["attention_mask"])[0, span]
+    db.gate.sink_gamma = None  # gamma everywhere: closed at the start too
+    assert not _decisions_full(db, encs[0]["input_ids"], encs[0]["attention_mask"])[0, span]
 
 
 def test_dropped_cache_rows_follow_with_select_rows(tokenizer) -> None:
@@ -161,6 +226,27 @@ def test_head_table_saves_loads_and_is_checked(tokenizer, tmp_path: Path) -> Non
         NeuralDB.load(tmp_path / "db", db.model, tokenizer)
 
 
+def test_a_database_of_the_first_head_layout_loads_with_unknown_head_ids(tokenizer, tmp_path: Path) -> None:
+    """Head rows saved before the head token ids existed (d_key + 2) load widened, their ids
+    unknown (the sink passes, as it did); key rows of that layout (a write-ahead log) insert."""
+    db = _db(tokenizer)
+    ids = torch.tensor([0, 1, 2])
+    rows = db.heads.gather(ids)  # (3, head_dim)
+    first = ResidualTable(db.d_key + 2, device="cpu", dtype=torch.float16)
+    first.put(ids.numpy(), rows[:, : db.d_key + 2])
+    db.heads = first
+    db.save(tmp_path / "db")
+    db.detach()
+    back = NeuralDB.load(tmp_path / "db", db.model, tokenizer)
+    got = back.heads.gather(ids)
+    assert back.heads.dim == head_dim(back.d_key) and torch.equal(got[:, : back.d_key + 2], rows[:, : back.d_key + 2])
+    assert (token_ids(got[:, back.d_key + 2 :].float()) < 0).all()
+    keys = back.encode_keys([FACTS[0]])
+    back.insert([7], [FACTS[0]], keys[:, : back.d_row - 4], None)  # the first layout's key row
+    assert torch.equal(token_ids(back.heads.gather(torch.tensor([7]))[:, back.d_key + 2 :].float()),
+                       torch.full((1, 2), -2048))  # UNKNOWN: digits (-1, 0)
+
+
 def test_head_config_is_checked() -> None:
     from neuraldb.engine.config import ConfigError, from_mapping, EditConfig
 
@@ -168,3 +254,6 @@ def test_head_config_is_checked() -> None:
         from_mapping(EditConfig, {"head_gamma": 1.5})
     with pytest.raises(ConfigError, match="head_window"):
         from_mapping(EditConfig, {"head_window": 0})
+    with pytest.raises(ConfigError, match="sink_gamma"):  # it needs the head check
+        from_mapping(EditConfig, {"sink_gamma": 0.7})
+    assert from_mapping(EditConfig, {"head_gamma": 0.5, "sink_gamma": 0.4, "gamma": 0.6}).floor == 0.4
