@@ -9,6 +9,7 @@ sample of the first checkpoint's facts is scored, so every row measures the same
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -30,7 +31,7 @@ from neuraldb.data import is_source, resolve
 from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_json, write_outputs
 from neuraldb.engine.arch import cache_kwargs, returned_cache
 from neuraldb.engine.config import load_yaml, model_defaults, to_mapping
-from neuraldb.engine.editor import model_name
+from neuraldb.engine.editor import model_name, subject_key
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.pool import FactPool
 from neuraldb.evaluation import counterfact_scores, fluency, retention, zsre_scores
@@ -78,29 +79,33 @@ def get_facts(data: str, n: int, seed: int, extra: int, data_dir: str | None = N
 
 class ChunkCache:
     """Keys of facts [k*key_size, (k+1)*key_size) in OUT/cache/keys_k.safetensors. Residuals in
-    res_n.safetensors, each file the residuals of at most `size` facts computed in one call
-    (the optimiser batches them by suffix length) with their ids: eagerly, consecutive facts;
-    lazily, the facts whose gates opened. A residual is computed once and read from here ever
-    after, so lazy and eager evaluation over one cache see the same residuals."""
+    OUT/cache/res-<recipe>/res_n.safetensors, each file the residuals of at most `size` facts
+    computed in one call (the optimiser batches them by suffix length) with their ids: eagerly,
+    consecutive facts; lazily, the facts whose gates opened. A residual is computed once and read
+    from here ever after, so lazy and eager evaluation over one cache see the same residuals.
+    <recipe> is a hash of the residual-only settings, so residual recipes share one cache's keys."""
 
-    def __init__(self, root: Path, size: int, signature: dict[str, Any], key_size: int | None = None) -> None:
+    def __init__(self, root: Path, size: int, signature: dict[str, Any], key_size: int | None = None,
+                 residual_signature: dict[str, Any] | None = None) -> None:
         self.root, self.size, self.key_size = root, size, key_size or size
-        root.mkdir(parents=True, exist_ok=True)
-        meta = root / "meta.json"
-        if meta.is_file():
-            old = json.loads(meta.read_text())
-            if old != signature:
-                raise SystemExit(f"{meta}: the cache was made with other settings; use another --out or delete it")
-        else:
-            meta.write_text(json.dumps(signature, indent=1))
+        recipe = hashlib.sha256(json.dumps(residual_signature or {}, sort_keys=True).encode()).hexdigest()[:10]
+        self.res_root = root / f"res-{recipe}"  # this recipe's residuals and kept rows
+        for where, sig in ((root, signature), (self.res_root, residual_signature or {})):
+            where.mkdir(parents=True, exist_ok=True)
+            meta = where / "meta.json"
+            if meta.is_file():
+                if json.loads(meta.read_text()) != sig:
+                    raise SystemExit(f"{meta}: the cache was made with other settings; use another --out or delete it")
+            else:
+                meta.write_text(json.dumps(sig, indent=1))
         self._where: dict[int, tuple[int, int]] = {}  # fact id -> (residual file, row)
-        self._files = sorted(int(p.stem.split("_")[1]) for p in root.glob("res_*.safetensors"))
+        self._files = sorted(int(p.stem.split("_")[1]) for p in self.res_root.glob("res_*.safetensors"))
         for n in self._files:
             with safe_open(str(self.path("res", n)), framework="pt") as fh:
                 self._where.update((i, (n, r)) for r, i in enumerate(fh.get_tensor("ids").tolist()))
 
     def path(self, kind: str, k: int) -> Path:
-        return self.root / f"{kind}_{k:06d}.safetensors"
+        return (self.res_root if kind == "res" else self.root) / f"{kind}_{k:06d}.safetensors"
 
     def _chunks(self, n: int, size: int | None = None) -> range:
         size = size or self.size
@@ -132,6 +137,26 @@ class ChunkCache:
                                    "steps": db.last_stats.steps}, db.timings)
             self._files.append(n)
             self._where.update((i, (n, r)) for r, i in enumerate(batch))
+
+    def group_residual(self, db: NeuralDB, facts: Sequence[Fact], ids: Sequence[int]) -> torch.Tensor:
+        """The one residual (d,) of facts about one subject (`ids`: their indices), optimised
+        jointly over all their prompts (NeuralDB's subject_groups); cached by members."""
+        name = hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
+        path = self.res_root / f"group_{name}.safetensors"
+        if path.is_file():
+            saved = load_file(str(path))
+            if saved["ids"].tolist() == list(ids):
+                return saved["residual"]
+        plain = db.config
+        db.config = plain.replace(subject_groups=True)
+        try:
+            res = db.encode_residuals(facts)[0]  # every row holds the group's residual
+        finally:
+            db.config = plain
+        tmp = path.with_suffix(".tmp")
+        save_file({"ids": torch.tensor(list(ids)), "residual": res.cpu().contiguous()}, str(tmp))
+        tmp.rename(path)
+        return res.cpu()
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
         """Keys of facts [start, stop)."""
@@ -190,39 +215,58 @@ class ChunkCache:
         return out
 
 
-GATE_ONLY = ("gamma", "head_gamma", "head_window", "index")  # config fields that change no key or residual
+GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # config fields that change no key or residual
+RESIDUAL_ONLY = ("residual_prefixes", "lr", "steps", "loss_stop", "clamp_norm", "weight_decay", "kl_factor",
+                 "kl_prompt", "kl_contexts", "kl_span", "residual_batch_size", "residual_suffix", "subject_groups",
+                 "residual_pack")  # config fields that change residuals, not keys
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:
     """The cache of `facts` for this model and config (args: data, seed, chunk, key_chunk); a
     cache made with other settings is refused."""
     # what keys and residuals depend on: not the gate's thresholds or index (a cache serves every
-    # gamma / head_gamma), but whether key rows carry a head row
-    config = {k: v for k, v in to_mapping(db.config).items() if k not in GATE_ONLY}
+    # gamma / head_gamma), but whether key rows carry a head row, and its width (its layout);
+    # residuals sit in a folder of their recipe (RESIDUAL_ONLY), so recipes share the keys
+    full = to_mapping(db.config)
+    config = {k: v for k, v in full.items() if k not in GATE_ONLY + RESIDUAL_ONLY}
     config["head_rows"] = db.heads is not None
+    if db.heads is not None:
+        config["head_dim"] = db.heads.dim
     signature = {"model": db.fingerprint(), "config": config, "data": args.data, "seed": args.seed,
-                 "chunk": args.chunk, "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]],
-                 "residual_files": "ids"}
-    return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk)
+                 "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]]}
+    recipe = {"config": {k: full[k] for k in RESIDUAL_ONLY}, "chunk": args.chunk, "residual_files": "ids"}
+    return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk, residual_signature=recipe)
 
 
 class Residuals:
     """Puts cached residuals into the database: every fact's (eager), or on demand those of the
-    facts whose gates open (lazy)."""
+    facts whose gates open (lazy). With `groups` (NeuralDB's subject_groups), a fact whose subject
+    other facts in the database share gets the one residual optimised for all of them, as
+    `NeuralDB.add` writes it; it is cached under the group's members (a group grows with m)."""
 
-    def __init__(self, db: NeuralDB, cache: ChunkCache, facts: Sequence[Fact]) -> None:
-        self.db, self.cache, self.facts = db, cache, facts
-        self.loaded: set[int] = set()
+    def __init__(self, db: NeuralDB, cache: ChunkCache, facts: Sequence[Fact], groups: bool = False) -> None:
+        self.db, self.cache, self.facts, self.groups = db, cache, facts, groups
+        self.loaded: dict[int, tuple[int, ...]] = {}  # fact -> the group whose residual it holds
+
+    def _group(self, i: int) -> tuple[int, ...]:
+        return tuple(self.db.same_subject([subject_key(self.facts[i])])) if self.groups else (i,)
 
     def load(self, ids: set[int]) -> int:
-        """Residuals of the facts in `ids` that are in the database and not loaded yet (computed
-        first where the cache lacks them); returns how many were put."""
-        want = sorted(i for i in ids - self.loaded if i in self.db.facts)
-        if want:
-            self.cache.fill_residuals(self.db, self.facts, want)
-            self.db.table.put(want, self.cache.residuals(want).to(self.db.table.device))
-            self.loaded.update(want)
-        return len(want)
+        """Residuals of the facts in `ids` that are in the database and not loaded yet (or whose
+        group has grown), computed first where the cache lacks them; returns how many were put."""
+        want = sorted(i for i in ids if i in self.db.facts and self.loaded.get(i) != self._group(i))
+        single = [i for i in want if len(self._group(i)) == 1]
+        if single:
+            self.cache.fill_residuals(self.db, self.facts, single)
+            self.db.table.put(single, self.cache.residuals(single).to(self.db.table.device))
+            self.loaded.update((i, (i,)) for i in single)
+        put = len(single)
+        for group in sorted({self._group(i) for i in want} - {(i,) for i in single}):
+            res = self.cache.group_residual(self.db, [self.facts[j] for j in group], group)  # (d,)
+            self.db.table.put(list(group), res.expand(len(group), -1).to(self.db.table.device))
+            self.loaded.update((j, group) for j in group)
+            put += len(group)
+        return put
 
 
 def default_checkpoints(n: int) -> list[int]:
@@ -336,11 +380,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
     e.add_argument("--head-gamma", type=float, help="the head check's threshold (EditConfig.head_gamma)")
+    e.add_argument("--sink-gamma", type=float, help="the key threshold where the subject starts the text "
+                                                     "(EditConfig.sink_gamma)")
     e.add_argument("--index", help="key index spec (Auto, Flat, Proj512, torch, ...)")
     e.add_argument("--chunk", type=int, default=64,
                    help="facts per residual file (computed together, in optimisation batches of the config's "
                         "residual_batch_size, like suffix lengths together)")
     e.add_argument("--key-chunk", type=int, default=256, help="facts per cached key file")
+    e.add_argument("--subject-groups", choices=["on", "off"], default="on",
+                   help="facts about one subject share one jointly optimised residual, as NeuralDB.add "
+                        "writes them (off: each fact its own, as before session 18)")
     e.add_argument("--lazy-residuals", choices=["auto", "on", "off"], default="auto",
                    help="compute residuals only for facts whose gates open on evaluated tokens (exact; "
                         "auto: above 5000 facts)")
@@ -368,11 +417,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
     cfg = load_yaml(EditConfig, args.config) if args.config else None
-    if args.head_gamma is not None:
-        cfg = (cfg or model_defaults(model_name(model), model.config.model_type)).replace(head_gamma=args.head_gamma)
+    if args.head_gamma is not None or args.sink_gamma is not None:
+        cfg = (cfg or model_defaults(model_name(model), model.config.model_type)).replace(
+            head_gamma=args.head_gamma, sink_gamma=args.sink_gamma)
     db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
     # Residuals are cached per fact and computed lazily, so each must depend on its fact alone:
-    # facts about one subject get independent residuals here (NeuralDB.add shares them).
+    # a fact alone about its subject gets its own; a group's shared one (--subject-groups, as
+    # NeuralDB.add writes it) is computed where the group is loaded (Residuals).
     db.config = db.config.replace(subject_groups=False)
     facts, held_out, sources = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts,
                                            data_dir=args.data_dir)
@@ -386,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cache.fill_keys(db, facts)
     if not lazy:
         cache.fill_residuals(db, facts, range(len(facts)))
-    resid = Residuals(db, cache, facts)
+    resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
 
     rng = random.Random(args.seed)
     first = facts[: checkpoints[0]]
@@ -410,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # a finished checkpoint's row is kept, so a resumed run evaluates only what is left
     eval_sig = {k: getattr(args, k) for k in ("eval_sample", "retention_texts", "retention_data", "fluency_tokens",
                                               "fluency_sample", "latency_batch", "latency_repeats")}
+    if args.subject_groups == "on":  # rows kept from before the flag had independent residuals
+        eval_sig["subject_groups"] = True
     eval_sig["sample_from"] = checkpoints[0]  # the sample is drawn from the first checkpoint's facts
     eval_sig["gate"] = {k: v for k, v in to_mapping(db.config).items() if k in GATE_ONLY}  # the cache spans gates; a row does not
 
@@ -420,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for m in checkpoints:
         db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
         done = m
-        kept = cache.root / f"row_{m}.json"
+        kept = cache.res_root / f"row_{m}.json"
         earlier = json.loads(kept.read_text()) if kept.is_file() else {}
         if earlier.get("eval") == eval_sig:
             row = earlier["row"]
