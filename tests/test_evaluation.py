@@ -232,7 +232,7 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
     wiki = ["--retention-data", "wikitext"] if (data_dir / "wikitext" / "wiki.test.raw").is_file() else []
     out = tmp_path / "out"
     for mode in ("on", "off"):  # one cache: the eager run computes only the residuals the lazy one did not
-        for kept in (out / "cache").glob("row_*.json"):
+        for kept in (out / "cache").rglob("row_*.json"):  # under the recipe's folder
             kept.unlink()  # a finished checkpoint's row would be reused
         scale.main(["--model", str(model_dir), "--data", "synthetic", "--facts", "12", "--chunk", "3",
                     "--checkpoints", "5,12", "--eval-sample", "3", "--retention-texts", "4", "--fluency-tokens", "6",
