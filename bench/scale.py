@@ -254,14 +254,15 @@ class Residuals:
     def load(self, ids: set[int]) -> int:
         """Residuals of the facts in `ids` that are in the database and not loaded yet (or whose
         group has grown), computed first where the cache lacks them; returns how many were put."""
-        want = sorted(i for i in ids if i in self.db.facts and self.loaded.get(i) != self._group(i))
-        single = [i for i in want if len(self._group(i)) == 1]
+        groups = {i: self._group(i) for i in ids if i in self.db.facts}
+        want = sorted(i for i, g in groups.items() if self.loaded.get(i) != g)
+        single = [i for i in want if len(groups[i]) == 1]
         if single:
             self.cache.fill_residuals(self.db, self.facts, single)
             self.db.table.put(single, self.cache.residuals(single).to(self.db.table.device))
             self.loaded.update((i, (i,)) for i in single)
         put = len(single)
-        for group in sorted({self._group(i) for i in want} - {(i,) for i in single}):
+        for group in sorted({groups[i] for i in want if len(groups[i]) > 1}):
             res = self.cache.group_residual(self.db, [self.facts[j] for j in group], group)  # (d,)
             self.db.table.put(list(group), res.expand(len(group), -1).to(self.db.table.device))
             self.loaded.update((j, group) for j in group)

@@ -279,10 +279,9 @@ class NeuralDB:
     def apply(self, change: Change) -> None:
         """Write a planned change: index and table inserts only, the model is not run. A change
         must be applied to the database state it was planned on (ids and groups are its)."""
-        if change.keys.shape[0] and change.keys.shape[1] != self.d_row:
-            change = dataclasses.replace(change, keys=self._widen(change.keys))
-        if change.keys.shape[0] and change.keys.shape[1] != self.d_row:
-            raise ValueError(f"change keys have dim {change.keys.shape[1]}, the database's key rows {self.d_row}")
+        keys = self._widen(change.keys)
+        if keys.shape[0] and keys.shape[1] != self.d_row:
+            raise ValueError(f"change keys have dim {keys.shape[1]}, the database's key rows {self.d_row}")
         if change.prefixes is not None and self.prefixes is None:
             self.prefixes = list(change.prefixes)
         if change.removed:
@@ -295,7 +294,7 @@ class NeuralDB:
                 self._forget(i)
                 del self.facts[i]
         if change.rows:
-            self.insert(list(change.rows), list(change.facts), change.keys, None)
+            self.insert(list(change.rows), list(change.facts), keys, None)
         if change.res_ids:
             self.table.put(np.asarray(change.res_ids, dtype=np.int64), change.residuals)
 
@@ -330,7 +329,7 @@ class NeuralDB:
     def _widen(self, keys: torch.Tensor) -> torch.Tensor:
         """Key rows whose head part has the first layout (no head token ids, e.g. a log written
         by session-17 code) widened to today's; other rows as they are."""
-        if self.heads is not None and keys.shape[1] == self.d_row - (head_dim(self.d_key) - self.d_key - N_SPANS):
+        if self.heads is not None and keys.shape[1] == self.d_key + (self.d_key + N_SPANS):  # key, first-layout head
             return torch.cat([keys[:, : self.d_key], widen(keys[:, self.d_key :], self.d_key)], 1)  # (F, d_row)
         return keys
 

@@ -105,9 +105,10 @@ class GatedFFNOut(nn.Module):
             sims, ids = self.index.search(q)  # (B*T,), (B*T,)
         if self.heads is not None:
             passed, anchored = (t.reshape(-1).to(sims.device) for t in self._head_check(q, ids, lead, step))
-            at_start = self.gamma if self.sink_gamma is None else self.sink_gamma
-            gamma = torch.where(anchored, torch.tensor(at_start, dtype=sims.dtype, device=sims.device),
-                                torch.tensor(self.gamma, dtype=sims.dtype, device=sims.device))  # (B*T,)
+            gamma: Any = self.gamma
+            if self.sink_gamma is not None:  # per token, in the similarities' dtype (no float32 rounding)
+                gamma = torch.where(anchored, torch.tensor(self.sink_gamma, dtype=sims.dtype, device=sims.device),
+                                    torch.tensor(self.gamma, dtype=sims.dtype, device=sims.device))  # (B*T,)
             open_ = (ids >= 0) & (sims > gamma) & passed
         else:
             open_ = (ids >= 0) & (sims > self.gamma)
@@ -150,7 +151,8 @@ class GatedFFNOut(nn.Module):
         w = self.head_window
         before, seen = self.head_state.before(step.cache, step.past, b, w, q.shape[-1], q.device)  # (B, W, d), (B,)
         ext = extend(before, q.view(b, t, -1))  # (B, W + T, d)
-        sink = seen if step.sink is None else torch.where(step.sink.to(seen.device) >= 0, step.sink.to(seen.device), seen)
+        here = None if step.sink is None else step.sink.to(seen.device)  # (B,) where this pass holds the first token
+        sink = seen if here is None else torch.where(here >= 0, here, seen)
         self.head_state.after(step.cache, ext, step.past + t, w, sink)
         if ids is None:
             return None
