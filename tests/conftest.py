@@ -10,6 +10,11 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Before torch and transformers: `python3 -m pytest` puts the checkout's root (the package
+# itself) first on sys.path, where our kernels/ would shadow the PyPI `kernels` transformers
+# imports. Importing neuraldb drops that entry (neuraldb/__init__.py says why).
+import neuraldb  # noqa: E402,F401  isort: skip
+
 from pathlib import Path
 
 import pytest
