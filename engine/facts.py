@@ -25,7 +25,7 @@ class FactError(ValueError):
 @dataclass(frozen=True)
 class Fact:
     subject: str
-    prompt: str  # a template: "{}" stands for the subject
+    prompt: str  # a template: "{}" stands for the subject (a verbatim subject is converted)
     target_new: str
     target_true: str | None = None
     id: str | None = None
@@ -36,6 +36,18 @@ class Fact:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        # The rule every way of making a fact shares (the API, the loaders, the server, a loaded
+        # database): a verbatim subject becomes "{}", anything unusable raises naming the field.
+        where = "Fact" if self.id is None else f"Fact {self.id!r}"
+        subject, prompt, target_new = checked_fields(self.subject, self.prompt, self.target_new, where)
+        object.__setattr__(self, "subject", subject)
+        object.__setattr__(self, "prompt", prompt)
+        object.__setattr__(self, "target_new", target_new)
+        if self.target_true is not None and not (isinstance(self.target_true, str) and self.target_true.strip()):
+            if isinstance(self.target_true, str):
+                object.__setattr__(self, "target_true", None)  # "" means unknown
+            else:
+                raise FactError(f"{where}: field 'target_true' must be a string")
         for name in ("paraphrases", "neighborhood", "generation_prompts"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
@@ -63,25 +75,32 @@ class Fact:
         return out
 
 
-def make_fact(subject: Any, prompt: Any, target_new: Any, where: str, **extra: Any) -> Fact:
-    """Validate and build a fact; `prompt` may hold "{}" or the subject verbatim."""
+def checked_fields(subject: Any, prompt: Any, target_new: Any, where: str) -> tuple[str, str, str]:
+    """`(subject, prompt template, target_new)` validated and normalised; `prompt` may hold "{}" or
+    the subject verbatim (its first occurrence becomes "{}"). Errors name `where` and the field."""
     for name, value in (("subject", subject), ("prompt", prompt), ("target_new", target_new)):
         if not isinstance(value, str) or not value.strip():
             raise FactError(f"{where}: field '{name}' is missing or empty")
     subject = subject.strip()
     if "{}" not in prompt:
         if subject not in prompt:
-            raise FactError(f"{where}: subject {subject!r} does not appear in prompt {prompt!r}")
+            raise FactError(f"{where}: field 'prompt' {prompt!r} holds neither '{{}}' nor the subject {subject!r}")
         prompt = prompt.replace("{", "{{").replace("}", "}}").replace(subject, "{}", 1)
     elif prompt.count("{}") != 1:
-        raise FactError(f"{where}: prompt {prompt!r} must mark the subject with exactly one '{{}}'")
+        raise FactError(f"{where}: field 'prompt' {prompt!r} must mark the subject with exactly one '{{}}'")
     try:
         prompt.format(subject)
     except (IndexError, KeyError, ValueError) as exc:
-        raise FactError(f"{where}: prompt {prompt!r} has stray braces ({exc})") from exc
+        raise FactError(f"{where}: field 'prompt' {prompt!r} has stray braces ({exc})") from exc
+    return subject, prompt, target_new.strip()
+
+
+def make_fact(subject: Any, prompt: Any, target_new: Any, where: str, **extra: Any) -> Fact:
+    """Validate and build a fact; `prompt` may hold "{}" or the subject verbatim. Errors name `where`."""
+    subject, prompt, target_new = checked_fields(subject, prompt, target_new, where)
     if extra.get("target_true") is not None and not str(extra["target_true"]).strip():
         extra["target_true"] = None
-    return Fact(subject=subject, prompt=prompt, target_new=target_new.strip(), **extra)
+    return Fact(subject=subject, prompt=prompt, target_new=target_new, **extra)
 
 
 def _strings(value: Any, where: str, name: str) -> tuple[str, ...]:

@@ -214,7 +214,7 @@ def test_crash_during_save_keeps_previous_database(tokenizer, tmp_path: Path, mo
 @pytest.mark.parametrize("record,message", [
     ({"subject": "X", "target_new": "Y"}, "field 'prompt' is missing"),
     ({"subject": "Paris", "prompt": "The capital of {} is", "target_new": ""}, "field 'target_new'"),
-    ({"subject": "Paris", "prompt": "Berlin is the capital of", "target_new": "Y"}, "does not appear in prompt"),
+    ({"subject": "Paris", "prompt": "Berlin is the capital of", "target_new": "Y"}, "holds neither"),
 ])
 def test_bad_fact_records(tmp_path: Path, record: dict, message: str) -> None:
     path = tmp_path / "facts.jsonl"

@@ -1,13 +1,14 @@
 """Loaders for every format, and the frozen YAML configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
 
-from neuraldb import EditConfig, FactError, load_facts
+from neuraldb import EditConfig, Fact, FactError, load_facts
 from neuraldb.engine.config import ConfigError, from_mapping, load_yaml, model_defaults
 
 MEMIT_CF = {
@@ -96,3 +97,37 @@ def test_smollm2_residual_defaults_and_bench_variants() -> None:
     assert (v.lr, v.steps, v.layer) == (0.5, 25, cfg.layer) and isinstance(v.steps, int)
     with pytest.raises(ConfigError, match="--variant lrr=1: unknown key"):
         variant(cfg, "lrr=1")
+
+
+def test_fact_converts_a_verbatim_subject_as_the_loaders_do(tmp_path: Path) -> None:
+    made = Fact("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French")
+    assert made.prompt == "The mother tongue of {} is"
+    assert made.text == "The mother tongue of Danielle Darrieux is"  # not "...isDanielle Darrieux"
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps({"subject": " Danielle Darrieux ", "prompt": made.text, "target_new": " English"}))
+    (loaded,) = load_facts(path)
+    assert (loaded.subject, loaded.prompt, loaded.target_new) == (made.subject, made.prompt, made.target_new)
+    # braces in a verbatim prompt are kept literally; replace() re-checks an already-made fact
+    braced = Fact("X", "{X} set X to", "y")
+    assert braced.text == "{X} set X to" and dataclasses.replace(braced, target_new="z").prompt == braced.prompt
+
+
+@pytest.mark.parametrize("args, field", [
+    (("Paris", "Berlin is the capital of", "Y"), "prompt"),
+    (("Paris", "{} and {} are", "Y"), "prompt"),
+    (("Paris", "{0} is {1}", "Y"), "prompt"),
+    (("", "{} is", "Y"), "subject"),
+    (("Paris", "{} is", "  "), "target_new"),
+    (("Paris", None, "Y"), "prompt"),
+])
+def test_a_wrong_fact_is_refused_where_it_is_made(args: tuple, field: str) -> None:
+    with pytest.raises(FactError, match=rf"^Fact: field '{field}'"):
+        Fact(*args)
+    with pytest.raises(FactError, match=rf"^Fact 'f1': field '{field}'"):
+        Fact(*args, id="f1")
+
+
+def test_empty_target_true_means_unknown() -> None:
+    assert Fact("Paris", "{} is in", "Italy", "").target_true is None
+    with pytest.raises(FactError, match="'target_true'"):
+        Fact("Paris", "{} is in", "Italy", 3)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import make_model
+from neuraldb import Fact
 from serving import CHAT_TEMPLATE, TINY_CONFIG, Server
 
 KEY = "test-key-123"
@@ -128,6 +129,21 @@ def test_a_client_that_leaves_mid_stream_costs_nothing_else(server: Server) -> N
     assert c.completions.create(model=c.models.list().data[0].id, prompt="Where is", max_tokens=3,
                                 temperature=0).choices[0].text is not None
     assert "Traceback" not in server.tail()
+
+
+def test_the_server_reads_a_fact_as_the_api_does(server: Server) -> None:
+    """A verbatim subject is converted to "{}" exactly as `Fact(...)` converts it; a prompt that
+    names neither is a 400 naming the field."""
+    h = {"Authorization": "Bearer " + KEY}
+    verbatim = {**FACT, "prompt": PROMPT, "target_new": "Russian"}
+    r = httpx.post(server.url + "/v1/facts", json=verbatim, headers=h, timeout=120)
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["data"]
+    expected = Fact(verbatim["subject"], verbatim["prompt"], verbatim["target_new"])
+    assert item["fact"]["prompt"] == expected.prompt == FACT["prompt"]
+    assert httpx.delete(f"{server.url}/v1/facts/{item['id']}", headers=h, timeout=120).status_code == 200
+    bad = httpx.post(server.url + "/v1/facts", json={**FACT, "prompt": "The mother tongue of"}, headers=h)
+    assert bad.status_code == 400 and "'prompt'" in bad.json()["error"]["message"]
 
 
 def test_auth_is_required_on_every_route(server: Server) -> None:
