@@ -92,8 +92,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _general(db: NeuralDB, args: argparse.Namespace) -> dict:
+    """The six lm-eval tasks for the unedited model and with the database (evaluation/general.py)."""
+    from .evaluation.general import TASKS, HarnessMissing, evaluate, make_lm, markdown, opens_table, summary_rows
+
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    try:
+        with db.disabled():
+            plain = evaluate(make_lm(db.model, db.tok, batch_size=args.batch_size), tasks, args.limit, args.data_dir)
+        lm = make_lm(db.model, db.tok, db, batch_size=args.batch_size)
+        edited = evaluate(lm, tasks, args.limit, args.data_dir)
+    except HarnessMissing as exc:
+        raise ConfigError(str(exc)) from None
+    rows = summary_rows({"unedited": plain, f"{len(db)} facts": edited})
+    print(markdown(rows))
+    opens = list(opens_table(lm.opens))
+    print(f"gate opens on task text: {len(opens)} ({sum(o['named'] for o in opens)} name the fact's subject); "
+          f"requests re-scored with the gate: {lm.rescored}, scored as unedited: {lm.reused}", file=sys.stderr)
+    return {"general": rows, "opens": opens, "data": plain["origins"], "limit": args.limit}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     db = _open_db(args)
+    if args.general:
+        result = _general(db, args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return 0
     facts = load_facts(source_file(args.facts, args.data_dir), limit=args.limit) if args.facts else list(db.facts.values())
     kind = args.kind or facts[0].kind
     result = _summary(db, facts, kind)
@@ -173,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kind", choices=["counterfact", "zsre"])
     v.add_argument("--index")
     v.add_argument("--retention-texts", type=int, default=200)
+    v.add_argument("--general", action="store_true", help="general ability instead: the six lm-evaluation-harness "
+                                                          "tasks, unedited and with the database (the 'eval' extra)")
+    v.add_argument("--tasks", help="with --general: a comma-separated subset of mmlu,sciq,commonsense_qa,"
+                                   "arc_challenge,lambada_openai,wsc273")
+    v.add_argument("--batch-size", type=int, default=16, help="with --general: requests per forward")
+    v.add_argument("--out", help="with --general: write the table and every gate open as JSON here")
     v.set_defaults(fn=cmd_eval)
     s = sub.add_parser("serve", help="an OpenAI-compatible server over the edited model, with a knowledge API "
                                      "for live, durable fact edits")
@@ -200,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # progress lines (rate, time left) where people wait, with or without a terminal
+    logging.getLogger("neuraldb.engine.progress").setLevel(logging.INFO)
     try:
         return args.fn(args)
     except USER_ERRORS as exc:

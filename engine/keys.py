@@ -7,13 +7,13 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import cache_kwargs, get_arch, model_device
 from .config import EditConfig
 from .facts import Fact
 from .hooks import Trace
+from .progress import Progress
 from .space import Capture, KeySpace, key_space
 from .tokens import encode_with_subject, pad_right
 
@@ -204,7 +204,7 @@ def compute_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Se
     device = model_device(model)
     per_fact = [key_inputs(tok, f, prefixes, at) for f in facts]  # F x (1 + P) rows
     bs = max(1, cfg.key_batch_size)
-    bar = tqdm(total=len(facts) * (1 + len(prefixes)), desc="keys", unit="row", disable=None, leave=False)
+    bar = Progress(len(facts) * (1 + len(prefixes)), "keys", "row")
     cols = [[r[c] for r in per_fact] for c in range(1 + len(prefixes))]  # (1 + P) x F
     if reuse_prefix_cache and prefixes:
         parts = [plain_keys(model, tok, cols[0], space, bs, bar)]

@@ -15,13 +15,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import cache_kwargs, get_arch, model_device
 from .config import EditConfig
 from .facts import Fact
 from .hooks import Trace, first_hidden, start_at_layer
+from .progress import Progress
 from .tokens import encode_with_subject, pad_right, target_ids
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
         units.sort(key=lambda u: min(suffix_length(tok, facts[i]) for i in u))
     order = [i for u in units for i in u]
     outs, nll, steps = [], [], []
-    bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=None, leave=False)
+    bar = Progress(len(facts), "residuals", "fact")
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
         slots = [k for k, u in enumerate(batch) for _ in u]
@@ -383,8 +383,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
         outs.append(r)
         nll.append(st.nll)
         steps.append(st.steps)
-        bar.update(len(chunk))
-        bar.set_postfix(nll=f"{float(st.nll.mean()):.3f}")
+        bar.update(len(chunk), nll=f"{float(st.nll.mean()):.3f}")
     bar.close()
     back = torch.empty(len(facts), dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(facts))  # sorted position of each fact
