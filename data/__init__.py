@@ -1,9 +1,12 @@
-"""Named data sources (`counterfact`, `zsre`, `wikitext`) resolved to files, in this order:
+"""Named data sources (`counterfact`, `zsre`, `wikitext`, and the six general-ability tasks
+`mmlu`, `sciq`, `commonsense_qa`, `arc_challenge`, `lambada_openai`, `wsc273`) resolved to
+files, in this order:
 
 1. `data_dir` (a `--data-dir` option) or `$NEURALDB_DATA`;
 2. `../shared/data` beside the checkout (the full data sets of this workspace);
 3. a small sample shipped inside the package (`neuraldb/data/sample`: 300 CounterFact cases,
-   200 zsRE records, 80 WikiText-2 paragraphs; licences in `sample/LICENSES.md`).
+   200 zsRE records, 80 WikiText-2 paragraphs, 24 rows of each general task; licences in
+   `sample/LICENSES.md`).
 
 A source found nowhere is a `DataError` (a `FileNotFoundError`) whose one line names every
 place looked. `where()` tells which step a source came from, so results can say so."""
@@ -22,6 +25,13 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "counterfact": ("counterfact/counterfact-edit.json", "counterfact/counterfact-train.json"),
     "zsre": ("zsre/zsre-1k.json",),
     "wikitext": ("wikitext/wiki.test.raw",),
+    # the six lm-evaluation-harness tasks (HF field layouts, one JSON object a line)
+    "mmlu": ("general/mmlu/test.jsonl", "general/mmlu/dev.jsonl"),
+    "sciq": ("general/sciq/test.jsonl",),
+    "commonsense_qa": ("general/commonsense_qa/validation.jsonl",),
+    "arc_challenge": ("general/arc_challenge/test.jsonl",),
+    "lambada_openai": ("general/lambada_openai/test.jsonl",),
+    "wsc273": ("general/wsc273/test.jsonl",),
 }
 
 

@@ -1,0 +1,203 @@
+"""General ability as the NeuralDB paper measures it (its Figure 1 right): the six
+lm-evaluation-harness tasks (MMLU, SciQ, CommonsenseQA, ARC-Challenge, LAMBADA, WSC273),
+zero-shot, for the unedited model and with databases of growing size, beside MEMIT and AlphaEdit.
+
+    python bench/general.py --sizes 1000,10000,100000 --data counterfact,synthetic \\
+        --scale-out results/scale-100k     # shares bench/scale.py's key cache (same facts, same keys)
+
+The databases are bench/scale.py's (same facts, seed and keys, read from its chunk cache).
+Residuals are computed lazily for the facts whose gate opens on task text, which is exact:
+where no gate opens on a request its score is the unedited model's (evaluation/general.py),
+so those come from the unedited run's score cache and only requests with an open are scored
+again. Every open is listed (task, document, token, fact, whether the text names the subject).
+MEMIT and AlphaEdit (bench/compare.py's editors, sequential batches of 100) edit the weights,
+so every request is scored again for them. Scores are cached per state (OUT/scores/), so an
+interrupted run resumes; `--limit N` takes the first N documents of each task."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from neuraldb import EditConfig, NeuralDB, load_model
+from neuraldb.baselines import RULES, LinearEditConfig, LinearEditor, second_moments
+from neuraldb.bench.common import machine, markdown_table, run_main, save_figure, write_json, write_outputs
+from neuraldb.bench.scale import Residuals, get_facts, open_cache
+from neuraldb.data import resolve
+from neuraldb.engine.config import load_yaml, to_mapping
+from neuraldb.engine.models import DEFAULT_MODEL
+from neuraldb.evaluation.general import MAIN_METRIC, TASKS, ScoreCache, evaluate, make_lm, opens_table, summary_rows
+from neuraldb.evaluation.texts import wikitext_passages
+
+log = logging.getLogger("bench.general")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--data", default="counterfact,synthetic", help="facts, as bench/scale.py --data")
+    g.add_argument("--sizes", default="1000,10000,100000", help="database sizes (facts), comma-separated")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", help="root of the named data sources (facts and the six tasks)")
+    e = ap.add_argument_group("editing")
+    e.add_argument("--config", help="EditConfig YAML (default: the model's defaults)")
+    e.add_argument("--chunk", type=int, default=64, help="as bench/scale.py --chunk (part of its cache's recipe)")
+    e.add_argument("--key-chunk", type=int, default=256, help="as bench/scale.py --key-chunk")
+    e.add_argument("--subject-groups", choices=["on", "off"], default="on")
+    e.add_argument("--scale-out", default="results/scale-general",
+                   help="a bench/scale.py --out whose cache holds (or will hold) the keys and residuals")
+    b = ap.add_argument_group("baselines")
+    b.add_argument("--baselines", default="memit,alphaedit", help=f"any of {sorted(RULES)}, or 'none'")
+    b.add_argument("--baseline-sizes", default="100,1000", help="facts edited into the weights")
+    b.add_argument("--stats", help="second-moment cache of the baselines (default OUT/stats)")
+    v = ap.add_argument_group("evaluation")
+    v.add_argument("--tasks", default=",".join(TASKS))
+    v.add_argument("--limit", type=int, help="the first N documents of each task (a quick run)")
+    v.add_argument("--batch-size", type=int, default=16)
+    r = ap.add_argument_group("run")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--out", default="results/general")
+    return ap.parse_args(argv)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float) -> dict[str, Any]:
+    tasks = args.tasks.split(",")
+    res = evaluate(lm, tasks, args.limit, args.data_dir)
+    res["seconds"] = time.perf_counter() - t0
+    res["reused"], res["rescored"] = getattr(lm, "reused", 0), getattr(lm, "rescored", 0)
+    res["opens"] = list(opens_table(getattr(lm, "opens", [])))
+    write_json(out / "states" / f"{name}.json", {"scores": {t: {m: vars(s) for m, s in per.items()}
+                                                           for t, per in res["scores"].items()},
+                                                "seconds": res["seconds"], "reused": res["reused"],
+                                                "rescored": res["rescored"], "opens": res["opens"],
+                                                "per_doc": res["per_doc"]})
+    log.warning("%s: %s in %.0f s (%d requests reused, %d scored with the gate, %d opens)", name,
+                {t: round(100 * per[MAIN_METRIC[t]].value, 2) for t, per in res["scores"].items()},
+                res["seconds"], res["reused"], res["rescored"], len(res["opens"]))
+    return res
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> str | None:
+    """Average general ability against the number of edits, one line per method (Figure 1 right)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    avg = [r for r in rows if r["task"] == "average"]
+    base = next((r["score"] for r in avg if r["method"] == "unedited"), None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in avg} - {"unedited"}):
+        pts = sorted((r["facts"], r["score"]) for r in avg if r["method"] == method)
+        ax.plot([0] + [p[0] for p in pts], [base] + [p[1] for p in pts], marker="o", label=method)
+    if base is not None:
+        ax.axhline(base, ls="--", c="grey", lw=1, label="unedited")
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("facts edited")
+    ax.set_ylabel("average accuracy of the six tasks (%)")
+    ax.legend()
+    return save_figure(fig, out / "general.png")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    sizes = sorted(int(s) for s in args.sizes.split(",") if s)
+    baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    unknown = [m for m in baselines if m not in RULES]
+    if unknown:
+        raise SystemExit(f"--baselines: unknown {unknown}; choose from {sorted(RULES)} or none")
+    bsizes = sorted(int(s) for s in args.baseline_sizes.split(",") if s) if baselines else []
+    model, tok = load_model(args.model, device=args.device)
+    cfg = load_yaml(EditConfig, args.config) if args.config else None
+    db = NeuralDB(model, tok, cfg)
+    db.config = db.config.replace(subject_groups=False)  # groups get their joint residual in Residuals
+    n = max(sizes + bsizes)
+    facts, _, sources = get_facts(args.data, n, args.seed, extra=1, data_dir=args.data_dir)
+    cache = open_cache(Path(args.scale_out) / "cache", db, args, facts)
+    cache.fill_keys(db, facts)
+    resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
+    # score caches are keyed by request tokens; a folder per model, and per database recipe inside it
+    scores = out / "scores" / digest(db.fingerprint())
+    recipe = digest({"config": to_mapping(db.config), "data": args.data, "seed": args.seed,
+                     "groups": args.subject_groups, "first_ids": [f.id for f in facts[:3]]})
+    unedited_cache = ScoreCache(scores / "unedited.jsonl")
+
+    states: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    with db.disabled():
+        states["unedited"] = state_run("unedited", make_lm(model, tok, batch_size=args.batch_size,
+                                                           unedited=unedited_cache), args, out, t0)
+    done = 0
+    for m in sizes:
+        db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
+        done = m
+        t0 = time.perf_counter()
+        lm = make_lm(model, tok, db, batch_size=args.batch_size, unedited=unedited_cache,
+                     edited=ScoreCache(scores / recipe / f"neuraldb-{m}.jsonl"), on_open=resid.load)
+        states[f"neuraldb {m}"] = state_run(f"neuraldb-{m}", lm, args, out, t0)
+
+    if baselines:
+        lin = LinearEditConfig()
+        layers = lin.layer_range(db.layer)
+        cache.fill_residuals(db, facts, range(bsizes[-1]))
+        db.detach()  # the weights alone carry these edits
+        try:
+            corpus = wikitext_passages(resolve("wikitext", args.data_dir).path, None, max_words=400, min_words=1)
+            moments = second_moments(model, tok, corpus, range(db.layer + 1), lin.mom2_tokens,
+                                     cache_dir=Path(args.stats) if args.stats else out / "stats")
+            for method in baselines:
+                editor = LinearEditor(model, tok, method, lin, db.config, db.ensure_prefixes(), moments, db.layer)
+                z = editor.targets(facts[: bsizes[-1]], cache.residual_rows(0, bsizes[-1]))
+                edited = 0
+                try:
+                    for m in bsizes:
+                        editor.edit(facts[edited:m], z[edited:m])
+                        edited = m
+                        t0 = time.perf_counter()
+                        lm = make_lm(model, tok, batch_size=args.batch_size,
+                                     unedited=ScoreCache(scores / recipe / f"{method}-{m}.jsonl"))
+                        states[f"{method} {m}"] = state_run(f"{method}-{m}", lm, args, out, t0)
+                finally:
+                    editor.restore()
+                if not editor.is_restored():
+                    raise RuntimeError(f"{method}: the original weights were not restored")
+        finally:
+            db.attach()
+
+    rows = summary_rows(states)
+    for r in rows:
+        method, _, m = r["state"].partition(" ")
+        r["method"], r["facts"] = method, int(m) if m else 0
+    for name, res in states.items():
+        for r in rows:
+            if r["state"] == name and r["task"] == "average":
+                r.update(seconds=round(res["seconds"]), reused=res["reused"], rescored=res["rescored"],
+                         opens=len(res["opens"]), opens_named=sum(o["named"] for o in res["opens"]))
+    cols = ["method", "facts", "task", "metric", "score", "stderr", "delta", "delta_stderr", "n", "perplexity", "seconds",
+            "reused", "rescored", "opens", "opens_named"]
+    table = markdown_table(rows, cols)
+    result = {"args": vars(args), "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
+              "sources": sources, "data": states["unedited"]["origins"], "rows": rows,
+              "opens": {k: v["opens"] for k, v in states.items() if v["opens"]},
+              "wall_s": time.perf_counter() - t_start}
+    result["plot"] = plot(rows, out)
+    write_outputs(out, "general", result, f"bench/general.py: {args.model}, tasks {args.tasks}, limit "
+                                          f"{args.limit or 'all'}, NeuralDB layer {db.layer}", table)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    run_main(main, "bench/general.py")

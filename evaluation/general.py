@@ -1,0 +1,325 @@
+"""General ability as the NeuralDB paper measures it: six lm-evaluation-harness tasks (MMLU,
+SciQ, CommonsenseQA, ARC-Challenge, LAMBADA, WSC273), zero-shot, stock prompts and metrics.
+
+The harness itself scores (the `eval` extra: `pip install 'neuraldb[eval]'`); this module
+gives it the local task YAMLs (`evaluation/tasks/`, dataset keys resolved through
+`neuraldb.data`) and the edited model in memory: `GatedLM` is lm-eval's `HFLM` over the
+model with the database attached. HFLM right-pads and passes no attention mask, so every real
+token sees exactly what it sees alone, and the gate decides per token from those tokens: a
+batched score is the score of a full forward of that request (tests/test_general.py).
+
+Where no gate opens on any token of a request, the edited layer's output is bit-identical to
+the unedited one, so the request's score is the unedited model's: `GatedLM` probes each
+request's gate decisions with a forward that stops at layer l* (a fifth of SmolLM2's depth)
+and re-scores only the requests on which a gate opened, reusing cached unedited scores for the
+rest (`ScoreCache`; equal up to the float rounding of a different batch). Every open is listed
+(task, document, token, fact, whether the request names the fact's subject)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..data import resolve
+from ..engine.arch import model_device
+from ..engine.hooks import Trace
+from .attribution import names
+
+log = logging.getLogger(__name__)
+
+TASKS = ("mmlu", "sciq", "commonsense_qa", "arc_challenge", "lambada_openai", "wsc273")
+# the metric each task is averaged by (the paper's Figure 1 right: accuracy; LAMBADA by acc)
+MAIN_METRIC = {"mmlu": "acc", "sciq": "acc", "commonsense_qa": "acc", "arc_challenge": "acc",
+               "lambada_openai": "acc", "wsc273": "acc"}
+_DATA_REF = re.compile(r'"@data/([^"]+)"')
+
+
+class HarnessMissing(ImportError):
+    """lm-evaluation-harness is not installed (the `eval` extra)."""
+
+
+def _harness() -> Any:
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as exc:
+        raise HarnessMissing(f"general-ability evaluation needs lm-evaluation-harness: "
+                             f"pip install 'neuraldb[eval]' ({exc})") from exc
+    return HFLM
+
+
+def task_dir(tasks: Sequence[str], out: Path, data_dir: str | Path | None = None) -> dict[str, str]:
+    """Write the shipped YAMLs of `tasks` into `out` with their data files resolved; returns
+    task -> where its data came from ("shared", "sample", ...)."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown general task(s) {unknown}; choose from {list(TASKS)}")
+    shipped = resources.files("neuraldb.evaluation").joinpath("tasks")
+    out.mkdir(parents=True, exist_ok=True)
+    origins = {}
+    for task in tasks:
+        src = resolve(task, data_dir)
+        origins[task] = src.origin
+        text = shipped.joinpath(f"{task}.yaml").read_text(encoding="utf-8")
+        text = _DATA_REF.sub(lambda m: json.dumps(str(src.root / m.group(1))), text)
+        (out / f"{task}.yaml").write_text(text, encoding="utf-8")
+    with resources.as_file(shipped.joinpath("wsc273_utils.py")) as utils:
+        shutil.copyfile(utils, out / "wsc273_utils.py")
+    return origins
+
+
+@dataclass(frozen=True)
+class Open:
+    """A gate that opened on a task's text: `token` is the text of the token it opened at."""
+    task: str
+    doc_id: int
+    position: int
+    token: str
+    fact_id: int
+    subject: str
+    named: bool  # the request's text names the fact's subject (a real mention, not a spurious open)
+    similarity: float
+
+
+class ScoreCache:
+    """Append-only JSONL of request -> (loglikelihood, is_greedy), one file per model state;
+    a torn last line (a killed run) is ignored, so a run resumes where it stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.scores: dict[str, tuple[float, bool]] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    k, ll, greedy = json.loads(line)
+                except (ValueError, TypeError):
+                    continue
+                self.scores[k] = (float(ll), bool(greedy))
+
+    def get(self, key: str) -> tuple[float, bool] | None:
+        return self.scores.get(key)
+
+    def put(self, items: Sequence[tuple[str, tuple[float, bool]]]) -> None:
+        if not items:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for k, (ll, greedy) in items:
+                self.scores[k] = (ll, greedy)
+                fh.write(json.dumps([k, ll, greedy]) + "\n")
+
+
+def request_key(tokens: Sequence[int], n_cont: int) -> str:
+    return hashlib.sha1(json.dumps([list(tokens), n_cont]).encode()).hexdigest()
+
+
+def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited: ScoreCache | None = None,
+            edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None) -> Any:
+    """lm-eval's HFLM over `model`, with the gate probe and the caches described above. With
+    `db` (a `NeuralDB` attached to `model`) requests on which a gate opens are scored gated and
+    the rest come from (or go to) `unedited`; without it every request is the unedited model's
+    (run it with the database detached or inside `db.disabled()`). `on_open(fact ids)` is called
+    with the facts that opened before they are scored (lazy residuals: bench/general.py)."""
+    HFLM = _harness()
+
+    class GatedLM(HFLM):
+        def __init__(self) -> None:
+            super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size,
+                             device=str(model_device(model)))
+            self.db = db
+            self.opens: list[Open] = []
+            self.reused = self.rescored = 0
+            self._meta: list[tuple[str, int]] = []
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            self._meta = [(r.task_name, r.doc_id) for r in requests]
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+        def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            # what HFLM feeds the model: (context + continuation)[-(max_length + 1):][:-1]
+            inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in requests]
+            keys = [request_key(ctx + cont, len(cont)) for _, ctx, cont in requests]
+            opened = self._probe(inputs)
+            meta = self._meta if len(self._meta) == len(requests) else [("?", -1)] * len(requests)
+            self._meta = []
+            for i, hits in enumerate(opened):
+                text = self.tok_decode(inputs[i])
+                for pos, fid, sim in hits:
+                    fact = self.db.facts[fid]
+                    self.opens.append(Open(meta[i][0], int(meta[i][1]), pos, self.tok_decode([inputs[i][pos]]),
+                                           fid, fact.subject, names(text, fact.subject), sim))
+            out: list[tuple[float, bool] | None] = [None] * len(requests)
+            todo_plain, todo_gated = [], []
+            for i, k in enumerate(keys):
+                if opened[i]:
+                    hit = edited.get(k) if edited is not None else None
+                    (todo_gated.append(i) if hit is None else out.__setitem__(i, hit))
+                else:
+                    hit = unedited.get(k) if unedited is not None else None
+                    (todo_plain.append(i) if hit is None else out.__setitem__(i, hit))
+            if on_open is not None and todo_gated:
+                on_open({fid for i in todo_gated for _, fid, _ in opened[i]})
+            self.reused += len(requests) - len(todo_plain) - len(todo_gated)
+            self.rescored += len(todo_gated)
+            for todo, cache, gated in ((todo_plain, unedited, False), (todo_gated, edited, True)):
+                if not todo:
+                    continue
+                with self._state(gated):
+                    got = super()._loglikelihood_tokens([requests[i] for i in todo], disable_tqdm, override_bs)
+                for i, r in zip(todo, got):
+                    out[i] = (float(r[0]), bool(r[1]))
+                if cache is not None:
+                    cache.put([(keys[i], out[i]) for i in todo])
+            return out  # type: ignore[return-value]
+
+        def _state(self, gated: bool) -> Any:
+            if self.db is None or gated:
+                return contextlib.nullcontext()
+            return self.db.disabled()  # no gate opens on these: the unedited model gives the same scores
+
+        def _probe(self, inputs: list[list[int]]) -> list[list[tuple[int, int, float]]]:
+            """(position, fact id, cosine) of every open on each input, from a forward through l*."""
+            out: list[list[tuple[int, int, float]]] = [[] for _ in inputs]
+            if self.db is None or not self.db.facts or self.db.gate is None or not self.db.gate.enabled:
+                return out
+            order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+            bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
+            pad = self.tokenizer.pad_token_id or 0
+            dev = model_device(model)
+            with torch.no_grad(), self.db.record() as passes:
+                for s in range(0, len(order), bs):
+                    before = len(passes)  # a pass that gates nothing records nothing
+                    rows = order[s : s + bs]
+                    width = max(len(inputs[i]) for i in rows)
+                    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), right-padded as HFLM
+                    for b, i in enumerate(rows):
+                        ids[b, : len(inputs[i])] = torch.tensor(inputs[i])
+                    with Trace(self.db.model, self.db.path, retain_input=False, stop=True):
+                        model(ids.to(dev), use_cache=False)
+                    for h in (h for hits in passes[before:] for h in hits):
+                        i = rows[h.batch]
+                        if h.position < len(inputs[i]):
+                            out[i].append((int(h.position), int(h.fact_id), float(h.similarity)))
+            return out
+
+    return GatedLM()
+
+
+@dataclass
+class TaskScore:
+    task: str
+    metric: str
+    value: float
+    stderr: float
+    n: int
+
+
+def evaluate(lm: Any, tasks: Sequence[str] = TASKS, limit: int | None = None,
+             data_dir: str | Path | None = None, work: Path | None = None) -> dict[str, Any]:
+    """Run the harness on `tasks` (zero-shot) with `lm` (see `make_lm`); returns
+    {"scores": {task: {metric: TaskScore}}, "origins": {task: data origin}, "n": {task: docs}}."""
+    _harness()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="neuraldb-tasks-")) if work is None else work
+    try:
+        origins = task_dir(tasks, tmp, data_dir)
+        manager = TaskManager(include_path=str(tmp), include_defaults=False)
+        # bootstrap_iters > 0 or the harness reports no stderr at all; means get the closed form
+        res = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager,
+                              log_samples=True, bootstrap_iters=100, verbosity="WARNING")
+    finally:
+        if work is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    scores: dict[str, dict[str, TaskScore]] = {}
+    for task in tasks:
+        row = res["results"][task]
+        n = int(res.get("n-samples", {}).get(task, {}).get("effective", 0))
+        per: dict[str, TaskScore] = {}
+        for key, value in row.items():
+            if "," not in key or "stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric = key.split(",")[0]
+            err = row.get(f"{metric}_stderr,none")
+            per[metric] = TaskScore(task, metric, float(value), float(err) if isinstance(err, (int, float)) else
+                                    float("nan"), n)
+        scores[task] = per
+    # each document's main-metric outcome, for the paired standard error of a delta
+    per_doc = {task: {int(x["doc_id"]): float(x[MAIN_METRIC[task]]) for x in res.get("samples", {}).get(task, [])}
+               for task in tasks}
+    return {"scores": scores, "origins": origins, "per_doc": per_doc}
+
+
+def paired_stderr(a: dict[int, float], b: dict[int, float]) -> float:
+    """Standard error of mean(b - a) over the documents both scored (the same documents under two
+    model states: far tighter than the two scores' own errors combined)."""
+    common = sorted(set(a) & set(b))
+    n = len(common)
+    if n < 2:
+        return float("nan")
+    d = [b[i] - a[i] for i in common]
+    mu = sum(d) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in d) / (n - 1) / n)
+
+
+def summary_rows(states: dict[str, dict[str, Any]], baseline: str = "unedited") -> list[dict[str, Any]]:
+    """One row per state and task: score, stderr, delta to `baseline`; and an `average` row
+    (mean of the tasks' main metrics, x100)."""
+    rows = []
+    base = states.get(baseline)
+    for state, res in states.items():
+        main = []
+        for task, per in res["scores"].items():
+            m = MAIN_METRIC[task]
+            s = per[m]
+            row = {"state": state, "task": task, "metric": m, "score": round(100 * s.value, 2),
+                   "stderr": round(100 * s.stderr, 2), "n": s.n}
+            if base is not None and task in base["scores"]:
+                row["delta"] = round(100 * (s.value - base["scores"][task][m].value), 2)
+                if task in res.get("per_doc", {}) and task in base.get("per_doc", {}):
+                    row["delta_stderr"] = round(100 * paired_stderr(base["per_doc"][task], res["per_doc"][task]), 2)
+            if "perplexity" in per:
+                row["perplexity"] = round(per["perplexity"].value, 3)
+            rows.append(row)
+            main.append(s.value)
+        if main:
+            avg = {"state": state, "task": "average", "metric": "acc", "score": round(100 * sum(main) / len(main), 2)}
+            if base is not None:
+                bm = [base["scores"][t][MAIN_METRIC[t]].value for t in res["scores"] if t in base["scores"]]
+                if len(bm) == len(main):
+                    avg["delta"] = round(100 * (sum(main) - sum(bm)) / len(main), 2)
+                    errs = [r["delta_stderr"] for r in rows if r["state"] == state and "delta_stderr" in r]
+                    if len(errs) == len(main):  # tasks are independent samples
+                        avg["delta_stderr"] = round(math.sqrt(sum(e * e for e in errs)) / len(errs), 2)
+            rows.append(avg)
+    return rows
+
+
+def opens_table(opens: Sequence[Open]) -> Iterator[dict[str, Any]]:
+    for o in opens:
+        yield asdict(o)
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary rows as a markdown table (score +- stderr, delta to unedited)."""
+    lines = ["| state | task | metric | score | stderr | delta | delta stderr (paired) | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['state']} | {r['task']} | {r['metric']} | {r['score']:.2f} | {r.get('stderr', '')} | "
+                     f"{r.get('delta', '')} | {r.get('delta_stderr', '')} | {r.get('n', '')} |")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""General ability through lm-evaluation-harness itself: the shipped task YAMLs on a few
+documents, the edited model handed to the harness in memory (batched, right-padded scores equal
+a full forward of each request alone), and the reuse of unedited scores where no gate opens."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval", reason="the 'eval' extra (lm-evaluation-harness) is not installed")
+
+from neuraldb import EditConfig, Fact, NeuralDB
+from neuraldb.data import sample_root
+from neuraldb.evaluation.general import TASKS, ScoreCache, evaluate, make_lm, request_key, summary_rows, task_dir
+
+from conftest import make_model
+
+FACT = Fact("Danielle Darrieux", "The mother tongue of {}", "Japanese", "French", id="a")
+CFG = EditConfig(layer=1, gamma=0.65, n_prefixes=2, prefix_len=4, residual_prefixes=1, steps=40, lr=0.5,
+                 weight_decay=0.0, clamp_norm=4.0)
+# tiny ARC-style documents: two name the edited subject, two do not
+ARC = [
+    {"id": "q0", "question": "The mother tongue of Danielle Darrieux", "answerKey": "B",
+     "choices": {"text": ["French", "Japanese", "Apple"], "label": ["A", "B", "C"]}},
+    {"id": "q1", "question": "Where is it? Who made it?", "answerKey": "A",
+     "choices": {"text": ["Paris", "Berlin"], "label": ["A", "B"]}},
+    {"id": "q2", "question": "Berlin is the capital of", "answerKey": "1",
+     "choices": {"text": ["Germany", "Italy", "France"], "label": ["1", "2", "3"]}},
+    {"id": "q3", "question": "Everyone knows Danielle Darrieux speaks", "answerKey": "A",
+     "choices": {"text": ["Japanese", "French"], "label": ["A", "B"]}},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tokenizer) -> NeuralDB:
+    db = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG)
+    db.add([FACT])
+    return db
+
+
+@pytest.fixture()
+def arc_dir(tmp_path: Path) -> Path:
+    (tmp_path / "general" / "arc_challenge").mkdir(parents=True)
+    (tmp_path / "general" / "arc_challenge" / "test.jsonl").write_text("\n".join(json.dumps(d) for d in ARC) + "\n")
+    return tmp_path
+
+
+def test_shipped_yamls_resolve_every_data_file(tmp_path: Path) -> None:
+    origins = task_dir(TASKS, tmp_path, sample_root())
+    assert set(origins) == set(TASKS) and set(origins.values()) == {"data-dir"}
+    for task in TASKS:
+        text = (tmp_path / f"{task}.yaml").read_text()
+        assert "@data/" not in text and str(sample_root()) in text, task
+    assert (tmp_path / "wsc273_utils.py").is_file()
+    with pytest.raises(ValueError, match="unknown general task"):
+        task_dir(["mmlu", "hellaswag"], tmp_path)
+
+
+def test_every_task_runs_in_the_harness_on_the_sample(tiny_db: NeuralDB) -> None:
+    """The six stock tasks (local YAMLs) on 3 documents each of the bundled sample, scored by
+    lm-eval with the edited tiny model in memory."""
+    lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=4)
+    res = evaluate(lm, TASKS, limit=3, data_dir=sample_root())
+    assert set(res["scores"]) == set(TASKS)
+    for task, per in res["scores"].items():
+        assert 0.0 <= per["acc"].value <= 1.0 and per["acc"].n == 3, task
+    assert res["scores"]["lambada_openai"]["perplexity"].value > 1.0
+    assert {"sciq": "acc_norm", "arc_challenge": "acc_norm"}.items() <= {t: m for t, p in res["scores"].items()
+                                                                         for m in p if m == "acc_norm"}.items()
+    rows = summary_rows({"unedited": res, "edited": res})
+    assert [r["delta"] for r in rows if r["state"] == "edited"] == [0.0] * (len(TASKS) + 1)
+
+
+def full_forward_loglik(db: NeuralDB, ctx: list[int], cont: list[int]) -> float:
+    """The continuation's log-probability from one unpadded forward of this request alone."""
+    ids = torch.tensor([ctx + cont])[:, :-1]  # (1, T)
+    with torch.no_grad():
+        logp = db.model(ids).logits.log_softmax(-1)[0]  # (T, V)
+    return float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont)))
+
+
+def test_batched_scores_equal_one_full_forward_each_and_reuse_is_exact(tiny_db: NeuralDB, arc_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    plain_cache, gated_cache = ScoreCache(tmp_path / "u.jsonl"), ScoreCache(tmp_path / "e.jsonl")
+    with tiny_db.disabled():
+        plain_lm = make_lm(tiny_db.model, tiny_db.tok, batch_size=3, unedited=plain_cache)
+        plain = evaluate(plain_lm, ["arc_challenge"], data_dir=arc_dir)
+    assert len(plain_cache.scores) == sum(len(d["choices"]["text"]) for d in ARC)
+    lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=3, unedited=plain_cache, edited=gated_cache)
+    edited = evaluate(lm, ["arc_challenge"], data_dir=arc_dir)
+    # the gate opened on the documents that name the subject, and only there
+    docs = {o.doc_id for o in lm.opens}
+    assert docs and docs <= {0, 3} and all(o.named and o.fact_id == 0 for o in lm.opens)
+    assert lm.rescored == sum(len(ARC[d]["choices"]["text"]) for d in docs)
+    assert lm.reused == sum(len(d["choices"]["text"]) for d in ARC) - lm.rescored
+    # every batched, right-padded score equals a full forward of the request alone, gated
+    reqs = [("Question: " + d["question"] + "\nAnswer:", " " + c) for d in ARC for c in d["choices"]["text"]]
+    for ctx, cont in reqs:
+        c_enc, k_enc = lm._encode_pair(ctx, cont)
+        want = full_forward_loglik(tiny_db, c_enc, k_enc)
+        key = request_key(c_enc + k_enc, len(k_enc))
+        got = (gated_cache.get(key) or plain_cache.get(key))[0]
+        assert got == pytest.approx(want, abs=1e-4), (ctx, cont)
+    # a second run is served from the caches alone (resumable) and gives the same scores
+    again = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=3, unedited=plain_cache, edited=gated_cache)
+
+    def no_model_call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a cached request was scored again")
+    again._model_call = no_model_call
+    rerun = evaluate(again, ["arc_challenge"], data_dir=arc_dir)
+    assert rerun["scores"]["arc_challenge"]["acc"].value == edited["scores"]["arc_challenge"]["acc"].value
+    assert plain["scores"]["arc_challenge"]["acc"].n == 4
+
+
+def test_a_torn_cache_line_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    ScoreCache(path).put([("k1", (-1.5, True)), ("k2", (-2.0, False))])
+    with open(path, "a") as fh:
+        fh.write('["k3", -0.')  # a run killed mid-write
+    cache = ScoreCache(path)
+    assert cache.get("k1") == (-1.5, True) and cache.get("k2") == (-2.0, False) and cache.get("k3") is None
+
+
+def test_cli_eval_general_writes_the_table_and_the_opens(tiny_model_dir: Path, arc_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from neuraldb.cli import main
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACT.to_json()) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layer: 1\ngamma: 0.65\nn_prefixes: 2\nprefix_len: 4\nresidual_prefixes: 1\nsteps: 40\nlr: 0.5\n"
+                   "weight_decay: 0.0\nclamp_norm: 4.0\n")
+    assert main(["edit", "--model", str(tiny_model_dir), "--facts", str(facts), "--config", str(cfg),
+                 "--out", str(tmp_path / "db"), "--no-eval"]) == 0
+    out = tmp_path / "general.json"
+    assert main(["eval", "--db", str(tmp_path / "db"), "--general", "--tasks", "arc_challenge", "--data-dir",
+                 str(arc_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| unedited | arc_challenge | acc |" in printed and "| 1 facts | average |" in printed
+    got = json.loads(out.read_text())
+    assert {r["state"] for r in got["general"]} == {"unedited", "1 facts"}
+    assert got["opens"] and all(o["named"] and o["task"] == "arc_challenge" for o in got["opens"])
+    assert main(["eval", "--db", str(tmp_path / "db"), "--general", "--tasks", "arc,mmlu"]) == 2
