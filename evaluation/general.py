@@ -44,6 +44,8 @@ TASKS = ("mmlu", "sciq", "commonsense_qa", "arc_challenge", "lambada_openai", "w
 MAIN_METRIC = {"mmlu": "acc", "sciq": "acc", "commonsense_qa": "acc", "arc_challenge": "acc",
                "lambada_openai": "acc", "wsc273": "acc"}
 _DATA_REF = re.compile(r'"@data/([^"]+)"')
+WSC273_UTILS = ('"""The stock WSC273 document processing, from lm-evaluation-harness itself."""\n'
+                "from lm_eval.tasks.wsc273.utils import process_doc  # noqa: F401\n")
 
 
 class HarnessMissing(ImportError):
@@ -75,8 +77,8 @@ def task_dir(tasks: Sequence[str], out: Path, data_dir: str | Path | None = None
         text = shipped.joinpath(f"{task}.yaml").read_text(encoding="utf-8")
         text = _DATA_REF.sub(lambda m: json.dumps(str(src.root / m.group(1))), text)
         (out / f"{task}.yaml").write_text(text, encoding="utf-8")
-    with resources.as_file(shipped.joinpath("wsc273_utils.py")) as utils:
-        shutil.copyfile(utils, out / "wsc273_utils.py")
+    # wsc273.yaml's `process_docs: !function wsc273_utils.process_doc` is the stock function
+    (out / "wsc273_utils.py").write_text(WSC273_UTILS, encoding="utf-8")
     return origins
 
 

@@ -50,6 +50,12 @@ def test_wheel_installs_and_runs_without_the_checkout(tmp_path: Path, tiny_model
     assert where[0].startswith(str(env_dir)), f"neuraldb imported from {where[0]}, not the wheel"
     assert where[1] == "sample" and int(where[2]) > 10_000
     assert where[3] == "2112"  # SmolLM2's shipped gate map
+    # the general-ability task YAMLs and the six tasks' sample ship in the wheel
+    tasks = run([str(py), "-c", "import pathlib, tempfile; from neuraldb.data import sample_root; "
+                 "from neuraldb.evaluation.general import TASKS, task_dir; "
+                 "print(len(task_dir(TASKS, pathlib.Path(tempfile.mkdtemp()), sample_root())))"],
+                env=env, cwd=tmp_path).stdout.split()
+    assert tasks == ["6"]
     neuraldb = str(env_dir / "bin" / "neuraldb")
     assert "edit" in run([neuraldb, "--help"], env=env).stdout
 
