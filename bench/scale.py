@@ -218,7 +218,7 @@ class ChunkCache:
 GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # config fields that change no key or residual
 RESIDUAL_ONLY = ("residual_prefixes", "lr", "steps", "loss_stop", "clamp_norm", "weight_decay", "kl_factor",
                  "kl_prompt", "kl_contexts", "kl_span", "residual_batch_size", "residual_suffix", "subject_groups",
-                 "residual_pack")  # config fields that change residuals, not keys
+                 "residual_pack", "residual_init", "init_scale")  # config fields that change residuals, not keys
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:

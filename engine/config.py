@@ -84,6 +84,7 @@ def to_mapping(obj: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+RESIDUAL_INITS = ("zero", "gradient")
 KL_SPANS = ("subject", "all")
 
 
@@ -134,6 +135,10 @@ class EditConfig:
     residual_suffix: bool = True  # steps run only the tokens from the subject on (False: whole rows)
     subject_groups: bool = True  # facts about one subject share one jointly optimised residual
     residual_pack: bool = True  # suffix rows run in groups of like length, facts batched by it (False: one padded batch)
+    # where the optimiser starts: "zero" (MEMIT), or "gradient": the first step jumps along the
+    # steepest-descent direction at zero, scaled to `init_scale` times the norm clamp (one step)
+    residual_init: str = "zero"
+    init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,6 +157,8 @@ class EditConfig:
             "gate_context_weight": 0.0 < self.gate_context_weight < 1.0,
             "head_gamma": self.head_gamma is None or -1.0 <= self.head_gamma <= 1.0,
             "head_window": 1 <= self.head_window <= 512,
+            "residual_init": self.residual_init in RESIDUAL_INITS,
+            "init_scale": 0.0 < self.init_scale <= 1.0,
             "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),
         }
         bad = [k for k, ok in checks.items() if not ok]

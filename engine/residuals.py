@@ -330,7 +330,13 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             opt.zero_grad(set_to_none=True)
             (loss * active).sum().backward()
             before = delta.detach().clone()
-            opt.step()
+            if it == 0 and cfg.residual_init == "gradient":  # one jump along -grad to the clamp's scale
+                with torch.no_grad():
+                    g = delta.grad  # (S, d)
+                    jump = -g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12) * (cfg.init_scale * max_norm)[:, None]
+                    delta.copy_(torch.where(active[:, None], jump, before))
+            else:
+                opt.step()
             with torch.no_grad():
                 delta[~active] = before[~active]  # stopped facts stay where they stopped
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)

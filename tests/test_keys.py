@@ -148,3 +148,24 @@ def test_subject_first_and_last_tokens_bound_the_subject(tokenizer) -> None:
     assert spans.shape == (len(FACTS),) and (spans >= 0).all()
     with pytest.raises(ValueError, match="at"):
         compute_keys(None, tokenizer, FACTS, 1, prefixes, CFG, at="middle")
+
+
+def test_gradient_start_jumps_to_the_clamp_along_steepest_descent(tokenizer) -> None:
+    """`residual_init: gradient`: the first step is -grad / |grad| scaled to `init_scale` times the
+    norm clamp (no Adam state), every later step is Adam's; the result still lowers the NLL."""
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=1, lr=0.5, loss_stop=0.0, weight_decay=0.0,
+                      clamp_norm=2.0, residual_init="gradient", init_scale=0.5)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    one, s_one = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    again, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(init_scale=1.0))
+    ratio = again.norm(dim=1) / one.norm(dim=1)
+    assert torch.allclose(ratio, torch.full_like(ratio, 2.0), rtol=1e-4)  # the clamp's scale, same direction
+    assert torch.allclose(again / again.norm(dim=1, keepdim=True), one / one.norm(dim=1, keepdim=True), atol=1e-5)
+    _, s_zero = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_init="zero", steps=1))
+    _, s_more = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(steps=8))
+    assert float(s_more.nll.mean()) < float(s_zero.nll.mean())
+    with pytest.raises(Exception, match="residual_init"):
+        cfg.replace(residual_init="newton")
