@@ -68,6 +68,11 @@ class NeuralDB:
         base = config or model_defaults(model_name(model), model.config.model_type)
         self.config = base.replace(layer=layer, gamma=gamma, index=index)
         n = num_layers(model)
+        if self.config.layer == -1:  # no defaults/<name>.yaml nor defaults/<model_type>.yaml
+            raise ConfigError(f"no defaults for model {model_name(model)!r} (model_type "
+                              f"{model.config.model_type}, {n} layers): give a layer and gamma "
+                              f"(EditConfig(layer=..., gamma=...) or --layer/--gamma); docs/gate.md says how "
+                              f"SmolLM2's were chosen")
         if not 0 <= self.config.layer < n:
             raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "
                               f"(set EditConfig.layer or --layer)")

