@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import neuraldb
 from neuraldb.builder import plan
 from neuraldb.engine.persistence import read_db
 
@@ -40,7 +41,9 @@ def run_build(job: dict, out: Path, ranks: int, **env: str) -> subprocess.Comple
             "--config", str(job["cfg"]), "--chunk", "3", "--out", str(out)]
     launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc-per-node={ranks}"]
-    return subprocess.run(launch + args, capture_output=True, text=True, timeout=600, env={**job["env"], **env})
+    # from the checkout's root, as the README runs it (the root must not shadow `kernels` there)
+    return subprocess.run(launch + args, capture_output=True, text=True, timeout=600, env={**job["env"], **env},
+                          cwd=Path(neuraldb.__file__).parent)
 
 
 def same_db(a: Path, b: Path) -> None:
