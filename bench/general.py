@@ -103,6 +103,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> str | None:
     if base is not None:
         ax.axhline(base, ls="--", c="grey", lw=1, label="unedited")
     ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlim(left=0)
     ax.set_xlabel("facts edited")
     ax.set_ylabel("average accuracy of the six tasks (%)")
     ax.legend()
