@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 import torch
-from tqdm.auto import tqdm
+
+from neuraldb.engine.progress import Progress
 
 T = TypeVar("T")
 
@@ -100,21 +101,12 @@ def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", every_s: float = 30.0) -> Iterator[T]:
     """A tqdm bar on a terminal; elsewhere (logs, CI) a line on stderr at most every `every_s`
-    seconds and at the end, with the rate and the time left."""
-    if sys.stderr.isatty():
-        yield from tqdm(items, total=total, desc=desc)
-        return
-    t0 = last = time.perf_counter()
-    n = 0
-    for item in items:
-        yield item
-        n += 1
-        now = time.perf_counter()
-        if now - last >= every_s or n == total:
-            rate = n / max(now - t0, 1e-9)
-            left = f", {(total - n) / rate / 60:.1f} min left" if total else ""
-            print(f"{desc}: {n}/{total if total else '?'} ({rate:.3g}/s{left})", file=sys.stderr, flush=True)
-            last = now
+    seconds and at the end, with the rate and the time left (the engine's `Progress`)."""
+    n = total if total is not None else len(items)  # type: ignore[arg-type]
+    with Progress(n, desc, every_s=every_s, emit=lambda line: print(line, file=sys.stderr, flush=True)) as bar:
+        for item in items:
+            yield item
+            bar.update()
 
 
 def timed(fn: Any, device: torch.device, repeats: int) -> list[float]:

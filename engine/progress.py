@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 class Progress:
     """with Progress(n, "residuals", "fact") as bar: ...; bar.update(k, nll=0.01)"""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", every_s: float = 10.0) -> None:
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+    def __init__(self, total: int, desc: str, unit: str = "item", every_s: float = 10.0,
+                 emit: Callable[[str], None] | None = None) -> None:
+        """`emit` takes each line instead of this module's logger at INFO (the benches print them)."""
+        self.total, self.desc, self.unit, self.every_s, self.emit = total, desc, unit, every_s, emit
         self.n = 0
         self.t0 = self.last = time.perf_counter()
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if sys.stderr.isatty() else None
@@ -38,9 +40,10 @@ class Progress:
                 self.bar.set_postfix(**postfix)
             return
         now = time.perf_counter()
-        if (now - self.last >= self.every_s or self.n >= self.total) and log.isEnabledFor(logging.INFO):
-            extra = "".join(f", {k} {v}" for k, v in postfix.items())
-            log.info("%s%s", self.line(), extra)
+        if (now - self.last >= self.every_s or self.n >= self.total) and (
+                self.emit is not None or log.isEnabledFor(logging.INFO)):
+            line = self.line() + "".join(f", {k} {v}" for k, v in postfix.items())
+            (self.emit or log.info)(line)
             self.last = now
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ import torch
 
 from ..data import resolve
 from ..engine.arch import model_device
+from ..engine.config import ConfigError
 from ..engine.hooks import Trace
 from .attribution import names
 
@@ -67,7 +68,7 @@ def task_dir(tasks: Sequence[str], out: Path, data_dir: str | Path | None = None
     task -> where its data came from ("shared", "sample", ...)."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown general task(s) {unknown}; choose from {list(TASKS)}")
+        raise ConfigError(f"unknown general task(s) {unknown}; choose from {','.join(TASKS)}")
     shipped = resources.files("neuraldb.evaluation").joinpath("tasks")
     out.mkdir(parents=True, exist_ok=True)
     origins = {}
@@ -158,6 +159,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             meta = self._meta if len(self._meta) == len(requests) else [("?", -1)] * len(requests)
             self._meta = []
             for i, hits in enumerate(opened):
+                if not hits:
+                    continue
                 text = self.tok_decode(inputs[i])
                 for pos, fid, sim in hits:
                     fact = self.db.facts[fid]
@@ -166,16 +169,18 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             out: list[tuple[float, bool] | None] = [None] * len(requests)
             todo_plain, todo_gated = [], []
             for i, k in enumerate(keys):
-                if opened[i]:
-                    hit = edited.get(k) if edited is not None else None
-                    (todo_gated.append(i) if hit is None else out.__setitem__(i, hit))
+                cache = edited if opened[i] else unedited
+                hit = cache.get(k) if cache is not None else None
+                if hit is None:
+                    (todo_gated if opened[i] else todo_plain).append(i)
                 else:
-                    hit = unedited.get(k) if unedited is not None else None
-                    (todo_plain.append(i) if hit is None else out.__setitem__(i, hit))
+                    out[i] = hit
             if on_open is not None and todo_gated:
                 on_open({fid for i in todo_gated for _, fid, _ in opened[i]})
-            self.reused += len(requests) - len(todo_plain) - len(todo_gated)
-            self.rescored += len(todo_gated)
+            if self.db is not None:  # requests with an open are scored with the edit, the rest as unedited
+                n_open = sum(1 for hits in opened if hits)
+                self.rescored += n_open
+                self.reused += len(requests) - n_open
             for todo, cache, gated in ((todo_plain, unedited, False), (todo_gated, edited, True)):
                 if not todo:
                     continue
