@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from neuraldb import NeuralDB, load_model
 from neuraldb.bench.common import machine, markdown_table, run_main, write_outputs
 from neuraldb.data import resolve
-from neuraldb.engine.arch import get_arch
 from neuraldb.engine.config import EditConfig, load_yaml, to_mapping
 from neuraldb.engine.facts import load_facts
 from neuraldb.engine.hooks import Trace
@@ -90,7 +89,7 @@ def spurious_harm(db: NeuralDB, residuals: torch.Tensor, passages: list[list[int
                   per_fact: int = 2, batch: int = 16) -> dict[str, float]:
     """Each fact's residual added at random tokens of passages, the gate bypassed (closed)."""
     model = db.model
-    path = get_arch(model).ffn_out.format(db.layer)
+    path = db.add_path
     jobs = [(f, rng.randrange(len(passages)), None) for f in range(len(residuals)) for _ in range(per_fact)]
     jobs = [(f, p, rng.randrange(1, len(passages[p]) - FOLLOW - 1)) for f, p, _ in jobs]
     at_open, after, flip_open, flip_after = [], [], [], []

@@ -20,7 +20,7 @@ from .change import Change
 from .config import ConfigError, EditConfig, model_defaults
 from .facts import Fact
 from .gate_map import GateMap, load_map, space_meta
-from .gated import GatedFFNOut, Hit, gate_mask_hook
+from .gated import AddAfter, GatedFFNOut, Hit, gate_mask_hook
 from .heads import N_SPANS, head_dim, head_rows, widen
 from .keys import (calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_head_ids,
                    subject_spans)
@@ -126,6 +126,12 @@ class NeuralDB:
         return get_arch(self.model).ffn_out.format(self.layer)
 
     @property
+    def add_path(self) -> str:
+        """The module whose output the residuals join: the FFN output projection, or the norm
+        after it where the architecture has one (Arch.ffn_add)."""
+        return get_arch(self.model).add_path(self.layer)
+
+    @property
     def gate(self) -> GatedFFNOut | None:
         return self._gate
 
@@ -138,6 +144,11 @@ class NeuralDB:
         self._gate = GatedFFNOut(base, self.index, self.table, self.config.gamma, self.space, self.heads,
                                  self.config.head_gamma or 0.0, self.config.head_window, self.config.sink_gamma)
         set_module(self.model, self.path, self._gate)
+        after = get_arch(self.model).ffn_add
+        if after:  # the residual joins after the norm that follows the FFN (Arch.ffn_add)
+            path = after.format(self.layer)
+            self._gate.deferred = True
+            set_module(self.model, path, AddAfter(get_module(self.model, path), self._gate))
         self._hooks += self.space.context_hooks(self.model, self._gate)
         # On the decoder, not the LM wrapper: every path (model(...), generate, model.base_model(...)
         # as the metrics call it) passes through it, so the mask is never stale.
@@ -149,6 +160,10 @@ class NeuralDB:
         if self._gate is None:
             return
         set_module(self.model, self.path, self._gate.base_layer)
+        after = get_arch(self.model).ffn_add
+        if after:
+            path = after.format(self.layer)
+            set_module(self.model, path, get_module(self.model, path).base_layer)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -68,6 +68,10 @@ class GatedFFNOut(nn.Module):
         self.timings: list[float] | None = None  # set to [] to record lookup seconds per call
         self.history: list[list[Hit]] | None = None  # set to [] to keep every call's hits
         self.sync_free: bool | None = None  # the dense gather-add path; None: off the CPU only
+        # where the residual joins after a norm that follows this layer (Arch.ffn_add): forward
+        # leaves (open, ids) here and the `AddAfter` wrapping that norm adds them
+        self.deferred = False
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GatedFFNOut":
         """`model.to(device)` moves the key index and residual table along with the weights."""
@@ -85,11 +89,11 @@ class GatedFFNOut(nn.Module):
         mask, self.token_mask = self.token_mask, None  # consumed: a mask never outlives its forward
         context, self.context = self.context, None  # likewise the attention context
         step, self.step = self.step, None
-        self.last_mask = mask
+        self.last_mask, self.pending = mask, None
         if not self.enabled or (self.index.ntotal == 0 and self.heads is None):
             self.last = None
             return out
-        lead, d_out = x.shape[:-1], out.shape[-1]
+        lead = x.shape[:-1]
         if mask is not None and mask.shape != lead:
             raise RuntimeError(f"gate mask {tuple(mask.shape)} does not fit the layer input {tuple(lead)}; "
                                f"the decoder's pre-hook and this layer saw different batches")
@@ -121,6 +125,15 @@ class GatedFFNOut(nn.Module):
         self.last = (sims.view(lead), ids.view(lead), open_.view(lead))
         if self.history is not None:
             self.history.append(self.hits())
+        if self.deferred:  # added after the norm that follows this layer (`AddAfter`)
+            self.pending = (open_, ids)
+            return out
+        return self.add(out, open_, ids)
+
+    def add(self, out: torch.Tensor, open_: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`out` (B, T, d_model) with each open token's winning residual added; closed tokens keep
+        their bits."""
+        d_out = out.shape[-1]
         inference = not out.requires_grad and out.is_contiguous()
         sync_free = out.device.type != "cpu" if self.sync_free is None else self.sync_free
         if sync_free and inference:  # sync-free: no nonzero, nothing sized by the hits
@@ -135,7 +148,7 @@ class GatedFFNOut(nn.Module):
             flat = out.view(-1, d_out)  # (B*T, d_model), out's own storage
             flat.index_put_((rows,), res, accumulate=True)  # out[r] = out[r] + res: the same rounding
             return out
-        full = torch.zeros(q.shape[0], d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)
+        full = torch.zeros(open_.numel(), d_out, dtype=out.dtype, device=out.device)  # (B*T, d_model)
         full[rows] = res
         return gate_add(out.reshape(-1, d_out), open_, full).view(out.shape)  # (B, T, d_model)
 
@@ -177,6 +190,28 @@ class GatedFFNOut(nn.Module):
             return []
         sims, ids, open_ = (t.reshape(-1, t.shape[-1]) for t in self.last)  # (B, T)
         return [Hit(b, t, int(ids[b, t]), float(sims[b, t])) for b, t in open_.nonzero().tolist()]
+
+
+class AddAfter(nn.Module):
+    """Wraps the norm after the gated layer (Gemma 2/3's post_feedforward_layernorm, keeping it
+    as `base_layer`) and adds the residuals the gate decided on to the norm's output. Closed
+    tokens keep the norm's bits."""
+
+    def __init__(self, base_layer: nn.Module, gate: GatedFFNOut) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._gate = (gate,)  # a reference, not a submodule: the gate is registered where it sits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        gate = self._gate[0]
+        pending, gate.pending = gate.pending, None  # consumed, as the gate's mask is
+        if pending is None:
+            return out
+        if pending[0].numel() != out.shape[:-1].numel():
+            raise RuntimeError(f"the gate decided for {pending[0].numel()} tokens but the norm after it "
+                               f"saw {tuple(out.shape[:-1])}")
+        return gate.add(out, *pending)
 
 
 def gate_mask_hook(gate: GatedFFNOut, gate_first_token: bool) -> Any:

@@ -185,7 +185,7 @@ class _Steps:
 
         cache = DynamicCache(ddp_cache_data=self.past, config=model.config) if self.past is not None else None
         with start_at_layer(model, arch.layers, layer, self.hidden, tuple_len), \
-                Trace(model, arch.ffn_out.format(layer), retain_input=False, edit_output=add):
+                Trace(model, arch.add_path(layer), retain_input=False, edit_output=add):
             return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
                                     use_cache=cache is not None, **cache_kwargs(model.base_model, cache))[0]  # (Rg, S, d)
 

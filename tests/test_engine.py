@@ -57,16 +57,16 @@ def test_closed_tokens_are_bit_identical_beside_open_ones(arch: str, tokenizer) 
     db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
     enc = tokenizer([FACTS[0].text, UNRELATED[0], FACTS[1].text + " and more"], return_tensors="pt", padding=True)
     with db.disabled():
-        base_out = ffn_outputs(model, db.path, enc)  # (B, T, d_model)
+        base_out = ffn_outputs(model, db.add_path, enc)  # (B, T, d_model)
         base_logits = model(**enc).logits
-    assert torch.equal(ffn_outputs(model, db.path, enc), base_out)  # no facts yet
+    assert torch.equal(ffn_outputs(model, db.add_path, enc), base_out)  # no facts yet
     db.add(FACTS)
-    ffn_outputs(model, db.path, enc)
+    ffn_outputs(model, db.add_path, enc)
     sims = db.gate.last[0]
     gateable = db.gate.last_mask & enc["attention_mask"].bool()
     # gamma in the middle of the observed similarities: guarantees both kinds in one batch
     db.gate.gamma = float(sims[gateable].median())
-    out = ffn_outputs(model, db.path, enc)
+    out = ffn_outputs(model, db.add_path, enc)
     opened = db.gate.last[2]
     assert opened.any() and (gateable & ~opened).any()
     closed = ~opened
@@ -140,12 +140,12 @@ def test_sync_free_gate_gives_the_same_bits(arch: str, tokenizer) -> None:
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         db.gate.sync_free = False
-        listed = ffn_outputs(model, db.path, enc)
+        listed = ffn_outputs(model, db.add_path, enc)
         db.gate.sync_free = True
-        fused = ffn_outputs(model, db.path, enc)
+        fused = ffn_outputs(model, db.add_path, enc)
         return listed, fused
 
-    ffn_outputs(model, db.path, enc)
+    ffn_outputs(model, db.add_path, enc)
     db.gate.gamma = float(db.gate.last[0][db.gate.last_mask].median())  # some tokens open, some not
     for step in range(3):
         listed, fused = both()
@@ -313,8 +313,8 @@ def test_model_to_moves_the_database(tokenizer) -> None:
     model.to(torch.bfloat16)
     enc = tokenizer([UNRELATED[0], FACTS[0].text], return_tensors="pt", padding=True)
     with db.disabled():
-        base = ffn_outputs(model, db.path, enc)
-    out = ffn_outputs(model, db.path, enc)
+        base = ffn_outputs(model, db.add_path, enc)
+    out = ffn_outputs(model, db.add_path, enc)
     opened = db.gate.last[2]
     assert out.dtype == torch.bfloat16 and opened.any()
     assert torch.equal(out[~opened].view(torch.int16), base[~opened].view(torch.int16))

@@ -63,7 +63,7 @@ def test_keys_and_queries_share_the_map(tokenizer, tmp_path: Path, context: int)
     with Capture(model, key_space(model, db.layer, cfg.replace(gate_map="")), stop=False) as cap, torch.no_grad():
         with db.disabled():
             model(**enc)
-    out = ffn_outputs(model, db.path, enc)
+    out = ffn_outputs(model, db.add_path, enc)
     sims, hit, open_ = db.gate.last
     last = encode_with_subject(tokenizer, "", FACTS[0].prompt, FACTS[0].subject).subject_last
     assert float(sims[0, last]) == pytest.approx(1.0, abs=1e-5) and int(hit[0, last]) == ids[0]
@@ -73,7 +73,7 @@ def test_keys_and_queries_share_the_map(tokenizer, tmp_path: Path, context: int)
     gated = db.gate.last_mask
     assert torch.allclose(sims[gated], best[gated], atol=1e-5)
     with db.disabled():
-        base = ffn_outputs(model, db.path, enc)
+        base = ffn_outputs(model, db.add_path, enc)
     assert torch.equal(out[~open_], base[~open_]) and not torch.equal(out[open_], base[open_])
 
 

@@ -70,12 +70,12 @@ def test_a_head_gamma_of_one_closes_all_but_unchecked_tokens(tokenizer) -> None:
     db.gate.gamma = -1.0
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True)
     with db.disabled():
-        base = ffn_outputs(db.model, db.path, enc)
+        base = ffn_outputs(db.model, db.add_path, enc)
     db.gate.head_gamma = -1.0
-    ffn_outputs(db.model, db.path, enc)
+    ffn_outputs(db.model, db.add_path, enc)
     all_open = db.gate.last[2].clone()
     db.gate.head_gamma = 1.0
-    out = ffn_outputs(db.model, db.path, enc)
+    out = ffn_outputs(db.model, db.add_path, enc)
     some = db.gate.last[2]
     assert (all_open & ~some).any() and not (some & ~all_open).any()
     closed = ~some
@@ -213,7 +213,7 @@ def test_head_table_saves_loads_and_is_checked(tokenizer, tmp_path: Path) -> Non
     assert back.config.head_gamma == 0.5 and sorted(back.heads.ids().tolist()) == [0, 2]
     assert torch.equal(back.heads.gather(torch.tensor([0, 2])), db.heads.gather(torch.tensor([0, 2])))
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    assert torch.equal(ffn_outputs(back.model, back.path, enc), ffn_outputs(db.model, db.path, enc))
+    assert torch.equal(ffn_outputs(back.model, back.add_path, enc), ffn_outputs(db.model, db.add_path, enc))
     plain = NeuralDB(make_model("llama", tokenizer), tokenizer, CFG)  # no head check: no head file
     plain.add(FACTS[:1])
     plain.save(tmp_path / "plain")

@@ -64,10 +64,10 @@ def test_context_gate_opens_on_its_fact_and_is_exact_elsewhere(arch: str, tokeni
     db = NeuralDB(model, tokenizer, CTX.replace(steps=2, n_prefixes=0, residual_prefixes=0))
     ids = db.add(FACTS)
     enc = tokenizer([FACTS[0].text, UNRELATED[0]], return_tensors="pt", padding=True)
-    out = ffn_outputs(model, db.path, enc)
+    out = ffn_outputs(model, db.add_path, enc)
     sims, hit, open_ = db.gate.last
     with db.disabled():
-        base = ffn_outputs(model, db.path, enc)
+        base = ffn_outputs(model, db.add_path, enc)
     last = encode_with_subject(tokenizer, "", FACTS[0].prompt, FACTS[0].subject).subject_last
     assert bool(open_[0, last]) and int(hit[0, last]) == ids[0]  # bare keys: the query there is the key
     assert torch.equal(out[~open_], base[~open_])
