@@ -15,7 +15,7 @@ class Arch:
     ffn_out: str  # the FFN's down/out projection of layer {}; its input is the key
     attn: str  # the self-attention module of layer {}; its output (first element) joins a context key
     conv1d: bool = False  # GPT-2 style Conv1D: weight is (in, out)
-    suffix_cache: bool = True  # residual steps may serve earlier tokens from a KV cache (not with sliding windows)
+    suffix_cache: bool = True  # residual steps may serve earlier tokens from a KV cache
     # where a residual is added when not to ffn_out's output: the norm that the FFN's output passes
     # before it joins the residual stream (Gemma 2/3's post_feedforward_layernorm). Added before
     # such a norm, a residual is rescaled with the FFN output and cannot outgrow it.
@@ -36,11 +36,11 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen3": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
     "gemma": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
     "gemma2": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn",
-                   suffix_cache=False, ffn_add="model.layers.{}.post_feedforward_layernorm"),
+                   ffn_add="model.layers.{}.post_feedforward_layernorm"),
     "gemma3_text": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn",
-                        suffix_cache=False, ffn_add="model.layers.{}.post_feedforward_layernorm"),
+                        ffn_add="model.layers.{}.post_feedforward_layernorm"),
     "gemma3": Arch("model.language_model.layers", "model.language_model.layers.{}.mlp.down_proj",
-                   "model.language_model.layers.{}.self_attn", suffix_cache=False,
+                   "model.language_model.layers.{}.self_attn",
                    ffn_add="model.language_model.layers.{}.post_feedforward_layernorm"),
     "phi3": Arch("model.layers", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn"),
 }

@@ -278,7 +278,10 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
     z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)[first]  # (S,)
 
-    suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0
+    # the suffix path serves earlier tokens from a cache: exact while every row fits a sliding
+    # window (a sliding layer's cache keeps only the window; Gemma 2/3's is 512 tokens or more)
+    window = getattr(model.config, "sliding_window", None) or b.ids.shape[1]
+    suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0 and b.ids.shape[1] <= window
     groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
         else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]

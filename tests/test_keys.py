@@ -45,8 +45,37 @@ def test_suffix_residuals_match_full_rows(arch: str, tokenizer) -> None:
     assert torch.allclose(fast, full, atol=1e-4, rtol=1e-3), (fast - full).abs().max()
     assert torch.allclose(s_fast.nll, s_full.nll, atol=1e-4)
     assert full.norm(dim=1).min() > 0  # the optimisation moved every residual
-    if get_arch(model).suffix_cache:  # the suffix path really ran (bit-identical would mean it did not)
+    window = getattr(model.config, "sliding_window", None) or 10**9
+    if get_arch(model).suffix_cache and window >= 32:  # the suffix path really ran (bit-identical would mean it did not)
         assert not torch.equal(fast, full)
+
+
+@pytest.mark.parametrize("window", [4, 128])
+def test_sliding_window_models_serve_suffix_steps_from_a_cache_only_within_the_window(window: int, tokenizer,
+                                                                                       monkeypatch) -> None:
+    """Gemma 3 (sliding-window layers): within the window the suffix path runs and optimises the
+    same function as whole rows; rows longer than the window run whole (a sliding layer's cache
+    would drop their first tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import CONFIGS
+    from neuraldb.engine import residuals
+
+    torch.manual_seed(0)
+    conf = CONFIGS["gemma3_text"](len(tokenizer))
+    conf.sliding_window = window
+    conf.eos_token_id = conf.pad_token_id = conf.bos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation="eager").eval()
+    calls = []
+    real = residuals._suffix_steps
+    monkeypatch.setattr(residuals, "_suffix_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = CFG.replace(n_prefixes=1, residual_prefixes=1, steps=4, lr=0.5, loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    full, _ = residuals.compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_suffix=False))
+    fast, _ = residuals.compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    assert bool(calls) == (window == 128)
+    assert torch.allclose(fast, full, atol=1e-4, rtol=1e-3)
+    assert torch.equal(fast, full) == (window == 4)
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
