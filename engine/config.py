@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -174,13 +173,10 @@ class EditConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def model_defaults(name: str | None, model_type: str) -> EditConfig:
-    """Per-model defaults: defaults/<name>.yaml, else defaults/<model_type>.yaml, else built-ins."""
-    root = resources.files("neuraldb.engine").joinpath("defaults")
-    for stem in (name, model_type):
-        if not stem:
-            continue
-        cand = root.joinpath(f"{Path(stem).name}.yaml")
-        if cand.is_file():
-            return from_mapping(EditConfig, yaml.safe_load(cand.read_text()) or {}, f"defaults/{cand.name}")
-    return EditConfig()
+def model_defaults(name: str | None, model_type: str, cache: str | Path | None = None) -> EditConfig:
+    """Per-model defaults: the profile of `name`, else of `model_type` (engine/profile.py:
+    shipped under defaults/, or calibrated into `cache`/profiles/), else the built-ins."""
+    from .profile import find_profile  # profile.py builds on this module
+
+    found = find_profile(name, model_type, cache)
+    return found[0].config() if found is not None else EditConfig()

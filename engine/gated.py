@@ -22,7 +22,7 @@ from torch import nn
 
 from ..kernels import gate_add, gather_add_
 from .arch import passed_cache
-from .heads import UNKNOWN, HeadState, extend, head_pass
+from .heads import UNKNOWN, HeadState, extend, head_scores
 
 if TYPE_CHECKING:
     from ..index import KeyIndex, ResidualTable
@@ -65,6 +65,7 @@ class GatedFFNOut(nn.Module):
         self.token_mask: torch.Tensor | None = None  # (B, T): tokens the next forward may gate
         self.last_mask: torch.Tensor | None = None  # (B, T): the mask the last forward used
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sims, ids, open (B, T)
+        self.last_head: tuple[torch.Tensor, torch.Tensor] | None = None  # head score, anchored (B, T)
         self.timings: list[float] | None = None  # set to [] to record lookup seconds per call
         self.history: list[list[Hit]] | None = None  # set to [] to keep every call's hits
         self.sync_free: bool | None = None  # the dense gather-add path; None: off the CPU only
@@ -89,7 +90,7 @@ class GatedFFNOut(nn.Module):
         mask, self.token_mask = self.token_mask, None  # consumed: a mask never outlives its forward
         context, self.context = self.context, None  # likewise the attention context
         step, self.step = self.step, None
-        self.last_mask, self.pending = mask, None
+        self.last_mask, self.pending, self.last_head = mask, None, None
         if not self.enabled or (self.index.ntotal == 0 and self.heads is None):
             self.last = None
             return out
@@ -108,7 +109,9 @@ class GatedFFNOut(nn.Module):
         else:
             sims, ids = self.index.search(q)  # (B*T,), (B*T,)
         if self.heads is not None:
-            passed, anchored = (t.reshape(-1).to(sims.device) for t in self._head_check(q, ids, lead, step))
+            score, anchored = (t.reshape(-1).to(sims.device) for t in self._head_check(q, ids, lead, step))
+            passed = score > self.head_gamma
+            self.last_head = (score.view(lead), anchored.view(lead))
             gamma: Any = self.gamma
             if self.sink_gamma is not None:  # per token, in the similarities' dtype (no float32 rounding)
                 gamma = torch.where(anchored, torch.tensor(self.sink_gamma, dtype=sims.dtype, device=sims.device),
@@ -154,9 +157,9 @@ class GatedFFNOut(nn.Module):
 
     def _head_check(self, q: torch.Tensor, ids: torch.Tensor | None, lead: torch.Size,
                     step: Step | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(B, T) whether each token's winner (ids; None: no search ran) passes the head check
-        and whether it passes it at the sink by its token id (engine/heads.py); records this
-        pass's queries for the next decode step either way."""
+        """(B, T) each token's head-check score for its winner (ids; None: no search ran), which
+        passes above head_gamma, and whether it passes at the sink by its token id
+        (engine/heads.py); records this pass's queries for the next decode step either way."""
         if len(lead) != 2:
             raise RuntimeError(f"the head check needs (batch, tokens) inputs, got {tuple(lead)}")
         b, t = lead
@@ -169,8 +172,8 @@ class GatedFFNOut(nn.Module):
         self.head_state.after(step.cache, ext, step.past + t, w, sink)
         if ids is None:
             return None
-        return head_pass(self.heads.dense(q.device), ids.view(b, t).to(q.device), ext, step.past,
-                         step.first.to(q.device), sink, self.head_gamma)
+        return head_scores(self.heads.dense(q.device), ids.view(b, t).to(q.device), ext, step.past,
+                           step.first.to(q.device), sink)
 
     def _search_masked(self, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Search only the tokens the mask lets through (on the CPU, where listing them costs no

@@ -129,8 +129,18 @@ def extend(before: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def head_pass(heads: torch.Tensor, ids: torch.Tensor, ext: torch.Tensor, past: int, first: torch.Tensor,
               sink: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The head check for every token of one forward, with no host sync: (B, T) bool, and
-    (B, T) bool where it passes by the sink's token id (a known id equal to the head's: the
-    subject stands at the text's start, where `EditConfig.sink_gamma` applies).
+    (B, T) bool where it passes by the sink's token id (`head_scores` says what is compared)."""
+    score, anchored = head_scores(heads, ids, ext, past, first, sink)
+    return score > gamma, anchored
+
+
+def head_scores(heads: torch.Tensor, ids: torch.Tensor, ext: torch.Tensor, past: int, first: torch.Tensor,
+                sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) the head check's score for every token (the best span's cosine; +inf where it
+    passes unchecked or by the sink's id, -inf where it cannot pass): the check passes where
+    it exceeds head_gamma; and (B, T) bool where it passes by the sink's token id (a known id
+    equal to the head's: the subject stands at the text's start, where `EditConfig.sink_gamma`
+    applies).
 
     heads: (capacity, head_dim(d)) the head table by id; ids: (B, T) the winners (-1: none);
     ext: (B, W + T, d) `extend`'s window, position past - W first; first: (B,) each row's first
@@ -153,7 +163,7 @@ def head_pass(heads: torch.Tensor, ids: torch.Tensor, ext: torch.Tensor, past: i
     cos = torch.where(at < first, float("-inf"), cos)  # the subject would start before the text
     cos = torch.where(spans > w, float("inf"), cos)  # wider than the window: not checked
     anchored = ((at == first) & (spans <= w)).any(-1) & exact  # (B, T)
-    return cos.amax(-1) > gamma, anchored
+    return cos.amax(-1), anchored
 
 
 def select_rows(model: nn.Module, cache: Any, rows: torch.Tensor) -> None:

@@ -1,0 +1,71 @@
+"""A model's profile: the gate's knobs and the residual optimiser, in one type and one file
+(`defaults/<name>.yaml` shipped with the package, or `<cache>/profiles/<name>.yaml` written by
+`neuraldb calibrate`). What made a profile (command, data ranges, date) is its `provenance`;
+the measurements behind each value are in the calibration report it names."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, EditConfig, from_mapping, to_mapping
+
+PROFILE_DIR = "profiles"  # under the model cache (engine.models.cache_dir)
+
+
+@dataclass(frozen=True)
+class Profile:
+    layer: int  # the gated FFN layer l*
+    gamma: float  # key threshold: cos(query, key) above it opens the gate
+    gate_context: int = 0  # blocks of attention output joined to the FFN input in the gate's space
+    gate_context_weight: float = 0.5
+    gate_map: str = ""  # a learned map of that space (engine/maps/), "" = none
+    head_gamma: float | None = None  # the head check's threshold (None: no head check)
+    sink_gamma: float | None = None  # key threshold where the subject starts the text
+    lr: float = 0.5  # residual optimiser: Adam's learning rate
+    steps: int = 25  # and its step budget per fact
+    clamp_norm: float = 0.75  # residual norm clamp, times |z| at the subject
+    provenance: str = ""  # what made this profile: command, data ranges, date, report
+
+    def config(self, base: EditConfig | None = None) -> EditConfig:
+        """`base` (default: the built-in EditConfig) with this profile's values."""
+        vals = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "provenance"}
+        return from_mapping(EditConfig, {**to_mapping(base or EditConfig()), **vals}, "profile")
+
+    def to_yaml(self) -> str:
+        data = to_mapping(self)
+        prov = data.pop("provenance")
+        head = "".join(f"# {line}\n" for line in prov.splitlines()) if prov else ""
+        return head + yaml.safe_dump({**data, "provenance": prov}, sort_keys=False, width=100)
+
+
+def read_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: profile not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return from_mapping(Profile, data, str(path))
+
+
+def find_profile(name: str | None, model_type: str, cache: str | Path | None = None) -> tuple[Profile, str] | None:
+    """The profile of model `name` (else of its model_type) and where it was found: the
+    package's defaults/ first, then `cache`/profiles/ (what `neuraldb calibrate` wrote)."""
+    shipped = resources.files("neuraldb.engine").joinpath("defaults")
+    for stem in (name, model_type):
+        if not stem:
+            continue
+        stem = Path(stem).name
+        cand = shipped.joinpath(f"{stem}.yaml")
+        if cand.is_file():
+            return from_mapping(Profile, yaml.safe_load(cand.read_text()) or {}, f"defaults/{cand.name}"), \
+                f"defaults/{cand.name}"
+        if cache is not None:
+            local = Path(cache) / PROFILE_DIR / f"{stem}.yaml"
+            if local.is_file():
+                return read_profile(local), str(local)
+    return None
