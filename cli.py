@@ -1,4 +1,4 @@
-"""The `neuraldb` command: edit, ask, info, eval, build, serve. Errors are one clear line and exit code 2."""
+"""The `neuraldb` command: edit, ask, info, eval, build, serve, calibrate. Errors are one clear line and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_facts_per_request=args.max_facts_per_request)
 
 
+CALIBRATION_FACTS_FROM = 10_000  # rows of a one-file source from here on: no evaluation measures them
+CALIBRATION_TEXTS_FROM = 400  # WikiText-2 passages from here on: retention reads the first ones
+
+
+def _calibration_material(args: argparse.Namespace, need: int) -> tuple[list, list[str], str]:
+    """Calibration facts and ordinary passages from fixed ranges no evaluation reads (the tail of
+    what exists where a source is smaller, as the bundled sample is), and a line saying which."""
+    from .data import is_source, resolve
+    from .evaluation.texts import wikitext_passages
+
+    start = CALIBRATION_FACTS_FROM
+    if is_source(args.data):  # a source in splits (CounterFact: edit, then train): the last split, whole
+        files = resolve(args.data, args.data_dir).files
+        path, start = files[-1], (0 if len(files) > 1 else start)
+    else:
+        path = Path(args.data)
+    pool = load_facts(path, limit=start + need)
+    f0 = min(start, max(0, len(pool) - need))
+    facts = pool[f0 : f0 + need]
+    if len(facts) < need:
+        raise ConfigError(f"--facts/--residual-facts: calibration needs {need} facts, {path} holds {len(pool)}")
+    wiki = resolve("wikitext", args.data_dir).path
+    passages = wikitext_passages(wiki, CALIBRATION_TEXTS_FROM + args.texts)
+    t0 = min(CALIBRATION_TEXTS_FROM, max(0, len(passages) - args.texts))
+    texts = passages[t0 : t0 + args.texts]
+    return facts, texts, f"facts: {path.name} rows {f0}-{f0 + len(facts) - 1}; texts: {wiki.name} passages " \
+                         f"{t0}-{t0 + len(texts) - 1}"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from .engine.calibrate import CalibrateConfig, Calibrator, markdown_report
+    from .engine.models import cache_dir
+    from .engine.profile import PROFILE_DIR
+
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else \
+        tuple(sorted({max(1, args.facts // 10), max(1, args.facts // 3), args.facts}))
+    cfg = CalibrateConfig(sizes=sizes, layer_facts=min(args.layer_facts, max(sizes)),
+                          layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else (),
+                          target_open=args.target_open, residual_facts=args.residual_facts,
+                          lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
+    facts, texts, material = _calibration_material(args, max(sizes) + cfg.residual_facts)
+    model, tok = load_model(args.model)
+    out = Path(args.out or f"results/calibrate-{Path(args.model).name}")
+    cal = Calibrator(model, tok, facts, texts, cfg, cache=out / "cache")
+    command = "neuraldb " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("neuraldb", "cli.py")) else \
+        f"neuraldb calibrate --model {args.model} --facts {args.facts} --texts {args.texts}"
+    profile = cal.run(provenance=f"calibrated by: {command}\n{material}\ndate: {date.today().isoformat()}; "
+                                 f"report: {out / 'report.md'}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.yaml").write_text(profile.to_yaml())
+    (out / "report.json").write_text(json.dumps({**cal.report, "profile": profile.__dict__}, indent=2))
+    (out / "report.md").write_text(markdown_report(cal.report, profile))
+    where = out / "profile.yaml"
+    if not args.no_install:  # NeuralDB(model, tok) finds it by the model's name from now on
+        where = cache_dir() / PROFILE_DIR / f"{Path(args.model).name}.yaml"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = where.with_suffix(".tmp")
+        tmp.write_text(profile.to_yaml())
+        tmp.replace(where)
+    print(markdown_report(cal.report, profile))
+    print(f"profile written to {where}; report in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuraldb", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -225,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
     s.add_argument("--max-facts-per-request", type=int, default=64)
     s.set_defaults(fn=cmd_serve)
+    c = sub.add_parser("calibrate", help="derive a model's profile (layer, gate space, thresholds, residual "
+                                         "optimiser) from its own activations; docs/models.md")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--out", help="report directory (default results/calibrate-MODEL)")
+    c.add_argument("--facts", type=int, default=9_000, help="calibration facts keyed at the largest size")
+    c.add_argument("--sizes", help="key counts measured, comma-separated (default FACTS/10, FACTS/3, FACTS)")
+    c.add_argument("--texts", type=int, default=256, help="ordinary WikiText-2 passages")
+    c.add_argument("--data", default="counterfact", help="calibration facts: a source name or a facts file")
+    c.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
+    c.add_argument("--layers", help="candidate layers, comma-separated (default: 10-33%% of the depth)")
+    c.add_argument("--layer-facts", type=int, default=300, help="keys per candidate layer and gate space")
+    c.add_argument("--target-open", type=float, default=1e-4, help="spurious opens allowed, share of ordinary tokens")
+    c.add_argument("--residual-facts", type=int, default=32)
+    c.add_argument("--lrs", default="0.5,1,2,4,8", help="residual learning rates tried")
+    c.add_argument("--max-steps", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-install", action="store_true", help="write the profile only to OUT, not to the model cache")
+    c.set_defaults(fn=cmd_calibrate)
     return p
 
 

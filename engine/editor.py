@@ -22,6 +22,7 @@ from .facts import Fact
 from .gate_map import GateMap, load_map, space_meta
 from .gated import AddAfter, GatedFFNOut, Hit, gate_mask_hook
 from .heads import N_SPANS, head_dim, head_rows, widen
+from .models import cache_dir
 from .keys import (calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_head_ids,
                    subject_spans)
 from .persistence import Stored, check_model, read_db, save_state
@@ -65,14 +66,14 @@ class NeuralDB:
         self.model, self.tok = model, tokenizer
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        base = config or model_defaults(model_name(model), model.config.model_type)
+        base = config or model_defaults(model_name(model), model.config.model_type, cache_dir())
         self.config = base.replace(layer=layer, gamma=gamma, index=index)
         n = num_layers(model)
         if self.config.layer == -1:  # no defaults/<name>.yaml nor defaults/<model_type>.yaml
             raise ConfigError(f"no defaults for model {model_name(model)!r} (model_type "
-                              f"{model.config.model_type}, {n} layers): give a layer and gamma "
-                              f"(EditConfig(layer=..., gamma=...) or --layer/--gamma); docs/gate.md says how "
-                              f"SmolLM2's were chosen")
+                              f"{model.config.model_type}, {n} layers): calibrate it once with "
+                              f"'neuraldb calibrate --model {model_name(model)}' (docs/models.md), or give "
+                              f"EditConfig(layer=..., gamma=...) / --layer and --gamma")
         if not 0 <= self.config.layer < n:
             raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "
                               f"(set EditConfig.layer or --layer)")

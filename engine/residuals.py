@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class ResidualStats:
     nll: torch.Tensor  # (F,) final target NLL per fact
     steps: torch.Tensor  # (F,) optimisation steps taken per fact
+    history: torch.Tensor | None = None  # (K, F) NLL after k steps, NaN once a fact stopped (asked for only)
 
 
 @dataclass
@@ -257,7 +258,7 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
 
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
               contexts: Sequence[str], cfg: EditConfig,
-              slots: Sequence[int] | None = None) -> tuple[torch.Tensor, ResidualStats]:
+              slots: Sequence[int] | None = None, history: bool = False) -> tuple[torch.Tensor, ResidualStats]:
     """One delta per slot (`slots[i]`: fact i's slot, 0..S-1; default one slot per fact). Facts
     that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
     terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
@@ -295,6 +296,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     active = torch.ones(n_slots, dtype=torch.bool, device=device)
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
+    hist: list[torch.Tensor] = []  # (F,) per evaluated step, with `history`
     with frozen_params(model), torch.enable_grad():
         for it in range(int(limit.max()) if n_slots else 0):
             if it == cfg.steps and bool((active & (limit <= it)).any()):  # single facts end here
@@ -325,6 +327,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             terms = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now + cfg.kl_factor * kl_f)
             loss = terms / per_slot + wd  # (S,)
             nll_f = torch.where(active[slot], nll_now.detach(), nll_f)
+            if history:
+                hist.append(torch.where(active[slot], nll_now.detach(), float("nan")))
             was = active.clone()
             active &= loss.detach() >= cfg.loss_stop
             if not bool(active.any()):
@@ -346,7 +350,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 delta.mul_(scale[:, None])
             if not torch.equal(was, active):  # facts that stopped leave the rows every step runs
                 groups = [k for g in groups if (k := g.keep(active[slot[b.row_fact[g.rows]]])) is not None]
-    return delta.detach().float()[slot], ResidualStats(nll_f.detach(), steps[slot])
+    return delta.detach().float()[slot], ResidualStats(nll_f.detach(), steps[slot],
+                                                       torch.stack(hist) if history and hist else None)
 
 
 def suffix_length(tok: PreTrainedTokenizerBase, fact: Fact) -> int:
@@ -371,10 +376,11 @@ def _batches(units: list[list[int]], size: int) -> list[list[list[int]]]:
 
 def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
                       prefixes: Sequence[str], cfg: EditConfig,
-                      groups: Sequence[Any] | None = None) -> tuple[torch.Tensor, ResidualStats]:
+                      groups: Sequence[Any] | None = None, history: bool = False) -> tuple[torch.Tensor, ResidualStats]:
     """(F, d_model) float32 residuals and per-fact optimisation stats. Facts with equal `groups`
     labels (NeuralDB passes the subject) get one residual, optimised jointly over all of their
-    prompts and targets; by default every fact is its own group."""
+    prompts and targets; by default every fact is its own group. With `history` the stats keep
+    every fact's NLL after every step (what the calibrator reads step budgets from)."""
     contexts = ["", *prefixes[: cfg.residual_prefixes]]
     members: dict[Any, list[int]] = {}
     for i in range(len(facts)):
@@ -383,13 +389,15 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     if cfg.residual_pack and cfg.residual_suffix:  # batches of like suffix length pad little
         units.sort(key=lambda u: min(suffix_length(tok, facts[i]) for i in u))
     order = [i for u in units for i in u]
-    outs, nll, steps = [], [], []
+    outs, nll, steps, hists = [], [], [], []
     bar = Progress(len(facts), "residuals", "fact")
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
         slots = [k for k, u in enumerate(batch) for _ in u]
-        r, st = _optimise(model, tok, chunk, layer, contexts, cfg, slots if len(slots) > len(batch) else None)
+        r, st = _optimise(model, tok, chunk, layer, contexts, cfg, slots if len(slots) > len(batch) else None,
+                          history=history)
         outs.append(r)
+        hists.append(st.history)
         nll.append(st.nll)
         steps.append(st.steps)
         bar.update(len(chunk), nll=f"{float(st.nll.mean()):.3f}")
@@ -397,4 +405,9 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     back = torch.empty(len(facts), dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(facts))  # sorted position of each fact
     cat = lambda xs: torch.cat(xs)[back.to(xs[0].device)]  # noqa: E731  facts in the caller's order
-    return cat(outs), ResidualStats(cat(nll), cat(steps))
+    hist = None
+    if history and all(h is not None for h in hists):
+        k = max(h.shape[0] for h in hists)
+        pad = [torch.cat([h, h.new_full((k - h.shape[0], h.shape[1]), float("nan"))]) for h in hists]  # (K, Fb)
+        hist = torch.cat(pad, 1)[:, back.to(pad[0].device)]  # (K, F) in the caller's order
+    return cat(outs), ResidualStats(cat(nll), cat(steps), hist)

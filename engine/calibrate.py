@@ -1,0 +1,406 @@
+"""Calibrate a model's profile from its own activations (`neuraldb calibrate`).
+
+Material that no evaluation measures: calibration facts (their edit prompts and paraphrases
+must open their own fact's gate) and ordinary text (no gate should open). Four measured
+choices, each reported with every candidate's operating point:
+
+1. **layer**: FFN-input keys of `layer_facts` facts at each candidate layer (bench/choose_layer.py's
+   measure): the share of edit prompts and paraphrases whose own gate opens at the lowest gamma
+   that opens on at most `sweep_open` of ordinary tokens. The best share wins.
+2. **gate space**: the same measure for `contexts` blocks of attention output joined to the key.
+3. **thresholds**: with the head check, keys of `sizes[-1]` facts (measured at every size):
+   gamma, head_gamma and sink_gamma on a grid, the best own-open share whose spurious opens on
+   ordinary text stay <= `target_open` at the largest size; the rate at `extrapolate_to` keys is
+   extrapolated (log-log fit over the sizes) and reported.
+4. **residual optimiser**: each learning rate run on `residual_facts` facts with the NLL of every
+   fact after every step kept; per (lr, step budget) the share of facts ending below `nll_goal`
+   and the seconds it costs. The fastest budget reaching `nll_share` wins (else the best share).
+
+The gate is read, not modelled: a database whose thresholds sit at their floor records, for
+every token, its winner, similarity, head-check score and whether its subject stands at the
+text's start (`GatedFFNOut.last`, `last_head`); any threshold's opens follow from those.
+Key sets are cached (safetensors) so an interrupted run resumes."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch import num_layers
+from .config import EditConfig
+from .editor import NeuralDB, layer_fingerprint, model_name
+from .facts import Fact
+from .hooks import Trace
+from .keys import generate_prefixes
+from .profile import Profile
+from .progress import Progress
+from .residuals import compute_residuals
+
+log = logging.getLogger(__name__)
+
+GAMMAS = np.round(np.arange(0.40, 0.995, 0.01), 2)
+HEAD_GAMMAS: tuple[float | None, ...] = (None, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)
+SINK_DROPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1)  # sink_gamma = gamma - drop
+LAYER_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.33)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    sizes: tuple[int, ...] = (1000, 3000, 10000)  # key counts the thresholds are measured at
+    layer_facts: int = 300  # keys per candidate layer / gate space
+    layers: tuple[int, ...] = ()  # () = LAYER_FRACTIONS of the depth
+    contexts: tuple[int, ...] = (0, 3, 5)  # gate_context candidates
+    target_open: float = 1e-4  # spurious opens allowed, as a share of ordinary tokens
+    sweep_open: float = 1e-2  # the operating point that compares layers and spaces
+    extrapolate_to: int = 100_000
+    residual_facts: int = 32
+    lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    max_steps: int = 32
+    nll_goal: float = 0.05
+    nll_share: float = 0.95
+    text_tokens: int = 256  # each ordinary passage cut to this many tokens
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Scan:
+    """What the gate saw: for ordinary tokens (N,) similarity, head score, anchored; for each
+    prompt the best similarity of its own fact off / at the sink, per head threshold."""
+
+    text_s: np.ndarray
+    text_h: np.ndarray
+    text_a: np.ndarray
+    own: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # per prompt: s, h, a
+
+    def __post_init__(self) -> None:
+        self._by_head: dict[float | None, tuple[np.ndarray, ...]] = {}
+
+    def _at(self, head: float | None) -> tuple[np.ndarray, ...]:
+        """For a head threshold: ordinary tokens' similarities off / at the sink that pass it,
+        and each prompt's best own similarity off / at the sink that passes it (-inf: none)."""
+        if head not in self._by_head:
+            def best(s: np.ndarray, ok: np.ndarray) -> float:
+                return float(s[ok].max()) if ok.any() else float("-inf")
+            if head is None:  # no head check: no table, and no sink threshold either
+                t_off, t_at = self.text_s, self.text_s[:0]
+                p_off = np.array([best(s, np.ones_like(a)) for s, h, a in self.own])
+                p_at = np.full(len(self.own), float("-inf"))
+            else:
+                ok = self.text_h > head
+                t_off, t_at = self.text_s[ok & ~self.text_a], self.text_s[ok & self.text_a]
+                p_off = np.array([best(s, (h > head) & ~a) for s, h, a in self.own])
+                p_at = np.array([best(s, (h > head) & a) for s, h, a in self.own])
+            self._by_head[head] = (t_off, t_at, p_off, p_at)
+        return self._by_head[head]
+
+    def spurious(self, gamma: float, head: float | None = None, sink: float | None = None) -> float:
+        """Share of ordinary tokens whose gate opens at these thresholds."""
+        if not len(self.text_s):
+            return 0.0
+        t_off, t_at, _, _ = self._at(head)
+        return float(((t_off > gamma).sum() + (t_at > (gamma if sink is None else sink)).sum()) / len(self.text_s))
+
+    def own_open(self, gamma: float, head: float | None = None, sink: float | None = None) -> float:
+        """Share of prompts on which their own fact's gate opens at these thresholds."""
+        if not self.own:
+            return 0.0
+        _, _, p_off, p_at = self._at(head)
+        return float(((p_off > gamma) | (p_at > (gamma if sink is None else sink))).mean())
+
+
+def _encode(tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    return [tok(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def scan(db: NeuralDB, texts: Sequence[list[int]], prompts: Sequence[tuple[list[int], int]],
+         batch_size: int = 16) -> Scan:
+    """Run token sequences through the model up to the gate (thresholds at their floor) and
+    keep what it saw at every gateable token: `texts` are ordinary (every token counts),
+    `prompts` pair a sequence with the fact id that should open on it."""
+    gate = db.gate
+    pad = db.tok.pad_token_id if db.tok.pad_token_id is not None else 0
+    seqs = [(ids, None) for ids in texts] + [(ids, own) for ids, own in prompts]
+    ts, th, ta, own = [], [], [], []
+    bar = Progress(len(seqs), "gate scan", "seq")
+    for i in range(0, len(seqs), batch_size):
+        part = seqs[i : i + batch_size]
+        width = max(len(s) for s, _ in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)  # (B, T) right-padded
+        mask = torch.zeros(len(part), width, dtype=torch.long)
+        for b, (s, _) in enumerate(part):
+            ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+        with Trace(db.model, db.path, retain_input=False, stop=True):
+            db.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        sims, win, _ = (t.float().cpu() if t.dtype.is_floating_point else t.cpu() for t in gate.last)  # (B, T)
+        if gate.last_head is not None:
+            head, anch = (t.cpu() for t in gate.last_head)
+        else:
+            head, anch = torch.full_like(sims, float("inf")), torch.zeros_like(sims, dtype=torch.bool)
+        keep = gate.last_mask.cpu() & mask.bool()  # (B, T) gateable real tokens
+        for b, (_, o) in enumerate(part):
+            k = keep[b] if o is None else keep[b] & (win[b] == o)
+            s, h, a = sims[b][k].numpy(), head[b][k].float().numpy(), anch[b][k].numpy()
+            if o is None:
+                ts.append(s), th.append(h), ta.append(a)
+            else:
+                own.append((s, h, a))
+        bar.update(len(part))
+    bar.close()
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    return Scan(cat(ts, np.float32), cat(th, np.float32), cat(ta, bool), own)
+
+
+def sweep_point(sc: Scan, max_open: float) -> dict[str, float]:
+    """The lowest grid gamma (no head check) whose spurious opens are <= max_open, and the own-open
+    share there."""
+    for g in GAMMAS:
+        if sc.spurious(float(g)) <= max_open:
+            return {"gamma": float(g), "spurious": sc.spurious(float(g)), "own_open": sc.own_open(float(g))}
+    return {"gamma": 1.0, "spurious": 0.0, "own_open": 0.0}
+
+
+def fit_thresholds(sc: Scan, max_open: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(best, every candidate's best point): for each head threshold, the (gamma, sink drop)
+    with the highest own-open share whose spurious opens stay <= max_open; ties go to the
+    higher gamma (fewer opens)."""
+    cands = []
+    for head in HEAD_GAMMAS:
+        best = None
+        for g in GAMMAS[::-1]:  # high to low: a tie keeps the higher gamma
+            g = float(g)
+            for drop in (SINK_DROPS if head is not None else (0.0,)):
+                sink = None if head is None else round(g - drop, 2)
+                sp = sc.spurious(g, head, sink)
+                if sp > max_open:
+                    continue
+                own = sc.own_open(g, head, sink)
+                if best is None or own > best["own_open"]:
+                    best = {"gamma": g, "head_gamma": head, "sink_gamma": sink, "spurious": sp, "own_open": own}
+        if best is not None:
+            cands.append(best)
+    if not cands:
+        return {"gamma": 1.0, "head_gamma": None, "sink_gamma": None, "spurious": 0.0, "own_open": 0.0}, cands
+    return max(cands, key=lambda c: (c["own_open"], c["gamma"])), cands
+
+
+def extrapolate(sizes: Sequence[int], rates: Sequence[float], to: int) -> float | None:
+    """Spurious-open share at `to` keys from a log-log line through the measured sizes (None
+    where fewer than two sizes opened at all)."""
+    pts = [(math.log(n), math.log(r)) for n, r in zip(sizes, rates) if r > 0]
+    if len(pts) < 2:
+        return None
+    x, y = np.array(pts).T
+    slope, icept = np.polyfit(x, y, 1)
+    return float(math.exp(icept + slope * math.log(to)))
+
+
+class Calibrator:
+    """One calibration run: the model, the material, a cache directory and the report so far."""
+
+    def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact],
+                 texts: Sequence[str], cfg: CalibrateConfig = CalibrateConfig(), cache: str | Path | None = None,
+                 base: EditConfig | None = None) -> None:
+        need = max(cfg.sizes) + cfg.residual_facts
+        if len(facts) < need:
+            raise ValueError(f"calibration needs {need} facts (largest size {max(cfg.sizes)} + residual_facts "
+                             f"{cfg.residual_facts}), got {len(facts)}")
+        if not texts:
+            raise ValueError("calibration needs ordinary text passages (texts is empty)")
+        self.model, self.tok, self.cfg = model, tok, cfg
+        self.base = base or EditConfig()
+        self.facts = list(facts[: max(cfg.sizes)])
+        self.res_facts = list(facts[max(cfg.sizes) : need])  # never among the keyed facts
+        self.texts = _encode(tok, texts, cfg.text_tokens)
+        self.cache = Path(cache) if cache is not None else None
+        self.report: dict[str, Any] = {"model": model_name(model), "model_type": model.config.model_type,
+                                       "num_layers": num_layers(model), "config": asdict(cfg),
+                                       "material": {"facts": len(self.facts), "residual_facts": len(self.res_facts),
+                                                    "texts": len(self.texts),
+                                                    "text_tokens": sum(len(t) for t in self.texts)}}
+
+    # ----- helpers --------------------------------------------------------------------
+    def _db(self, layer: int, context: int, head: bool) -> NeuralDB:
+        """A database at the thresholds' floor (every winner reported), head table or not."""
+        cfg = dataclasses.replace(self.base, layer=layer, gate_context=context, gate_map="", gamma=-1.0, index="Flat",
+                                  head_gamma=-1.0 if head else None, sink_gamma=-1.0 if head else None)
+        return NeuralDB(self.model, self.tok, cfg)
+
+    def _keys(self, db: NeuralDB, facts: Sequence[Fact], what: str) -> torch.Tensor:
+        """Key rows of `facts` in `db`'s space, cached per (layer weights, space, facts)."""
+        tag = json.dumps([layer_fingerprint(self.model, db.layer), db.layer, db.config.gate_context,
+                          db.heads is not None, [f.text for f in facts[:3]], len(facts), self.cfg.seed])
+        path = None
+        if self.cache is not None:
+            path = self.cache / f"keys-{what}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.safetensors"
+            if path.is_file():
+                from safetensors.torch import load_file
+                return load_file(str(path))["keys"]
+        keys = db.encode_keys(facts)
+        if path is not None:
+            from safetensors.torch import save_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"keys": keys.contiguous()}, str(tmp))
+            tmp.replace(path)
+        return keys
+
+    def _prompts(self, db: NeuralDB, facts: Sequence[Fact], ids: Sequence[int]) -> list[tuple[list[int], int]]:
+        out = []
+        for i, f in zip(ids, facts):
+            for text in (f.text, *f.paraphrases):
+                out.append((self.tok(text)["input_ids"], int(i)))
+        return out
+
+    def _space_scan(self, layer: int, context: int) -> Scan:
+        db = self._db(layer, context, head=False)
+        try:
+            facts = self.facts[: self.cfg.layer_facts]
+            db.insert(list(range(len(facts))), facts, self._keys(db, facts, "sweep"), None)
+            return scan(db, self.texts, self._prompts(db, facts, range(len(facts))), self.cfg.batch_size)
+        finally:
+            db.detach()
+
+    # ----- the four choices ---------------------------------------------------------------
+    def choose_layer(self) -> int:
+        n = num_layers(self.model)
+        layers = self.cfg.layers or tuple(sorted({max(1, round(n * f)) for f in LAYER_FRACTIONS}))
+        rows = []
+        for layer in layers:
+            pt = sweep_point(self._space_scan(layer, 0), self.cfg.sweep_open)
+            rows.append({"layer": layer, **pt})
+            log.info("layer %d: own-open %.3f at gamma %.2f (spurious %.4f)", layer, pt["own_open"], pt["gamma"],
+                     pt["spurious"])
+        best = max(rows, key=lambda r: (r["own_open"], -r["layer"]))
+        self.report["layers"] = {"candidates": rows, "chosen": best["layer"],
+                                 "why": f"highest own-open share at <= {self.cfg.sweep_open:.2%} spurious opens "
+                                        f"({self.cfg.layer_facts} keys, FFN input only)"}
+        return int(best["layer"])
+
+    def choose_space(self, layer: int) -> int:
+        rows = []
+        for c in self.cfg.contexts:
+            if c > layer + 1:
+                continue
+            pt = sweep_point(self._space_scan(layer, c), self.cfg.sweep_open)
+            rows.append({"gate_context": c, **pt})
+        best = max(rows, key=lambda r: (r["own_open"], -r["gate_context"]))
+        self.report["space"] = {"candidates": rows, "chosen": best["gate_context"], "gate_map": "",
+                                "why": "highest own-open share at the sweep's operating point; no learned map "
+                                       "is fitted by the calibrator"}
+        return int(best["gate_context"])
+
+    def choose_thresholds(self, layer: int, context: int) -> dict[str, Any]:
+        db = self._db(layer, context, head=True)
+        sizes = sorted(self.cfg.sizes)
+        try:
+            keys = self._keys(db, self.facts, "full")
+            scans: dict[int, Scan] = {}
+            done = 0
+            probe = self.facts[: self.cfg.layer_facts]  # prompts of the first facts: own at every size
+            for m in sizes:
+                db.insert(list(range(done, m)), self.facts[done:m], keys[done:m], None)
+                done = m
+                scans[m] = scan(db, self.texts, self._prompts(db, probe, range(len(probe))), self.cfg.batch_size)
+        finally:
+            db.detach()
+        best, cands = fit_thresholds(scans[sizes[-1]], self.cfg.target_open)
+        g, hg, sg = best["gamma"], best["head_gamma"], best["sink_gamma"]
+        per_size = [{"keys": m, "spurious": scans[m].spurious(g, hg, sg), "own_open": scans[m].own_open(g, hg, sg)}
+                    for m in sizes]
+        pred = extrapolate(sizes, [r["spurious"] for r in per_size], self.cfg.extrapolate_to)
+        self.report["thresholds"] = {
+            "chosen": best, "per_head_gamma": cands, "at_sizes": per_size,
+            f"spurious_at_{self.cfg.extrapolate_to}_extrapolated": pred,
+            "why": f"highest own-open share (edit prompts and paraphrases of {len(probe)} facts) with spurious "
+                   f"opens <= {self.cfg.target_open:.4%} of {len(scans[sizes[-1]].text_s)} ordinary tokens at "
+                   f"{sizes[-1]} keys"}
+        return best
+
+    def choose_optimiser(self, layer: int) -> dict[str, Any]:
+        rows, runs = [], []
+        for lr in self.cfg.lrs:
+            cfg = self.base.replace(layer=layer, lr=lr, steps=self.cfg.max_steps)
+            prefixes = generate_prefixes(self.model, self.tok, cfg)
+            t0 = time.perf_counter()
+            _, st = compute_residuals(self.model, self.tok, self.res_facts, layer, prefixes, cfg, history=True)
+            secs = time.perf_counter() - t0
+            hist = st.history.cpu().numpy()  # (steps + 1, F) NLL after k steps (NaN once stopped)
+            steps = st.steps.cpu().numpy()
+            final = _filled(hist)
+            runs.append({"lr": lr, "seconds": secs, "steps_mean": float(steps.mean()),
+                         "nll_mean": float(final[-1].mean())})
+            for cap in sorted({4, 8, 12, 16, 24, self.cfg.max_steps}):
+                if cap > self.cfg.max_steps:
+                    continue
+                nll = final[min(cap, len(final) - 1)]  # (F,) NLL after at most `cap` steps
+                cost = secs * np.minimum(steps, cap).sum() / max(1, steps.sum())
+                rows.append({"lr": lr, "steps": cap, "share_below_goal": float((nll < self.cfg.nll_goal).mean()),
+                             "nll_mean": float(nll.mean()), "nll_p90": float(np.quantile(nll, 0.9)),
+                             "nll_max": float(nll.max()), "facts_per_s_est": len(nll) / max(cost, 1e-9)})
+        ok = [r for r in rows if r["share_below_goal"] >= self.cfg.nll_share]
+        best = max(ok, key=lambda r: r["facts_per_s_est"]) if ok else \
+            max(rows, key=lambda r: (r["share_below_goal"], -r["nll_mean"]))
+        self.report["optimiser"] = {
+            "runs": runs, "candidates": rows, "chosen": best,
+            "why": (f"fastest (lr, step budget) with >= {self.cfg.nll_share:.0%} of {len(self.res_facts)} facts below "
+                    f"NLL {self.cfg.nll_goal}" if ok else
+                    f"no candidate reached {self.cfg.nll_share:.0%} below NLL {self.cfg.nll_goal}: the highest share")}
+        return best
+
+    def run(self, provenance: str = "") -> Profile:
+        t0 = time.perf_counter()
+        layer = self.choose_layer()
+        context = self.choose_space(layer)
+        th = self.choose_thresholds(layer, context)
+        opt = self.choose_optimiser(layer)
+        self.report["seconds"] = time.perf_counter() - t0
+        return Profile(layer=layer, gamma=th["gamma"], gate_context=context, head_gamma=th["head_gamma"],
+                       sink_gamma=th["sink_gamma"], lr=float(opt["lr"]), steps=int(opt["steps"]),
+                       clamp_norm=self.base.clamp_norm, provenance=provenance)
+
+
+def _filled(hist: np.ndarray) -> np.ndarray:
+    """(K, F) NLL after k steps with each stopped fact's last value carried forward."""
+    out = hist.copy()
+    for k in range(1, len(out)):
+        out[k] = np.where(np.isnan(out[k]), out[k - 1], out[k])
+    return out
+
+
+def markdown_report(report: dict[str, Any], profile: Profile) -> str:
+    """The report as a page: every candidate's operating point, what was chosen and why."""
+    def table(rows: Sequence[dict[str, Any]]) -> str:
+        if not rows:
+            return "(none)\n"
+        cols = list(rows[0])
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                         + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]) + "\n"
+
+    out = [f"# Calibration of {report['model']} ({report['model_type']}, {report['num_layers']} layers)\n",
+           f"Material: {report['material']}\n", f"Seconds: {report.get('seconds', 0):.0f}\n",
+           "## Profile\n", "```yaml\n" + profile.to_yaml() + "```\n"]
+    for part, title in (("layers", "Layer"), ("space", "Gate space"), ("thresholds", "Thresholds"),
+                        ("optimiser", "Residual optimiser")):
+        sec = report.get(part)
+        if not sec:
+            continue
+        out.append(f"## {title}\n\n{sec['why']}.\n")
+        for key in ("candidates", "per_head_gamma", "at_sizes", "runs"):
+            if key in sec:
+                out.append(f"**{key}**\n\n" + table(sec[key]))
+        rest = {k: v for k, v in sec.items() if k not in ("candidates", "per_head_gamma", "at_sizes", "runs", "why")}
+        out.append(f"chosen: `{json.dumps(rest)}`\n")
+    return "\n".join(out)

@@ -1,0 +1,130 @@
+"""The calibrator on tiny models: it reads the gate's own operating points (a threshold's opens
+follow from one scan exactly as the gate decides them), picks the best candidate under the
+spurious-open budget, keeps residual NLL histories, resumes from its key cache, and writes a
+profile that NeuralDB then finds by the model's name."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from neuraldb import EditConfig, NeuralDB
+from neuraldb.engine.calibrate import CalibrateConfig, Calibrator, Scan, extrapolate, fit_thresholds, markdown_report, scan
+from neuraldb.engine.profile import PROFILE_DIR, Profile, find_profile, read_profile
+from neuraldb.engine.residuals import compute_residuals
+from neuraldb.engine.keys import generate_prefixes
+from neuraldb.evaluation.synthetic import synthetic_facts
+
+from conftest import CORPUS, make_model
+
+FACTS = list(synthetic_facts(40, seed=3))
+BASE = EditConfig(n_prefixes=2, prefix_len=4, residual_prefixes=1, weight_decay=0.0, clamp_norm=4.0)
+SMALL = CalibrateConfig(sizes=(10, 30), layer_facts=10, layers=(1, 2), contexts=(0, 1), residual_facts=4,
+                        lrs=(0.5, 2.0), max_steps=4, text_tokens=32, batch_size=4)
+
+
+def _opens(db: NeuralDB, texts: list[list[int]]) -> int:
+    opened = 0
+    with torch.no_grad():
+        for t in texts:
+            db.model(input_ids=torch.tensor([t]))
+            opened += int(db.gate.last[2].sum())
+    return opened
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_scan_thresholds_decide_as_the_gate(head: bool, tokenizer) -> None:
+    """Opens counted from one batched scan at the floor equal the gate's own opens, one text at
+    a time, at each threshold triple (head check or none)."""
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(BASE, layer=1, gate_context=1, gamma=-1.0, index="Flat",
+                              head_gamma=-1.0 if head else None, sink_gamma=-1.0 if head else None)
+    db = NeuralDB(model, tokenizer, cfg)
+    facts = FACTS[:20]
+    db.insert(list(range(20)), facts, db.encode_keys(facts), None)
+    texts = [tokenizer(t)["input_ids"] for t in CORPUS]
+    sc = scan(db, texts, [], batch_size=3)
+    triples = [(0.5, 0.3, 0.45), (0.2, 0.0, 0.2), (0.3, 0.1, 0.1)] if head else [(0.7, None, None), (0.3, None, None)]
+    counts = []
+    for g, hg, sg in triples:
+        db.gate.gamma, db.gate.sink_gamma, db.gate.head_gamma = g, sg, hg or 0.0
+        counts.append(_opens(db, texts))
+        assert round(sc.spurious(g, hg, sg) * len(sc.text_s)) == counts[-1]
+    assert max(counts) > 0  # some threshold opened somewhere: the comparison counted something
+    db.detach()
+
+
+def test_fit_thresholds_keeps_the_budget_and_prefers_own_opens() -> None:
+    rng = np.random.default_rng(0)
+    text_s = rng.uniform(0.3, 0.8, 10_000).astype(np.float32)
+    text_h = rng.uniform(0.0, 0.7, 10_000).astype(np.float32)
+    own = [(np.array([0.85 - 0.1 * (i % 3)], np.float32), np.array([0.9], np.float32), np.array([False]))
+           for i in range(30)]
+    sc = Scan(text_s, text_h, np.zeros(10_000, bool), own)
+    best, cands = fit_thresholds(sc, 1e-3)
+    assert best["spurious"] <= 1e-3 and all(c["spurious"] <= 1e-3 for c in cands)
+    assert best["own_open"] == max(c["own_open"] for c in cands)
+    assert best["head_gamma"] is not None and best["own_open"] == 1.0  # the head check lets gamma fall to 0.64
+    assert extrapolate([1000, 10_000], [1e-5, 1e-4], 100_000) == pytest.approx(1e-3)
+    assert extrapolate([1000, 10_000], [0.0, 1e-4], 100_000) is None
+
+
+def test_residual_history_matches_the_final_nll(tokenizer) -> None:
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(BASE, layer=1, steps=5, lr=0.5, residual_batch_size=3)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    _, st = compute_residuals(model, tokenizer, FACTS[:7], 1, prefixes, cfg, history=True)
+    assert st.history.shape[1] == 7 and st.history.shape[0] <= 5
+    last = [float(st.history[~torch.isnan(st.history[:, f]), f][-1]) for f in range(7)]
+    torch.testing.assert_close(torch.tensor(last), st.nll.cpu())
+    assert not torch.isnan(st.history[0]).any()
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3_text"])
+def test_calibrate_writes_a_profile_that_neuraldb_finds(arch_name: str, tokenizer, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NEURALDB_CACHE", str(tmp_path / "cache"))
+    model = make_model(arch_name, tokenizer)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, SMALL, cache=tmp_path / "keys", base=BASE)
+    profile = cal.run(provenance="test run")
+    rep = cal.report
+    assert profile.layer in (1, 2) and profile.gate_context in (0, 1)
+    assert {r["layer"] for r in rep["layers"]["candidates"]} == {1, 2}
+    assert rep["thresholds"]["chosen"]["spurious"] <= SMALL.target_open
+    assert [r["keys"] for r in rep["thresholds"]["at_sizes"]] == [10, 30]
+    assert {r["lr"] for r in rep["optimiser"]["candidates"]} == {0.5, 2.0}
+    assert profile.steps <= 4 and profile.lr in (0.5, 2.0)
+    assert "Thresholds" in markdown_report(rep, profile)
+    # written to the model cache's profiles/, found by the model's name, round-tripped exactly
+    name = model.config.neuraldb_name
+    path = tmp_path / "cache" / PROFILE_DIR / f"{name}.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(profile.to_yaml())
+    assert read_profile(path) == profile
+    found, where = find_profile(name, arch_name, tmp_path / "cache")
+    assert found == profile and where == str(path)
+    db = NeuralDB(model, tokenizer)
+    assert (db.layer, db.config.gamma, db.config.lr) == (profile.layer, profile.gamma, profile.lr)
+    db.detach()
+    # a second run reads its keys from the cache: the same choices
+    again = Calibrator(model, tokenizer, FACTS, CORPUS * 3, SMALL, cache=tmp_path / "keys", base=BASE)
+    assert dataclasses.replace(again.run(provenance="test run"), lr=profile.lr, steps=profile.steps) == profile
+
+
+def test_calibrate_needs_enough_material(tokenizer) -> None:
+    model = make_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="calibration needs 34 facts"):
+        Calibrator(model, tokenizer, FACTS[:20], CORPUS, SMALL)
+    with pytest.raises(ValueError, match="texts is empty"):
+        Calibrator(model, tokenizer, FACTS, [], SMALL)
+
+
+def test_profile_rejects_unknown_keys(tmp_path) -> None:
+    from neuraldb.engine.config import ConfigError
+
+    p = tmp_path / "x.yaml"
+    p.write_text("layer: 3\ngamma: 0.8\nwhatever: 1\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        read_profile(p)
+    assert Profile(layer=3, gamma=0.8).config().layer == 3
