@@ -17,12 +17,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..index import KeyIndex, ResidualTable, make_index
 from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_module
 from .change import Change
-from .config import ConfigError, EditConfig, model_defaults
+from .config import ConfigError, EditConfig
 from .facts import Fact
 from .gate_map import GateMap, load_map, space_meta
 from .gated import AddAfter, GatedFFNOut, Hit, gate_mask_hook
 from .heads import N_SPANS, head_dim, head_rows, widen
 from .models import cache_dir
+from .profile import find_profile
 from .keys import (calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_head_ids,
                    subject_spans)
 from .persistence import Stored, check_model, read_db, save_state
@@ -66,7 +67,9 @@ class NeuralDB:
         self.model, self.tok = model, tokenizer
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        base = config or model_defaults(model_name(model), model.config.model_type, cache_dir())
+        found = None if config is not None else find_profile(model_name(model), model.config.model_type, cache_dir())
+        base = config or (found[0].config() if found is not None else EditConfig())
+        self.profile = "given" if config is not None else (found[1] if found is not None else "built-in")  # saved
         self.config = base.replace(layer=layer, gamma=gamma, index=index)
         n = num_layers(model)
         if self.config.layer == -1:  # no defaults/<name>.yaml nor defaults/<model_type>.yaml
@@ -425,7 +428,8 @@ class NeuralDB:
     # ----- state: what persistence reads and writes -------------------------------------
     def state(self) -> Stored:
         """The whole database as plain parts (no model): what `save` writes."""
-        meta = {"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration}
+        meta = {"model": self.fingerprint(), "prefixes": self.prefixes, "calibration": self.calibration,
+                "profile": self.profile}
         return Stored(meta, self.config, self.facts, self.table, self.index, self.next_id, self.gate_map, self.heads)
 
     @classmethod
@@ -444,6 +448,7 @@ class NeuralDB:
             db.index = state.index
         db.table, db.next_id, db.prefixes, db.heads = state.table, state.next_id, state.prefixes, state.heads
         db.calibration = state.meta.get("calibration")  # absent from databases saved before it was kept
+        db.profile = str(state.meta.get("profile", "given"))  # where the first build's settings came from
         for i, f in state.facts.items():
             db.facts[i] = f
             db._by_subject.setdefault(subject_key(f), set()).add(i)

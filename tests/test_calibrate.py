@@ -106,7 +106,13 @@ def test_calibrate_writes_a_profile_that_neuraldb_finds(arch_name: str, tokenize
     assert found == profile and where == str(path)
     db = NeuralDB(model, tokenizer)
     assert (db.layer, db.config.gamma, db.config.lr) == (profile.layer, profile.gamma, profile.lr)
+    assert db.profile == str(path)  # the database records where its settings came from, and keeps it
+    db.add(FACTS[:2])
+    db.save(tmp_path / "db")
     db.detach()
+    back = NeuralDB.load(tmp_path / "db", model, tokenizer)
+    assert back.profile == str(path) and back.config == db.config
+    back.detach()
     # a second run reads its keys from the cache: the same choices
     again = Calibrator(model, tokenizer, FACTS, CORPUS * 3, SMALL, cache=tmp_path / "keys", base=BASE)
     assert dataclasses.replace(again.run(provenance="test run"), lr=profile.lr, steps=profile.steps) == profile
