@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from neuraldb import NeuralDB, load_facts, load_model
 from neuraldb.bench.common import machine, markdown_table, run_main, write_json
 from neuraldb.engine.config import EditConfig, from_mapping, to_mapping
@@ -20,6 +22,7 @@ from neuraldb.engine.keys import compute_keys
 from neuraldb.data import source_file
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.residuals import compute_residuals
+from neuraldb.evaluation import counterfact_scores, zsre_scores
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +41,9 @@ def main() -> None:
     r.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
                    help="residual config changes timed on the same facts (repeatable); each fact's final NLL "
                         "is compared with the first residual run's")
+    r.add_argument("--score", action="store_true",
+                   help="also score each residual run: a database of the residual facts (keys computed once) "
+                        "and its efficacy, generalization, specificity and greedy efficacy / generalization")
     r.add_argument("--out", default="results/edit_speed")
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -70,14 +76,15 @@ def main() -> None:
             base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch))
         dt = time.perf_counter() - t0
         first_nll = stats.nll if first_nll is None else first_nll
+        quality = score(db, sub, res[(suffix, pack, batch, name)], args.data) if args.score else {}
         rows.append({"what": name, "batch": batch, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
                      "mean_final_nll": float(stats.nll.mean()), "p90_final_nll": float(stats.nll.quantile(0.9)),
                      "max_final_nll": float(stats.nll.max()), "facts_nll_le_first": int((stats.nll <= first_nll).sum()),
                      "facts_nll_over_0.05": int((stats.nll > 0.05).sum()), "facts_nll_over_0.5": int((stats.nll > 0.5).sum()),
-                     "mean_steps": float(stats.steps.float().mean())})
+                     "mean_steps": float(stats.steps.float().mean()), **quality})
     table = markdown_table(rows, ["what", "batch", "facts", "seconds", "facts_per_s", "mean_final_nll",
                                   "p90_final_nll", "max_final_nll", "facts_nll_le_first", "facts_nll_over_0.05",
-                                  "facts_nll_over_0.5", "mean_steps"])
+                                  "facts_nll_over_0.5", "mean_steps"] + (list(QUALITY) if args.score else []))
     print(table)
     print(f"max |key(cache) - key(reference)| = {diff:.3g}")
     ref = [(name, r) for (suffix, pack, _, _), r in res.items() for name in ["whole rows" if not suffix else "one padded batch"]
@@ -88,6 +95,26 @@ def main() -> None:
             print(f"max relative |residual(grouped, batch {batch}) - residual({ref[0][0]})| = {rel:.3g}")
     write_json(Path(args.out) / "edit_speed.json", {"args": vars(args), "machine": machine(), "rows": rows,
                                                      "key_max_abs_diff": diff, "config": cfg.__dict__})
+
+
+QUALITY = ("efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization")
+
+
+def score(db: NeuralDB, facts: list, residuals: torch.Tensor, data: str) -> dict[str, float]:
+    """The facts' metrics with these residuals: a fresh database over the same model and keys
+    (the keys are computed on the first call and kept on `db`)."""
+    keys = getattr(db, "_bench_keys", None)
+    if keys is None or keys.shape[0] != len(facts):
+        keys = db.encode_keys(facts)
+        db._bench_keys = keys  # type: ignore[attr-defined]
+    live = NeuralDB(db.model, db.tok, db.config)
+    try:
+        live.insert(list(range(len(facts))), facts, keys, residuals)
+        kind = "zsre" if "zsre" in str(data) else "counterfact"
+        scores = (zsre_scores if kind == "zsre" else counterfact_scores)(db.model, db.tok, facts).as_dict()
+    finally:
+        live.detach()
+    return {k: scores[k] for k in QUALITY}
 
 
 def variant(cfg: EditConfig, spec: str) -> EditConfig:

@@ -13,8 +13,9 @@ choices, each reported with every candidate's operating point:
    ordinary text stay <= `target_open` at the largest size; the rate at `extrapolate_to` keys is
    extrapolated (log-log fit over the sizes) and reported.
 4. **residual optimiser**: each learning rate run on `residual_facts` facts with the NLL of every
-   fact after every step kept; per (lr, step budget) the share of facts ending below `nll_goal`
-   and the seconds it costs. The fastest budget reaching `nll_share` wins (else the best share).
+   fact after every step kept; per (lr, step budget, nll_stop) the share of facts ending below
+   `nll_goal` and the seconds it costs (a fact that would stop earlier costs its steps only). The
+   fastest reaching `nll_share` wins (else the best share).
 
 The gate is read, not modelled: a database whose thresholds sit at their floor records, for
 every token, its winner, similarity, head-check score and whether its subject stands at the
@@ -39,7 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch import num_layers
 from .config import EditConfig
 from .editor import NeuralDB, layer_fingerprint, model_name
-from .facts import Fact
+from .facts import Fact, names_subject
 from .hooks import Trace
 from .keys import generate_prefixes
 from .profile import Profile
@@ -66,6 +67,7 @@ class CalibrateConfig:
     residual_facts: int = 32
     lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     max_steps: int = 32
+    nll_stops: tuple[float | None, ...] = (None, 0.01, 0.02)  # EditConfig.nll_stop candidates
     nll_goal: float = 0.05
     nll_share: float = 0.95
     text_tokens: int = 256  # each ordinary passage cut to this many tokens
@@ -82,22 +84,25 @@ class Scan:
     text_h: np.ndarray
     text_a: np.ndarray
     own: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # per prompt: s, h, a
+    text_named: np.ndarray | None = None  # (N,) the passage names the token's winning subject: an open is a mention
 
     def __post_init__(self) -> None:
         self._by_head: dict[float | None, tuple[np.ndarray, ...]] = {}
 
     def _at(self, head: float | None) -> tuple[np.ndarray, ...]:
-        """For a head threshold: ordinary tokens' similarities off / at the sink that pass it,
+        """For a head threshold: ordinary tokens' similarities off / at the sink that pass it
+        (tokens whose passage names their winner's subject left out: an open there is a mention),
         and each prompt's best own similarity off / at the sink that passes it (-inf: none)."""
         if head not in self._by_head:
             def best(s: np.ndarray, ok: np.ndarray) -> float:
                 return float(s[ok].max()) if ok.any() else float("-inf")
+            spur = np.ones(len(self.text_s), bool) if self.text_named is None else ~self.text_named
             if head is None:  # no head check: no table, and no sink threshold either
-                t_off, t_at = self.text_s, self.text_s[:0]
+                t_off, t_at = self.text_s[spur], self.text_s[:0]
                 p_off = np.array([best(s, np.ones_like(a)) for s, h, a in self.own])
                 p_at = np.full(len(self.own), float("-inf"))
             else:
-                ok = self.text_h > head
+                ok = (self.text_h > head) & spur
                 t_off, t_at = self.text_s[ok & ~self.text_a], self.text_s[ok & self.text_a]
                 p_off = np.array([best(s, (h > head) & ~a) for s, h, a in self.own])
                 p_at = np.array([best(s, (h > head) & a) for s, h, a in self.own])
@@ -105,11 +110,19 @@ class Scan:
         return self._by_head[head]
 
     def spurious(self, gamma: float, head: float | None = None, sink: float | None = None) -> float:
-        """Share of ordinary tokens whose gate opens at these thresholds."""
+        """Share of ordinary tokens whose gate opens at these thresholds where the passage does not
+        name the winning fact's subject (spurious opens)."""
         if not len(self.text_s):
             return 0.0
         t_off, t_at, _, _ = self._at(head)
         return float(((t_off > gamma).sum() + (t_at > (gamma if sink is None else sink)).sum()) / len(self.text_s))
+
+    def mentions(self, gamma: float, head: float | None = None, sink: float | None = None) -> int:
+        """Ordinary tokens whose gate opens on a subject their passage names (not spurious)."""
+        if self.text_named is None or not self.text_named.any():
+            return 0
+        sub = Scan(self.text_s[self.text_named], self.text_h[self.text_named], self.text_a[self.text_named])
+        return round(sub.spurious(gamma, head, sink) * len(sub.text_s))
 
     def own_open(self, gamma: float, head: float | None = None, sink: float | None = None) -> float:
         """Share of prompts on which their own fact's gate opens at these thresholds."""
@@ -125,14 +138,15 @@ def _encode(tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int)
 
 @torch.no_grad()
 def scan(db: NeuralDB, texts: Sequence[list[int]], prompts: Sequence[tuple[list[int], int]],
-         batch_size: int = 16) -> Scan:
+         batch_size: int = 16, raw: Sequence[str] | None = None) -> Scan:
     """Run token sequences through the model up to the gate (thresholds at their floor) and
-    keep what it saw at every gateable token: `texts` are ordinary (every token counts),
+    keep what it saw at every gateable token: `texts` are ordinary (every token counts; with
+    their strings `raw`, a token whose passage names its winner's subject is marked a mention),
     `prompts` pair a sequence with the fact id that should open on it."""
     gate = db.gate
     pad = db.tok.pad_token_id if db.tok.pad_token_id is not None else 0
     seqs = [(ids, None) for ids in texts] + [(ids, own) for ids, own in prompts]
-    ts, th, ta, own = [], [], [], []
+    ts, th, ta, tn, own = [], [], [], [], []
     bar = Progress(len(seqs), "gate scan", "seq")
     for i in range(0, len(seqs), batch_size):
         part = seqs[i : i + batch_size]
@@ -154,12 +168,15 @@ def scan(db: NeuralDB, texts: Sequence[list[int]], prompts: Sequence[tuple[list[
             s, h, a = sims[b][k].numpy(), head[b][k].float().numpy(), anch[b][k].numpy()
             if o is None:
                 ts.append(s), th.append(h), ta.append(a)
+                j = i + b  # the text's index
+                tn.append(np.array([raw is not None and names_subject(raw[j], db.facts[int(w)].subject)
+                                    for w in win[b][k].tolist()], bool))
             else:
                 own.append((s, h, a))
         bar.update(len(part))
     bar.close()
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-    return Scan(cat(ts, np.float32), cat(th, np.float32), cat(ta, bool), own)
+    return Scan(cat(ts, np.float32), cat(th, np.float32), cat(ta, bool), own, cat(tn, bool))
 
 
 def sweep_point(sc: Scan, max_open: float) -> dict[str, float]:
@@ -223,6 +240,7 @@ class Calibrator:
         self.facts = list(facts[: max(cfg.sizes)])
         self.res_facts = list(facts[max(cfg.sizes) : need])  # never among the keyed facts
         self.texts = _encode(tok, texts, cfg.text_tokens)
+        self.raw = [tok.decode(t, skip_special_tokens=True) for t in self.texts]  # what the cut passages say
         self.cache = Path(cache) if cache is not None else None
         self.report: dict[str, Any] = {"model": model_name(model), "model_type": model.config.model_type,
                                        "num_layers": num_layers(model), "config": asdict(cfg),
@@ -268,7 +286,7 @@ class Calibrator:
         try:
             facts = self.facts[: self.cfg.layer_facts]
             db.insert(list(range(len(facts))), facts, self._keys(db, facts, "sweep"), None)
-            return scan(db, self.texts, self._prompts(db, facts, range(len(facts))), self.cfg.batch_size)
+            return scan(db, self.texts, self._prompts(db, facts, range(len(facts))), self.cfg.batch_size, self.raw)
         finally:
             db.detach()
 
@@ -312,13 +330,14 @@ class Calibrator:
             for m in sizes:
                 db.insert(list(range(done, m)), self.facts[done:m], keys[done:m], None)
                 done = m
-                scans[m] = scan(db, self.texts, self._prompts(db, probe, range(len(probe))), self.cfg.batch_size)
+                scans[m] = scan(db, self.texts, self._prompts(db, probe, range(len(probe))), self.cfg.batch_size,
+                                self.raw)
         finally:
             db.detach()
         best, cands = fit_thresholds(scans[sizes[-1]], self.cfg.target_open)
         g, hg, sg = best["gamma"], best["head_gamma"], best["sink_gamma"]
-        per_size = [{"keys": m, "spurious": scans[m].spurious(g, hg, sg), "own_open": scans[m].own_open(g, hg, sg)}
-                    for m in sizes]
+        per_size = [{"keys": m, "spurious": scans[m].spurious(g, hg, sg), "mention_opens": scans[m].mentions(g, hg, sg),
+                     "own_open": scans[m].own_open(g, hg, sg)} for m in sizes]
         pred = extrapolate(sizes, [r["spurious"] for r in per_size], self.cfg.extrapolate_to)
         self.report["thresholds"] = {
             "chosen": best, "per_head_gamma": cands, "at_sizes": per_size,
@@ -344,11 +363,17 @@ class Calibrator:
             for cap in sorted({4, 8, 12, 16, 24, self.cfg.max_steps}):
                 if cap > self.cfg.max_steps:
                     continue
-                nll = final[min(cap, len(final) - 1)]  # (F,) NLL after at most `cap` steps
-                cost = secs * np.minimum(steps, cap).sum() / max(1, steps.sum())
-                rows.append({"lr": lr, "steps": cap, "share_below_goal": float((nll < self.cfg.nll_goal).mean()),
-                             "nll_mean": float(nll.mean()), "nll_p90": float(np.quantile(nll, 0.9)),
-                             "nll_max": float(nll.max()), "facts_per_s_est": len(nll) / max(cost, 1e-9)})
+                for stop in self.cfg.nll_stops:  # a fact also stops at its first step below `stop`
+                    below = final < (stop if stop is not None else -1.0)  # (K, F)
+                    first = np.where(below.any(0), below.argmax(0), len(final))  # (F,) first step below
+                    took = np.minimum(np.minimum(steps, cap), first)  # (F,) steps each fact would take
+                    nll = final[np.minimum(took, len(final) - 1), np.arange(final.shape[1])]  # (F,)
+                    cost = secs * took.sum() / max(1, steps.sum())
+                    rows.append({"lr": lr, "steps": cap, "nll_stop": stop,
+                                 "share_below_goal": float((nll < self.cfg.nll_goal).mean()),
+                                 "nll_mean": float(nll.mean()), "nll_p90": float(np.quantile(nll, 0.9)),
+                                 "nll_max": float(nll.max()), "steps_mean": float(took.mean()),
+                                 "facts_per_s_est": len(nll) / max(cost, 1e-9)})
         ok = [r for r in rows if r["share_below_goal"] >= self.cfg.nll_share]
         best = max(ok, key=lambda r: r["facts_per_s_est"]) if ok else \
             max(rows, key=lambda r: (r["share_below_goal"], -r["nll_mean"]))
@@ -368,7 +393,7 @@ class Calibrator:
         self.report["seconds"] = time.perf_counter() - t0
         return Profile(layer=layer, gamma=th["gamma"], gate_context=context, head_gamma=th["head_gamma"],
                        sink_gamma=th["sink_gamma"], lr=float(opt["lr"]), steps=int(opt["steps"]),
-                       clamp_norm=self.base.clamp_norm, provenance=provenance)
+                       nll_stop=opt["nll_stop"], clamp_norm=self.base.clamp_norm, provenance=provenance)
 
 
 def _filled(hist: np.ndarray) -> np.ndarray:

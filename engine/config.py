@@ -123,6 +123,9 @@ class EditConfig:
     lr: float = 0.5
     steps: int = 25
     loss_stop: float = 5e-2
+    # a fact also stops once its target NLL alone is below this (None: only loss_stop). MEMIT's
+    # loss adds the KL and weight-decay terms, which keep it above loss_stop for most facts
+    nll_stop: float | None = None
     clamp_norm: float = 0.75
     weight_decay: float = 0.5
     kl_factor: float = 0.0625
@@ -158,6 +161,7 @@ class EditConfig:
             "head_window": 1 <= self.head_window <= 512,
             "residual_init": self.residual_init in RESIDUAL_INITS,
             "init_scale": 0.0 < self.init_scale <= 1.0,
+            "nll_stop": self.nll_stop is None or self.nll_stop >= 0.0,
             "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),
         }
         bad = [k for k, ok in checks.items() if not ok]

@@ -11,6 +11,7 @@ neuraldb JSONL, one object per line:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -263,3 +264,8 @@ def save_facts_jsonl(facts: Iterable[Fact], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for f in facts:
             fh.write(json.dumps(f.to_json(), ensure_ascii=False) + "\n")
+
+
+def names_subject(text: str, subject: str) -> bool:
+    """Whether `text` names `subject` as a whole word sequence (case-sensitive)."""
+    return bool(subject) and subject in text and re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", text) is not None

@@ -26,6 +26,7 @@ class Profile:
     sink_gamma: float | None = None  # key threshold where the subject starts the text
     lr: float = 0.5  # residual optimiser: Adam's learning rate
     steps: int = 25  # and its step budget per fact
+    nll_stop: float | None = None  # a fact stops once its target NLL is below this
     clamp_norm: float = 0.75  # residual norm clamp, times |z| at the subject
     provenance: str = ""  # what made this profile: command, data ranges, date, report
 

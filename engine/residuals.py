@@ -331,6 +331,9 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 hist.append(torch.where(active[slot], nll_now.detach(), float("nan")))
             was = active.clone()
             active &= loss.detach() >= cfg.loss_stop
+            if cfg.nll_stop is not None:  # the target alone is learned: stop (a group on its facts' mean)
+                slot_nll = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now.detach()) / per_slot
+                active &= slot_nll >= cfg.nll_stop
             if not bool(active.any()):
                 break
             steps += active.long()

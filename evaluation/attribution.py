@@ -19,13 +19,13 @@ Shares are percentages of all prompts of that kind:
         token accuracy the metric averages)."""
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from ..engine.arch import model_device
+from ..engine.facts import names_subject
 
 
 def opened_per_prompt(db: Any, prompts: list[str], batch_size: int = 32) -> list[set[int]]:
@@ -41,9 +41,7 @@ def opened_per_prompt(db: Any, prompts: list[str], batch_size: int = 32) -> list
     return out
 
 
-def names(prompt: str, subject: str) -> bool:
-    """Whether `prompt` names `subject` as a whole word sequence."""
-    return bool(subject) and subject in prompt and re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt) is not None
+names = names_subject  # whether a prompt names a subject as a whole word sequence
 
 
 def gate_attribution(db: Any, outcomes: Mapping[str, tuple[list[str], list[str | None], np.ndarray]],

@@ -134,3 +134,23 @@ def test_profile_rejects_unknown_keys(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown key"):
         read_profile(p)
     assert Profile(layer=3, gamma=0.8).config().layer == 3
+
+
+def test_opens_on_a_named_subject_are_mentions_not_spurious(tokenizer) -> None:
+    """A passage that names a calibration subject opens its gate for real: the scan marks those
+    tokens, and they count as mentions, not as spurious opens."""
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(BASE, layer=1, gamma=-1.0, index="Flat")
+    db = NeuralDB(model, tokenizer, cfg)
+    facts = FACTS[:5]
+    db.insert(list(range(5)), facts, db.encode_keys(facts), None)
+    raw = [facts[0].text + " and so on.", CORPUS[0]]
+    sc = scan(db, [tokenizer(t)["input_ids"] for t in raw], [], batch_size=2, raw=raw)
+    named = sc.text_named
+    assert named.any() and not named.all()
+    n0 = len(tokenizer(raw[0])["input_ids"]) - 1  # gateable tokens of the first passage (not its first)
+    assert named[n0:].sum() == 0  # the second passage names no subject
+    g = float(np.quantile(sc.text_s, 0.1))
+    assert sc.mentions(g) == int((sc.text_s[named] > g).sum())
+    assert sc.spurious(g) * len(sc.text_s) == pytest.approx(float((sc.text_s[~named] > g).sum()))
+    db.detach()

@@ -198,3 +198,25 @@ def test_gradient_start_jumps_to_the_clamp_along_steepest_descent(tokenizer) -> 
     assert float(s_more.nll.mean()) < float(s_zero.nll.mean())
     with pytest.raises(Exception, match="residual_init"):
         cfg.replace(residual_init="newton")
+
+
+def test_nll_stop_ends_a_fact_once_its_target_is_learned(tokenizer) -> None:
+    """With `nll_stop`, a fact stops at the first step whose target NLL is below it, though MEMIT's
+    loss (NLL + KL + weight decay) is still above `loss_stop`; the others run on, as alone."""
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=1, residual_prefixes=1, steps=8, lr=0.5, weight_decay=0.1, residual_batch_size=5,
+                      loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    _, ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg, history=True)
+    stop = float(ref.history[4].median())  # about half the facts get below it by step 4
+    _, st = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(nll_stop=stop), history=True)
+    first_below = [int((ref.history[:, f] < stop).nonzero()[0]) if (ref.history[:, f] < stop).any() else cfg.steps
+                   for f in range(len(FACTS))]
+    assert st.steps.tolist() == [min(k, cfg.steps) for k in first_below]
+    assert 0 < int((st.steps < cfg.steps).sum()) < len(FACTS)
+    stopped = st.steps < cfg.steps
+    assert bool((st.nll[stopped] < stop).all())
+    with pytest.raises(Exception, match="nll_stop"):
+        EditConfig(nll_stop=-1.0)
