@@ -179,8 +179,10 @@ class EditConfig:
 
 def model_defaults(name: str | None, model_type: str, cache: str | Path | None = None) -> EditConfig:
     """Per-model defaults: the profile of `name`, else of `model_type` (engine/profile.py:
-    shipped under defaults/, or calibrated into `cache`/profiles/), else the built-ins."""
-    from .profile import find_profile  # profile.py builds on this module
+    shipped under defaults/, or calibrated into `cache`/profiles/, by default the model cache's),
+    else the built-ins."""
+    from .models import cache_dir  # both build on this module
+    from .profile import find_profile
 
-    found = find_profile(name, model_type, cache)
+    found = find_profile(name, model_type, cache_dir() if cache is None else cache)
     return found[0].config() if found is not None else EditConfig()

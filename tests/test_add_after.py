@@ -44,3 +44,31 @@ def test_archs_without_a_post_norm_add_at_the_projection(tokenizer) -> None:
     model = make_model("llama", tokenizer)
     db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
     assert db.add_path == db.path and not db.gate.deferred
+
+
+def test_gemma3_kv_cache_decode_adds_as_a_full_forward(tokenizer) -> None:
+    """Prefill then one token a step through a cache: the same gates open and the logits with the
+    residuals added after the norm equal a full forward's."""
+    from transformers import DynamicCache
+
+    from neuraldb.engine.arch import cache_kwargs, returned_cache
+
+    model = make_model("gemma3_text", tokenizer)
+    db = NeuralDB(model, tokenizer, CFG.replace(steps=2))
+    db.add(FACTS)
+    ids = tokenizer(FACTS[0].text + " and " + FACTS[1].text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids)
+        sims = db.gate.last[0][db.gate.last_mask].sort().values
+        k = len(sims) // 2
+        db.gate.gamma = float(sims[k] + sims[k + 1]) / 2  # between two tokens: no decision rests on rounding
+        full = model(input_ids=ids).logits  # (1, T, V)
+        opened = db.gate.last[2].clone()
+        cache, logits, steps = DynamicCache(config=model.config), [], []
+        for s, e in [(0, 3)] + [(t, t + 1) for t in range(3, ids.shape[1])]:
+            out = model(input_ids=ids[:, s:e], use_cache=True, **cache_kwargs(model, cache))
+            cache = returned_cache(out)
+            logits.append(out.logits)
+            steps.append(db.gate.last[2].clone())
+    assert opened.any() and torch.equal(torch.cat(steps, 1), opened)
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)

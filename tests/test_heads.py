@@ -51,8 +51,8 @@ def test_head_pass_rule() -> None:
     assert passed[0, 5] and not anchored[0, 5]
 
 
-def _db(tokenizer, **changes) -> NeuralDB:
-    db = NeuralDB(make_model("llama", tokenizer), tokenizer, HCFG.replace(**changes))
+def _db(tokenizer, arch: str = "llama", **changes) -> NeuralDB:
+    db = NeuralDB(make_model(arch, tokenizer), tokenizer, HCFG.replace(**changes))
     db.add(FACTS)
     return db
 
@@ -88,8 +88,9 @@ def _decisions_full(db: NeuralDB, ids: torch.Tensor, am: torch.Tensor) -> torch.
     return db.gate.last[2].clone()  # (B, T)
 
 
-def test_kv_cache_decode_and_padding_decide_as_a_full_forward(tokenizer) -> None:
-    db = _db(tokenizer)
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3_text"])  # gemma3: sliding windows, one KV head, AddAfter
+def test_kv_cache_decode_and_padding_decide_as_a_full_forward(arch_name: str, tokenizer) -> None:
+    db = _db(tokenizer, arch_name)
     enc = tokenizer(TEXTS, return_tensors="pt", padding=True, padding_side="left")
     ids, am = enc["input_ids"], enc["attention_mask"]
     sims = None
@@ -115,12 +116,13 @@ def test_kv_cache_decode_and_padding_decide_as_a_full_forward(tokenizer) -> None
     assert torch.equal(torch.cat(steps, 1), full)
 
 
-def test_at_the_sink_the_token_decides_in_a_forward_a_batch_and_a_decode(tokenizer) -> None:
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3_text"])
+def test_at_the_sink_the_token_decides_in_a_forward_a_batch_and_a_decode(arch_name: str, tokenizer) -> None:
     """A head on a text's first token is tested by its token id: "Danielle Darrieux ..." opens
     the fact's gate, "Michelle Darrieux ..." (same span, another first token) does not; left
     padding and a one-token prefill then a decode decide the same."""
     fact = Fact("Danielle Darrieux", "{} was born in", "Paris", "Rome", id="d")
-    db = NeuralDB(make_model("llama", tokenizer), tokenizer, HCFG)
+    db = NeuralDB(make_model(arch_name, tokenizer), tokenizer, HCFG)
     db.add([fact])
     db.gate.gamma, db.gate.head_gamma = -1.0, 1.0  # every token wins the key test, no cosine passes the head's
     span = int(db.heads.gather(torch.tensor([0]))[0, db.d_key + 1])  # the bare prompt's span
@@ -192,8 +194,9 @@ def test_dropped_cache_rows_follow_with_select_rows(tokenizer) -> None:
     assert torch.equal(db.gate.last[2][:, 0], full[keep, -1])
 
 
-def test_generate_matches_a_full_forward_of_its_output(tokenizer) -> None:
-    db = _db(tokenizer)
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3_text"])
+def test_generate_matches_a_full_forward_of_its_output(arch_name: str, tokenizer) -> None:
+    db = _db(tokenizer, arch_name)
     db.gate.gamma, db.gate.head_gamma = 0.0, 0.3
     prompt = tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
     with db.record() as steps, torch.no_grad():
