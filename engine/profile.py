@@ -36,10 +36,11 @@ class Profile:
         return from_mapping(EditConfig, {**to_mapping(base or EditConfig()), **vals}, "profile")
 
     def to_yaml(self) -> str:
+        """The profile file: its values, then the provenance as a literal block."""
         data = to_mapping(self)
         prov = data.pop("provenance")
-        head = "".join(f"# {line}\n" for line in prov.splitlines()) if prov else ""
-        return head + yaml.safe_dump({**data, "provenance": prov}, sort_keys=False, width=100)
+        body = yaml.safe_dump(data, sort_keys=False, width=100)
+        return body + ("provenance: |-\n" + "".join(f"  {line}\n" for line in prov.splitlines()) if prov else "")
 
 
 def read_profile(path: str | Path) -> Profile:
