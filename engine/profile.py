@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, EditConfig, from_mapping, to_mapping
+from .config import EditConfig, from_mapping, load_yaml, to_mapping
 
 PROFILE_DIR = "profiles"  # under the model cache (engine.models.cache_dir)
 
@@ -44,14 +44,8 @@ class Profile:
 
 
 def read_profile(path: str | Path) -> Profile:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: profile not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return from_mapping(Profile, data, str(path))
+    """A profile file; unknown keys, bad values or a missing file raise ConfigError naming it."""
+    return load_yaml(Profile, path)
 
 
 def find_profile(name: str | None, model_type: str, cache: str | Path | None = None) -> tuple[Profile, str] | None:
