@@ -66,6 +66,7 @@ def main() -> None:
         runs += [("residuals, suffix, rows grouped by length", True, True, b, cfg) for b in batches]
     runs += [(f"residuals, {v}", True, True, b, variant(cfg, v)) for v in args.variant for b in batches]
     first_nll = None
+    score_keys = None
     for name, suffix, pack, batch, base in runs:
         if not args.residual_facts:
             break
@@ -76,7 +77,9 @@ def main() -> None:
             base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch))
         dt = time.perf_counter() - t0
         first_nll = stats.nll if first_nll is None else first_nll
-        quality = score(db, sub, res[(suffix, pack, batch, name)], args.data) if args.score else {}
+        if args.score and score_keys is None:  # one key set for every scored run
+            score_keys = db.encode_keys(sub)
+        quality = score(db, sub, score_keys, res[(suffix, pack, batch, name)], args.data) if args.score else {}
         rows.append({"what": name, "batch": batch, "facts": len(sub), "seconds": dt, "facts_per_s": len(sub) / dt,
                      "mean_final_nll": float(stats.nll.mean()), "p90_final_nll": float(stats.nll.quantile(0.9)),
                      "max_final_nll": float(stats.nll.max()), "facts_nll_le_first": int((stats.nll <= first_nll).sum()),
@@ -100,13 +103,8 @@ def main() -> None:
 QUALITY = ("efficacy", "generalization", "specificity", "greedy_efficacy", "greedy_generalization")
 
 
-def score(db: NeuralDB, facts: list, residuals: torch.Tensor, data: str) -> dict[str, float]:
-    """The facts' metrics with these residuals: a fresh database over the same model and keys
-    (the keys are computed on the first call and kept on `db`)."""
-    keys = getattr(db, "_bench_keys", None)
-    if keys is None or keys.shape[0] != len(facts):
-        keys = db.encode_keys(facts)
-        db._bench_keys = keys  # type: ignore[attr-defined]
+def score(db: NeuralDB, facts: list, keys: torch.Tensor, residuals: torch.Tensor, data: str) -> dict[str, float]:
+    """The facts' metrics with these keys and residuals: a fresh database over `db`'s model."""
     live = NeuralDB(db.model, db.tok, db.config)
     try:
         live.insert(list(range(len(facts))), facts, keys, residuals)

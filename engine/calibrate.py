@@ -349,9 +349,9 @@ class Calibrator:
 
     def choose_optimiser(self, layer: int) -> dict[str, Any]:
         rows, runs = [], []
+        prefixes = generate_prefixes(self.model, self.tok, self.base)  # the lr does not change them
         for lr in self.cfg.lrs:
             cfg = self.base.replace(layer=layer, lr=lr, steps=self.cfg.max_steps)
-            prefixes = generate_prefixes(self.model, self.tok, cfg)
             t0 = time.perf_counter()
             _, st = compute_residuals(self.model, self.tok, self.res_facts, layer, prefixes, cfg, history=True)
             secs = time.perf_counter() - t0

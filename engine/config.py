@@ -182,7 +182,6 @@ def model_defaults(name: str | None, model_type: str, cache: str | Path | None =
     shipped under defaults/, or calibrated into `cache`/profiles/, by default the model cache's),
     else the built-ins."""
     from .models import cache_dir  # both build on this module
-    from .profile import find_profile
+    from .profile import model_profile
 
-    found = find_profile(name, model_type, cache_dir() if cache is None else cache)
-    return found[0].config() if found is not None else EditConfig()
+    return model_profile(name, model_type, cache_dir() if cache is None else cache)[0]

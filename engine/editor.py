@@ -23,7 +23,7 @@ from .gate_map import GateMap, load_map, space_meta
 from .gated import AddAfter, GatedFFNOut, Hit, gate_mask_hook
 from .heads import N_SPANS, head_dim, head_rows, widen
 from .models import cache_dir
-from .profile import find_profile
+from .profile import model_profile
 from .keys import (calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_head_ids,
                    subject_spans)
 from .persistence import Stored, check_model, read_db, save_state
@@ -67,9 +67,9 @@ class NeuralDB:
         self.model, self.tok = model, tokenizer
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        found = None if config is not None else find_profile(model_name(model), model.config.model_type, cache_dir())
-        base = config or (found[0].config() if found is not None else EditConfig())
-        self.profile = "given" if config is not None else (found[1] if found is not None else "built-in")  # saved
+        # the settings and where they came from (saved with the database)
+        base, self.profile = (config, "given") if config is not None else \
+            model_profile(model_name(model), model.config.model_type, cache_dir())
         self.config = base.replace(layer=layer, gamma=gamma, index=index)
         n = num_layers(model)
         if self.config.layer == -1:  # no defaults/<name>.yaml nor defaults/<model_type>.yaml

@@ -65,3 +65,10 @@ def find_profile(name: str | None, model_type: str, cache: str | Path | None = N
             if local.is_file():
                 return read_profile(local), str(local)
     return None
+
+
+def model_profile(name: str | None, model_type: str, cache: str | Path | None = None) -> tuple[EditConfig, str]:
+    """The EditConfig of model `name`'s profile (`find_profile`) and where it came from; the
+    built-in EditConfig and "built-in" where there is none."""
+    found = find_profile(name, model_type, cache)
+    return (found[0].config(), found[1]) if found is not None else (EditConfig(), "built-in")
