@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .builder import BuildError
 from .data import source_file
 from .engine import ConfigError, DatabaseError, EditConfig, FactError, NeuralDB, load_facts, load_model
 from .engine.arch import UnsupportedModelError
-from .engine.config import load_yaml
 from .engine.models import DEFAULT_MODEL, ModelLoadError
 from .engine.persistence import read_db, read_meta
+from .engine.profile import load_config
 from .evaluation import counterfact_scores, retention, zsre_scores
 from .index import IndexError_
 
@@ -25,7 +27,7 @@ USER_ERRORS = (ConfigError, DatabaseError, FactError, ModelLoadError, Unsupporte
 
 
 def _edit_config(args: argparse.Namespace) -> EditConfig | None:
-    return load_yaml(EditConfig, args.config) if args.config else None
+    return load_config(args.config) if args.config else None
 
 
 def _summary(db: NeuralDB, facts: Sequence, kind: str) -> dict:
@@ -39,6 +41,7 @@ def _summary(db: NeuralDB, facts: Sequence, kind: str) -> dict:
 def cmd_edit(args: argparse.Namespace) -> int:
     facts = load_facts(source_file(args.facts, args.data_dir), limit=args.limit)  # before the model: fail fast
     model, tok = load_model(args.model)
+    _ensure_profile(args, model, tok)
     db = NeuralDB(model, tok, _edit_config(args), layer=args.layer, gamma=args.gamma, index=args.index)
     print(f"editing {len(facts)} facts into {args.model} at layer {db.layer} (gamma {db.config.gamma}, "
           f"index {db.config.index})", file=sys.stderr)
@@ -132,6 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from .builder import build
 
+    _ensure_profile(args)
     summary = build(source_file(args.facts, args.data_dir), args.out, args.model, chunk=args.chunk,
                     config=_edit_config(args), layer=args.layer, gamma=args.gamma, index=args.index)
     print(json.dumps(summary, indent=2))
@@ -143,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.server import serve
     except ImportError as exc:
         raise ConfigError(f"neuraldb serve needs the 'serve' extra (pip install 'neuraldb[serve]'): {exc}") from exc
+    if not Path(args.db).exists():  # a new database: its model's profile is needed now
+        _ensure_profile(args)
     return serve(args.db, args.model, args.host, args.port, args.api_key, args.read_only, _edit_config(args),
                  max_batch=args.max_batch, checkpoint_records=args.checkpoint_records,
                  checkpoint_interval_s=args.checkpoint_interval, max_body_bytes=args.max_body_bytes,
@@ -172,17 +178,25 @@ def _calibration_material(args: argparse.Namespace, need: int) -> tuple[list, li
     if len(facts) < need:
         raise ConfigError(f"--facts/--residual-facts: calibration needs {need} facts, {path} holds {len(pool)}")
     wiki = resolve("wikitext", args.data_dir).path
-    passages = wikitext_passages(wiki, CALIBRATION_TEXTS_FROM + args.texts)
+    try:
+        passages = wikitext_passages(wiki, CALIBRATION_TEXTS_FROM + args.texts)
+    except ValueError:  # a smaller file (the bundled sample): its tail, below
+        passages = wikitext_passages(wiki, None)
     t0 = min(CALIBRATION_TEXTS_FROM, max(0, len(passages) - args.texts))
     texts = passages[t0 : t0 + args.texts]
     return facts, texts, f"facts: {path.name} rows {f0}-{f0 + len(facts) - 1}; texts: {wiki.name} passages " \
                          f"{t0}-{t0 + len(texts) - 1}"
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool) -> Path:
+    """Run the calibrator with `args` (the calibrate command's options) on a loaded model; write
+    the report and profile to args.out, and with `install` to the model cache's profiles/ (found
+    by the model's name from then on, for these weights only). Returns where the profile went."""
     from datetime import date
 
+    from .engine.arch import weights_sha256
     from .engine.calibrate import CalibrateConfig, Calibrator, markdown_report
+    from .engine.editor import model_name
     from .engine.models import cache_dir
     from .engine.profile import PROFILE_DIR
 
@@ -193,27 +207,65 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                           target_open=args.target_open, residual_facts=args.residual_facts,
                           lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
     facts, texts, material = _calibration_material(args, max(sizes) + cfg.residual_facts)
-    model, tok = load_model(args.model)
-    out = Path(args.out or f"results/calibrate-{Path(args.model).name}")
+    name = Path(model_name(model) or args.model).name
+    out = Path(args.out or f"results/calibrate-{name}")
     cal = Calibrator(model, tok, facts, texts, cfg, cache=out / "cache")
     command = "neuraldb " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("neuraldb", "cli.py")) else \
         f"neuraldb calibrate --model {args.model} --facts {args.facts} --texts {args.texts}"
     profile = cal.run(provenance=f"calibrated by: {command}\n{material}\ndate: {date.today().isoformat()}; "
                                  f"report: {out / 'report.md'}")
+    profile = dataclasses.replace(profile, model_sha256=weights_sha256(model))
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.yaml").write_text(profile.to_yaml())
     (out / "report.json").write_text(json.dumps({**cal.report, "profile": profile.__dict__}, indent=2))
     (out / "report.md").write_text(markdown_report(cal.report, profile))
     where = out / "profile.yaml"
-    if not args.no_install:  # NeuralDB(model, tok) finds it by the model's name from now on
-        where = cache_dir() / PROFILE_DIR / f"{Path(args.model).name}.yaml"
+    if install:  # NeuralDB(model, tok) finds it by the model's name from now on
+        where = cache_dir() / PROFILE_DIR / f"{name}.yaml"
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = where.with_suffix(".tmp")
         tmp.write_text(profile.to_yaml())
         tmp.replace(where)
     print(markdown_report(cal.report, profile))
-    print(f"profile written to {where}; report in {out}")
+    print(f"profile written to {where}; report in {out}", file=sys.stderr)
+    return where
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    model, tok = load_model(args.model)
+    calibrate_into(args, model, tok, install=not args.no_install)
     return 0
+
+
+def _ensure_profile(args: argparse.Namespace, model: Any = None, tok: Any = None) -> None:
+    """With --calibrate and no --config: a model with no profile is calibrated first (the
+    calibrate command's defaults, --calibrate-facts facts) and its profile cached."""
+    if not getattr(args, "calibrate", False) or args.config:
+        return
+    from .engine.arch import weights_sha256
+    from .engine.editor import model_name
+    from .engine.models import cache_dir
+    from .engine.profile import find_profile
+
+    if model is None:
+        model, tok = load_model(args.model or DEFAULT_MODEL)
+    if find_profile(model_name(model), model.config.model_type, cache_dir(), lambda: weights_sha256(model)):
+        return
+    print(f"no profile for {model_name(model)!r}: calibrating it first ({args.calibrate_facts} facts; "
+          "docs/models.md)", file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--calibrate: {model_name(model)!r} has no profile; calibrate it before a multi-rank build "
+                          f"(neuraldb calibrate --model {args.model})")
+    cal = build_parser().parse_args(["calibrate", "--model", args.model or DEFAULT_MODEL,
+                                     "--facts", str(args.calibrate_facts)])
+    cal.data_dir = getattr(args, "data_dir", None)
+    calibrate_into(cal, model, tok, install=True)
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibrate", action="store_true", help="a model with no profile is calibrated first and its "
+                                                            "profile cached (neuraldb calibrate; docs/models.md)")
+    p.add_argument("--calibrate-facts", type=int, default=9_000, help="with --calibrate: calibration facts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,11 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="root of the named sources (default: $NEURALDB_DATA, ../shared/data, the sample)")
     e.add_argument("--limit", type=int)
     e.add_argument("--out", required=True, help="database directory to write")
-    e.add_argument("--config", help="EditConfig YAML")
+    e.add_argument("--config", help="EditConfig YAML or a profile file")
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
     e.add_argument("--index", help="key index spec, e.g. Auto, Flat, torch, Proj512, HNSW32")
     e.add_argument("--no-eval", action="store_true", help="skip the efficacy summary")
+    _calibrate_args(e)
     e.set_defaults(fn=cmd_edit)
     b = sub.add_parser("build", help="keys and residuals of a fact pool in chunks, on one process or under "
                                      "torchrun; rank 0 assembles OUT/db")
@@ -241,10 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="work directory: OUT/chunks, then OUT/db")
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--chunk", type=int, default=1024, help="facts per chunk file")
-    b.add_argument("--config", help="EditConfig YAML")
+    b.add_argument("--config", help="EditConfig YAML or a profile file")
     b.add_argument("--layer", type=int)
     b.add_argument("--gamma", type=float)
     b.add_argument("--index", help="key index spec")
+    _calibrate_args(b)
     b.set_defaults(fn=cmd_build)
     a = sub.add_parser("ask", help="greedy answer from an edited model, and which fact fired")
     a.add_argument("--db", required=True)
@@ -277,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "its write-ahead log is DB.wal beside it")
     s.add_argument("--model", help="model for a new database (default smollm2-135m); an existing database "
                                    "defaults to the model it was built for")
-    s.add_argument("--config", help="EditConfig YAML for a new database")
+    s.add_argument("--config", help="EditConfig YAML or a profile file for a new database")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route (or $NEURALDB_API_KEY)")
@@ -290,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=2048)
     s.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
     s.add_argument("--max-facts-per-request", type=int, default=64)
+    _calibrate_args(s)
     s.set_defaults(fn=cmd_serve)
     c = sub.add_parser("calibrate", help="derive a model's profile (layer, gate space, thresholds, residual "
                                          "optimiser) from its own activations; docs/models.md")

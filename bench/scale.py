@@ -26,11 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from neuraldb import EditConfig, Fact, NeuralDB, load_model
+from neuraldb import Fact, NeuralDB, load_model
 from neuraldb.data import is_source, resolve
 from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_json, write_outputs
 from neuraldb.engine.arch import cache_kwargs, returned_cache
-from neuraldb.engine.config import load_yaml, model_defaults, to_mapping
+from neuraldb.engine.config import model_defaults, to_mapping
+from neuraldb.engine.profile import load_config
 from neuraldb.engine.editor import model_name, subject_key
 from neuraldb.engine.models import DEFAULT_MODEL
 from neuraldb.engine.pool import FactPool
@@ -377,7 +378,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--data-dir", help="root of the named data sources (default: $NEURALDB_DATA, ../shared/data, "
                                       "then the bundled sample)")
     e = ap.add_argument_group("editing")
-    e.add_argument("--config", help="EditConfig YAML (default: the model's defaults)")
+    e.add_argument("--config", help="EditConfig YAML or a profile file (default: the model's profile)")
     e.add_argument("--layer", type=int)
     e.add_argument("--gamma", type=float)
     e.add_argument("--head-gamma", type=float, help="the head check's threshold (EditConfig.head_gamma)")
@@ -417,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     t_start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
-    cfg = load_yaml(EditConfig, args.config) if args.config else None
+    cfg = load_config(args.config) if args.config else None
     if args.head_gamma is not None or args.sink_gamma is not None:
         cfg = (cfg or model_defaults(model_name(model), model.config.model_type)).replace(
             head_gamma=args.head_gamma, sink_gamma=args.sink_gamma)

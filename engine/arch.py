@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from dataclasses import dataclass
 
@@ -117,3 +118,16 @@ def returned_cache(out: object) -> object:
     so (reading `out.past_key_values` there logs a deprecation), else `out.past_key_values`."""
     got = out.get("cache") if hasattr(out, "get") else None  # ModelOutput is a mapping
     return got if got is not None else getattr(out, "past_key_values")
+
+
+def layer_fingerprint(model: nn.Module, layer: int) -> str:
+    """sha256 of the FFN output weight of `layer` in bfloat16: identifies the model's weights
+    whether it is loaded in fp32, fp16 or bf16."""
+    mod = get_module(model, get_arch(model).ffn_out.format(layer))
+    w = getattr(mod, "base_layer", mod).weight.detach().to("cpu", torch.bfloat16).contiguous()
+    return hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over every layer's `layer_fingerprint`: which weights a calibrated profile fits."""
+    return hashlib.sha256("".join(layer_fingerprint(model, i) for i in range(num_layers(model))).encode()).hexdigest()

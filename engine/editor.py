@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..index import KeyIndex, ResidualTable, make_index
-from .arch import ffn_dims, get_arch, get_module, model_device, num_layers, set_module
+from .arch import (ffn_dims, get_arch, get_module, layer_fingerprint, model_device, num_layers, set_module,
+                   weights_sha256)
 from .change import Change
 from .config import ConfigError, EditConfig
 from .facts import Fact
@@ -42,14 +42,6 @@ def model_name(model: PreTrainedModel) -> str:
     return str(getattr(model.config, "neuraldb_name", None) or getattr(model.config, "_name_or_path", ""))
 
 
-def layer_fingerprint(model: PreTrainedModel, layer: int) -> str:
-    """sha256 of the FFN output weight of `layer` in bfloat16: identifies the model's weights
-    whether it is loaded in fp32, fp16 or bf16."""
-    mod = get_module(model, get_arch(model).ffn_out.format(layer))
-    w = getattr(mod, "base_layer", mod).weight.detach().to("cpu", torch.bfloat16).contiguous()
-    return hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
-
-
 class NeuralDB:
     """A gated neural key-value database of facts attached to one FFN layer of a causal LM.
 
@@ -69,13 +61,14 @@ class NeuralDB:
             self.tok.pad_token = self.tok.eos_token
         # the settings and where they came from (saved with the database)
         base, self.profile = (config, "given") if config is not None else \
-            model_profile(model_name(model), model.config.model_type, cache_dir())
+            model_profile(model_name(model), model.config.model_type, cache_dir(), lambda: weights_sha256(model))
         self.config = base.replace(layer=layer, gamma=gamma, index=index)
         n = num_layers(model)
         if self.config.layer == -1:  # no defaults/<name>.yaml nor defaults/<model_type>.yaml
             raise ConfigError(f"no defaults for model {model_name(model)!r} (model_type "
                               f"{model.config.model_type}, {n} layers): calibrate it once with "
-                              f"'neuraldb calibrate --model {model_name(model)}' (docs/models.md), or give "
+                              f"'neuraldb calibrate --model {model_name(model)}' (or add --calibrate to edit / build / serve; "
+                              f"docs/models.md), or give "
                               f"EditConfig(layer=..., gamma=...) / --layer and --gamma")
         if not 0 <= self.config.layer < n:
             raise ConfigError(f"layer {self.config.layer} is out of range for a {n}-layer model "

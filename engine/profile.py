@@ -4,15 +4,20 @@
 the measurements behind each value are in the calibration report it names."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from .config import EditConfig, from_mapping, load_yaml, to_mapping
 
+log = logging.getLogger(__name__)
+
 PROFILE_DIR = "profiles"  # under the model cache (engine.models.cache_dir)
+ABOUT = ("model_sha256", "provenance")  # what a profile says about itself, not settings
 
 
 @dataclass(frozen=True)
@@ -28,11 +33,12 @@ class Profile:
     steps: int = 25  # and its step budget per fact
     nll_stop: float | None = None  # a fact stops once its target NLL is below this
     clamp_norm: float = 0.75  # residual norm clamp, times |z| at the subject
+    model_sha256: str = ""  # the weights it was calibrated on (arch.weights_sha256); "" = any with this name
     provenance: str = ""  # what made this profile: command, data ranges, date, report
 
     def config(self, base: EditConfig | None = None) -> EditConfig:
         """`base` (default: the built-in EditConfig) with this profile's values."""
-        vals = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "provenance"}
+        vals = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ABOUT}
         return from_mapping(EditConfig, {**to_mapping(base or EditConfig()), **vals}, "profile")
 
     def to_yaml(self) -> str:
@@ -48,9 +54,23 @@ def read_profile(path: str | Path) -> Profile:
     return load_yaml(Profile, path)
 
 
-def find_profile(name: str | None, model_type: str, cache: str | Path | None = None) -> tuple[Profile, str] | None:
+def load_config(path: str | Path) -> EditConfig:
+    """An EditConfig YAML, or a profile file (it has `provenance`, as `neuraldb calibrate` writes
+    one) as the EditConfig it gives; unknown keys or bad values raise ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        data = None  # load_yaml names the file and what is wrong with it
+    if isinstance(data, dict) and "provenance" in data:
+        return read_profile(path).config()
+    return load_yaml(EditConfig, path)
+
+
+def find_profile(name: str | None, model_type: str, cache: str | Path | None = None,
+                 sha256: Callable[[], str] | None = None) -> tuple[Profile, str] | None:
     """The profile of model `name` (else of its model_type) and where it was found: the
-    package's defaults/ first, then `cache`/profiles/ (what `neuraldb calibrate` wrote)."""
+    package's defaults/ first, then `cache`/profiles/ (what `neuraldb calibrate` wrote). A
+    calibrated profile that records other weights than `sha256()` gives is passed over."""
     shipped = resources.files("neuraldb.engine").joinpath("defaults")
     for stem in (name, model_type):
         if not stem:
@@ -63,12 +83,18 @@ def find_profile(name: str | None, model_type: str, cache: str | Path | None = N
         if cache is not None:
             local = Path(cache) / PROFILE_DIR / f"{stem}.yaml"
             if local.is_file():
-                return read_profile(local), str(local)
+                found = read_profile(local)
+                if found.model_sha256 and sha256 is not None and found.model_sha256 != sha256():
+                    log.warning("%s was calibrated on other weights (model_sha256 %s...); not used", local,
+                                found.model_sha256[:12])
+                    continue
+                return found, str(local)
     return None
 
 
-def model_profile(name: str | None, model_type: str, cache: str | Path | None = None) -> tuple[EditConfig, str]:
+def model_profile(name: str | None, model_type: str, cache: str | Path | None = None,
+                  sha256: Callable[[], str] | None = None) -> tuple[EditConfig, str]:
     """The EditConfig of model `name`'s profile (`find_profile`) and where it came from; the
     built-in EditConfig and "built-in" where there is none."""
-    found = find_profile(name, model_type, cache)
+    found = find_profile(name, model_type, cache, sha256)
     return (found[0].config(), found[1]) if found is not None else (EditConfig(), "built-in")

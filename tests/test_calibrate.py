@@ -5,6 +5,7 @@ profile that NeuralDB then finds by the model's name."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,33 @@ def test_opens_on_a_named_subject_are_mentions_not_spurious(tokenizer) -> None:
     assert sc.mentions(g) == int((sc.text_s[named] > g).sum())
     assert sc.spurious(g) * len(sc.text_s) == pytest.approx(float((sc.text_s[~named] > g).sum()))
     db.detach()
+
+
+def test_edit_with_calibrate_profiles_an_unknown_model_once(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
+    """`neuraldb edit --calibrate` on a model with no profile calibrates it first, caches the
+    profile for these weights, and the database records it; a second run finds it; a profile
+    calibrated on other weights under the same name is passed over."""
+    from neuraldb import load_model
+    from neuraldb.cli import main as cli
+    from neuraldb.data import sample_root
+    from neuraldb.engine.arch import weights_sha256
+    from neuraldb.engine.editor import model_name
+    from neuraldb.engine.persistence import read_meta
+
+    monkeypatch.setenv("NEURALDB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    facts = sample_root() / "counterfact" / "counterfact-edit.json"
+    argv = ["edit", "--model", str(tiny_model_dir), "--facts", str(facts), "--limit", "2", "--no-eval",
+            "--data-dir", str(sample_root()), "--calibrate", "--calibrate-facts", "40"]
+    assert cli(argv + ["--out", "db1"]) == 0
+    assert "calibrating it first" in capsys.readouterr().err
+    m, _ = load_model(str(tiny_model_dir))
+    name = Path(model_name(m)).name  # a model loaded from a directory is known by the directory's name
+    cached = tmp_path / "cache" / PROFILE_DIR / f"{name}.yaml"
+    prof = read_profile(cached)
+    assert prof.model_sha256 == weights_sha256(m) and "calibrated by" in prof.provenance
+    assert read_meta(tmp_path / "db1", verify_files=False)["profile"] == str(cached)
+    assert cli(argv + ["--out", "db2"]) == 0  # found in the cache: no second calibration
+    assert "calibrating" not in capsys.readouterr().err
+    cached.write_text(dataclasses.replace(prof, model_sha256="0" * 64).to_yaml())  # other weights, same name
+    assert find_profile(name, "llama", tmp_path / "cache", lambda: weights_sha256(m)) is None
