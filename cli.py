@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -160,9 +161,10 @@ CALIBRATION_FACTS_FROM = 10_000  # rows of a one-file source from here on: no ev
 CALIBRATION_TEXTS_FROM = 400  # WikiText-2 passages from here on: retention reads the first ones
 
 
-def _calibration_material(args: argparse.Namespace, need: int) -> tuple[list, list[str], str]:
-    """Calibration facts and ordinary passages from fixed ranges no evaluation reads (the tail of
-    what exists where a source is smaller, as the bundled sample is), and a line saying which."""
+def _calibration_material(args: argparse.Namespace, need: int) -> tuple[list, list[str], list[str], str]:
+    """Calibration facts, ordinary passages and the gate map's own passages (the ones after
+    those), from fixed ranges no evaluation reads (the tail of what exists where a source is
+    smaller, as the bundled sample is), and a line saying which."""
     from .data import is_source, resolve
     from .evaluation.texts import wikitext_passages
 
@@ -179,13 +181,14 @@ def _calibration_material(args: argparse.Namespace, need: int) -> tuple[list, li
         raise ConfigError(f"--facts/--residual-facts: calibration needs {need} facts, {path} holds {len(pool)}")
     wiki = resolve("wikitext", args.data_dir).path
     try:
-        passages = wikitext_passages(wiki, CALIBRATION_TEXTS_FROM + args.texts)
+        passages = wikitext_passages(wiki, CALIBRATION_TEXTS_FROM + 2 * args.texts)
     except ValueError:  # a smaller file (the bundled sample): its tail, below
         passages = wikitext_passages(wiki, None)
-    t0 = min(CALIBRATION_TEXTS_FROM, max(0, len(passages) - args.texts))
-    texts = passages[t0 : t0 + args.texts]
-    return facts, texts, f"facts: {path.name} rows {f0}-{f0 + len(facts) - 1}; texts: {wiki.name} passages " \
-                         f"{t0}-{t0 + len(texts) - 1}"
+    t0 = min(CALIBRATION_TEXTS_FROM, max(0, len(passages) - 2 * args.texts))
+    half = min(args.texts, (len(passages) - t0) // 2)
+    texts, fit_texts = passages[t0 : t0 + half], passages[t0 + half : t0 + 2 * half]
+    return facts, texts, fit_texts, f"facts: {path.name} rows {f0}-{f0 + len(facts) - 1}; texts: {wiki.name} " \
+                                    f"passages {t0}-{t0 + half - 1} (the gate map's: {t0 + half}-{t0 + 2 * half - 1})"
 
 
 def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool) -> Path:
@@ -205,17 +208,21 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
     cfg = CalibrateConfig(sizes=sizes, layer_facts=min(args.layer_facts, max(sizes)),
                           layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else (),
                           target_open=args.target_open, residual_facts=args.residual_facts,
+                          map_rank=args.map_rank, map_facts=args.map_facts,
                           lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
-    facts, texts, material = _calibration_material(args, max(sizes) + cfg.residual_facts)
+    facts, texts, fit_texts, material = _calibration_material(args, max(sizes) + cfg.residual_facts)
     name = Path(model_name(model) or args.model).name
     out = Path(args.out or f"results/calibrate-{name}")
-    cal = Calibrator(model, tok, facts, texts, cfg, cache=out / "cache")
+    cal = Calibrator(model, tok, facts, texts, cfg, cache=out / "cache", fit_texts=fit_texts)
     command = "neuraldb " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("neuraldb", "cli.py")) else \
         f"neuraldb calibrate --model {args.model} --facts {args.facts} --texts {args.texts}"
     profile = cal.run(provenance=f"calibrated by: {command}\n{material}\ndate: {date.today().isoformat()}; "
                                  f"report: {out / 'report.md'}")
     profile = dataclasses.replace(profile, model_sha256=weights_sha256(model))
     out.mkdir(parents=True, exist_ok=True)
+    if profile.gate_map:  # the fitted map travels with the profile
+        shutil.copyfile(profile.gate_map, out / "gate_map.safetensors")
+        profile = dataclasses.replace(profile, gate_map=str((out / "gate_map.safetensors").resolve()))
     (out / "profile.yaml").write_text(profile.to_yaml())
     (out / "report.json").write_text(json.dumps({**cal.report, "profile": profile.__dict__}, indent=2))
     (out / "report.md").write_text(markdown_report(cal.report, profile))
@@ -223,6 +230,9 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
     if install:  # NeuralDB(model, tok) finds it by the model's name from now on
         where = cache_dir() / PROFILE_DIR / f"{name}.yaml"
         where.parent.mkdir(parents=True, exist_ok=True)
+        if profile.gate_map:
+            shutil.copyfile(profile.gate_map, where.with_suffix(".map.safetensors"))
+            profile = dataclasses.replace(profile, gate_map=str(where.with_suffix(".map.safetensors")))
         tmp = where.with_suffix(".tmp")
         tmp.write_text(profile.to_yaml())
         tmp.replace(where)
@@ -359,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layer-facts", type=int, default=300, help="keys per candidate layer and gate space")
     c.add_argument("--target-open", type=float, default=1e-4, help="spurious opens allowed, share of ordinary tokens")
     c.add_argument("--residual-facts", type=int, default=32)
+    c.add_argument("--map-rank", type=int, default=64, help="the gate map tried (0: none)")
+    c.add_argument("--map-facts", type=int, default=3000, help="facts the gate map is fitted on")
     c.add_argument("--lrs", default="0.5,1,2,4,8", help="residual learning rates tried")
     c.add_argument("--max-steps", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)

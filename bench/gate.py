@@ -22,7 +22,7 @@ OUT/gate_roc.png, and operating points (at fixed spurious-open rates and at fixe
 OUT/gate.json and OUT/gate.md. Designs are named like `ffn`, `ffn+ctx5`, `ffn+ctx5@0.6`
 (context weight), `ffn+cat5` (each block's output unit, side by side: the blocks' mean cosine),
 `ffn,white` (whitened on the fitting passages), `ffn+ctx5,learn` (a low-rank map fitted on
-other facts' prompts and other passages: bench/transform.py, the --learn-* options),
+other facts' prompts and other passages: engine/map_fit.py, the --learn-* options),
 `ffn+ctx5,map=smollm2-135m-l6-ctx5` (a saved map: a shipped one's name or a file),
 `ffn+ctx5,bank` (per-fact thresholds: max(gamma, the key's best cosine over the fitting
 passages + margin)), `ffn+ctx5,verify=cat5@0.5` (the
@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # what a map of this design's space records (fitted here, or a saved one checked against it)
         meta = space_meta(db.layer, design.context, design.weight, dv(keys_raw[:1]).shape[1], fingerprint)
         if design.learn:
-            from neuraldb.bench.transform import FitConfig, fit_transform
+            from neuraldb.engine.map_fit import FitConfig, fit_transform
 
             fcfg = FitConfig(rank=args.learn_rank, epochs=args.learn_epochs, gamma=args.learn_gamma,
                              neg_weight=args.learn_neg_weight, seed=args.seed)
@@ -635,5 +635,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("neuraldb.bench.transform").setLevel(logging.INFO)
+    logging.getLogger("neuraldb.engine.map_fit").setLevel(logging.INFO)
     run_main(main, "bench/gate.py")

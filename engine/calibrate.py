@@ -12,6 +12,9 @@ choices, each reported with every candidate's operating point:
    gamma, head_gamma and sink_gamma on a grid, the best own-open share whose spurious opens on
    ordinary text stay <= `target_open` at the largest size; the rate at `extrapolate_to` keys is
    extrapolated (log-log fit over the sizes) and reported.
+   **gate map**: a rank-`map_rank` map of that space (engine/map_fit.py) fitted on other facts'
+   prompts (positives) and `fit_texts` plus neighbourhood prompts (negatives), then measured as
+   the thresholds are; kept only where it raises the own-open share within the same budget.
 4. **residual optimiser**: each learning rate run on `residual_facts` facts with the NLL of every
    fact after every step kept; per (lr, step budget, nll_stop) the share of facts ending below
    `nll_goal` and the seconds it costs (a fact that would stop earlier costs its steps only). The
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,15 +41,20 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .arch import num_layers
+from ..kernels import l2_normalize
+from .arch import layer_fingerprint, model_device, num_layers
 from .config import EditConfig
-from .editor import NeuralDB, layer_fingerprint, model_name
+from .editor import NeuralDB, model_name
 from .facts import Fact, names_subject
 from .hooks import Trace
-from .keys import generate_prefixes
+from .gate_map import space_meta
+from .keys import generate_prefixes, plain_keys
+from .map_fit import FitConfig, fit_transform
 from .profile import Profile
 from .progress import Progress
 from .residuals import compute_residuals
+from .space import Capture
+from .tokens import encode_with_subject, pad_right
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,10 @@ class CalibrateConfig:
     nll_stops: tuple[float | None, ...] = (None, 0.01, 0.02)  # EditConfig.nll_stop candidates
     nll_goal: float = 0.05
     nll_share: float = 0.95
+    map_rank: int = 64  # the learned gate map's rank (engine/gate_map.py); 0: no map is tried
+    map_facts: int = 3000  # facts whose prompts and keys the map is fitted on (after the probe facts)
+    map_epochs: int = 8
+    map_neighbourhood: int = 3000  # those facts' neighbourhood prompts among the fit's negatives
     text_tokens: int = 256  # each ordinary passage cut to this many tokens
     batch_size: int = 16
     seed: int = 0
@@ -228,7 +241,7 @@ class Calibrator:
 
     def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact],
                  texts: Sequence[str], cfg: CalibrateConfig = CalibrateConfig(), cache: str | Path | None = None,
-                 base: EditConfig | None = None) -> None:
+                 base: EditConfig | None = None, fit_texts: Sequence[str] = ()) -> None:
         need = max(cfg.sizes) + cfg.residual_facts
         if len(facts) < need:
             raise ValueError(f"calibration needs {need} facts (largest size {max(cfg.sizes)} + residual_facts "
@@ -241,6 +254,7 @@ class Calibrator:
         self.res_facts = list(facts[max(cfg.sizes) : need])  # never among the keyed facts
         self.texts = _encode(tok, texts, cfg.text_tokens)
         self.raw = [tok.decode(t, skip_special_tokens=True) for t in self.texts]  # what the cut passages say
+        self.fit_texts = _encode(tok, fit_texts, cfg.text_tokens) if fit_texts else []  # the map's, never measured
         self.cache = Path(cache) if cache is not None else None
         self.report: dict[str, Any] = {"model": model_name(model), "model_type": model.config.model_type,
                                        "num_layers": num_layers(model), "config": asdict(cfg),
@@ -249,16 +263,20 @@ class Calibrator:
                                                     "text_tokens": sum(len(t) for t in self.texts)}}
 
     # ----- helpers --------------------------------------------------------------------
-    def _db(self, layer: int, context: int, head: bool) -> NeuralDB:
+    def _db(self, layer: int, context: int, head: bool, gate_map: str = "") -> NeuralDB:
         """A database at the thresholds' floor (every winner reported), head table or not."""
-        cfg = dataclasses.replace(self.base, layer=layer, gate_context=context, gate_map="", gamma=-1.0, index="Flat",
+        cfg = dataclasses.replace(self.base, layer=layer, gate_context=context, gate_map=gate_map, gamma=-1.0,
+                                  index="Flat",
                                   head_gamma=-1.0 if head else None, sink_gamma=-1.0 if head else None)
         return NeuralDB(self.model, self.tok, cfg)
 
     def _keys(self, db: NeuralDB, facts: Sequence[Fact], what: str) -> torch.Tensor:
         """Key rows of `facts` in `db`'s space, cached per (layer weights, space, facts)."""
-        tag = json.dumps([layer_fingerprint(self.model, db.layer), db.layer, db.config.gate_context,
-                          db.heads is not None, [f.text for f in facts[:3]], len(facts), self.cfg.seed])
+        parts = [layer_fingerprint(self.model, db.layer), db.layer, db.config.gate_context, db.heads is not None,
+                 [f.text for f in facts[:3]], len(facts), self.cfg.seed]
+        if db.config.gate_map:  # keys follow the map they were made with
+            parts.append(hashlib.sha256(Path(db.config.gate_map).read_bytes()).hexdigest())
+        tag = json.dumps(parts)
         path = None
         if self.cache is not None:
             path = self.cache / f"keys-{what}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.safetensors"
@@ -319,33 +337,122 @@ class Calibrator:
                                        "is fitted by the calibrator"}
         return int(best["gate_context"])
 
-    def choose_thresholds(self, layer: int, context: int) -> dict[str, Any]:
-        db = self._db(layer, context, head=True)
-        sizes = sorted(self.cfg.sizes)
+    def _threshold_scans(self, layer: int, context: int, gate_map: str = "") -> dict[int, Scan]:
+        """Scans with the head check at every size (keys added in order), probed by the edit
+        prompts and paraphrases of the first `layer_facts` facts."""
+        db = self._db(layer, context, head=True, gate_map=gate_map)
         try:
             keys = self._keys(db, self.facts, "full")
             scans: dict[int, Scan] = {}
             done = 0
             probe = self.facts[: self.cfg.layer_facts]  # prompts of the first facts: own at every size
-            for m in sizes:
+            for m in sorted(self.cfg.sizes):
                 db.insert(list(range(done, m)), self.facts[done:m], keys[done:m], None)
                 done = m
                 scans[m] = scan(db, self.texts, self._prompts(db, probe, range(len(probe))), self.cfg.batch_size,
                                 self.raw)
         finally:
             db.detach()
+        return scans
+
+    def _thresholds(self, scans: dict[int, Scan]) -> dict[str, Any]:
+        """The best thresholds at the largest size and their operating point at every size."""
+        sizes = sorted(scans)
         best, cands = fit_thresholds(scans[sizes[-1]], self.cfg.target_open)
         g, hg, sg = best["gamma"], best["head_gamma"], best["sink_gamma"]
         per_size = [{"keys": m, "spurious": scans[m].spurious(g, hg, sg), "mention_opens": scans[m].mentions(g, hg, sg),
                      "own_open": scans[m].own_open(g, hg, sg)} for m in sizes]
         pred = extrapolate(sizes, [r["spurious"] for r in per_size], self.cfg.extrapolate_to)
-        self.report["thresholds"] = {
-            "chosen": best, "per_head_gamma": cands, "at_sizes": per_size,
-            f"spurious_at_{self.cfg.extrapolate_to}_extrapolated": pred,
-            "why": f"highest own-open share (edit prompts and paraphrases of {len(probe)} facts) with spurious "
-                   f"opens <= {self.cfg.target_open:.4%} of {len(scans[sizes[-1]].text_s)} ordinary tokens at "
-                   f"{sizes[-1]} keys"}
-        return best
+        return {"chosen": best, "per_head_gamma": cands, "at_sizes": per_size,
+                f"spurious_at_{self.cfg.extrapolate_to}_extrapolated": pred,
+                "why": f"highest own-open share (edit prompts and paraphrases of {self.cfg.layer_facts} facts) with "
+                       f"spurious opens <= {self.cfg.target_open:.4%} of {len(scans[sizes[-1]].text_s)} ordinary "
+                       f"tokens at {sizes[-1]} keys"}
+
+    def choose_thresholds(self, layer: int, context: int) -> dict[str, Any]:
+        self.report["thresholds"] = self._thresholds(self._threshold_scans(layer, context))
+        return self.report["thresholds"]["chosen"]
+
+    def fit_map(self, layer: int, context: int, gamma: float) -> Path:
+        """Fit a gate map of this space on facts after the probe facts (their prompts at the
+        subject's last token against their own keys) and on negatives no measurement reads
+        (`fit_texts`, those facts' neighbourhood prompts); saved under the cache, returned."""
+        fit = self.facts[self.cfg.layer_facts : self.cfg.layer_facts + self.cfg.map_facts]
+        db = self._db(layer, context, head=False)
+        try:
+            meta = space_meta(layer, context, db.config.gate_context_weight, db.space.dim,
+                              layer_fingerprint(self.model, layer))
+            tag = hashlib.sha256(json.dumps([meta, [f.text for f in fit[:3]], len(fit), self.cfg.map_rank,
+                                             self.cfg.map_epochs, len(self.fit_texts), gamma, self.cfg.seed]
+                                            ).encode()).hexdigest()[:16]
+            path = (self.cache or Path(tempfile.mkdtemp())) / f"map-{tag}.safetensors"
+            if path.is_file():
+                return path
+            keys = l2_normalize(self._keys(db, fit, "mapfit").detach().float())  # (F, d)
+            rows = [(i, t) for i, f in enumerate(fit) for t in (f.prompt, *f.paraphrases)
+                    if "{}" in t or f.subject in t]
+            encs = [encode_with_subject(self.tok, "", t if "{}" in t else t.replace(fit[i].subject, "{}", 1),
+                                        fit[i].subject, truncate_after_subject=True) for i, t in rows]
+            with db.disabled(), torch.no_grad():
+                bar = Progress(len(encs), "map positives", "prompt")
+                pos = db.space.combine(plain_keys(self.model, self.tok, [(e.ids, e.subject_last) for e in encs],
+                                                  db.space, self.cfg.batch_size, bar))  # (P, d)
+                bar.close()
+                neigh = [p for f in fit for p in f.neighborhood][: self.cfg.map_neighbourhood]
+                neg = self._token_vectors(db, self.fit_texts + [self.tok(p)["input_ids"] for p in neigh])  # (N, d)
+            if not len(neg):
+                raise ValueError("the gate map needs negatives: fit_texts or facts with neighbourhood prompts")
+            own = torch.tensor([i for i, _ in rows])
+            gm = fit_transform(keys, l2_normalize(pos.float()), own, l2_normalize(neg.float()),
+                               FitConfig(rank=self.cfg.map_rank, epochs=self.cfg.map_epochs, gamma=gamma,
+                                         seed=self.cfg.seed), meta)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            gm.save(path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            self.report.setdefault("map", {})["fit"] = {"facts": len(fit), "positives": len(rows),
+                                                        "negatives": int(neg.shape[0]), "rank": self.cfg.map_rank,
+                                                        "epochs": self.cfg.map_epochs, "gamma": gamma}
+            return path
+        finally:
+            db.detach()
+
+    @torch.no_grad()
+    def _token_vectors(self, db: NeuralDB, seqs: Sequence[list[int]]) -> torch.Tensor:
+        """The gate's plain-space vectors (N, d) of every token but the first of each sequence."""
+        out = []
+        for i in range(0, len(seqs), self.cfg.batch_size):
+            part = [s for s in seqs[i : i + self.cfg.batch_size] if len(s) > 1]
+            if not part:
+                continue
+            ids, mask = pad_right(part, self.tok.pad_token_id or 0, torch.device("cpu"))  # (B, T)
+            with Capture(self.model, db.space) as cap:
+                self.model(input_ids=ids.to(model_device(self.model)), attention_mask=mask.to(model_device(self.model)),
+                           use_cache=False)
+            mask[:, 0] = 0  # a text's first token is never gated
+            out.append(db.space.combine(cap.raw.cpu()[mask.bool()]).half())  # (n, d)
+        return torch.cat(out) if out else torch.zeros(0, db.space.dim)
+
+    def choose_map(self, layer: int, context: int, plain: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A fitted map, kept only where its best own-open share within the budget beats the plain
+        space's (`plain`: choose_thresholds' choice); returns (map file or "", thresholds)."""
+        if not self.cfg.map_rank or not self.fit_texts or len(self.facts) <= self.cfg.layer_facts:
+            self.report["map"] = {"chosen": "", "why": "not tried (map_rank 0, no fit_texts, or no facts after "
+                                                       "the probe facts to fit it on)"}
+            return "", plain
+        path = self.fit_map(layer, context, plain["gamma"])
+        mapped = self._thresholds(self._threshold_scans(layer, context, str(path)))
+        wins = mapped["chosen"]["spurious"] <= self.cfg.target_open and \
+            mapped["chosen"]["own_open"] > plain["own_open"]
+        self.report["map"] = {**self.report.get("map", {}), "chosen": str(path) if wins else "",
+                              "plain": plain, "mapped": mapped["chosen"], "mapped_at_sizes": mapped["at_sizes"],
+                              "why": f"own-open {mapped['chosen']['own_open']:.3f} with the map against "
+                                     f"{plain['own_open']:.3f} without, both within the spurious budget: "
+                                     + ("the map pays" if wins else "the map does not pay; none")}
+        if wins:
+            self.report["thresholds_plain"] = self.report["thresholds"]
+            self.report["thresholds"] = mapped
+            return str(path), mapped["chosen"]
+        return "", plain
 
     def choose_optimiser(self, layer: int) -> dict[str, Any]:
         rows, runs = [], []
@@ -389,9 +496,11 @@ class Calibrator:
         layer = self.choose_layer()
         context = self.choose_space(layer)
         th = self.choose_thresholds(layer, context)
+        gate_map, th = self.choose_map(layer, context, th)
         opt = self.choose_optimiser(layer)
         self.report["seconds"] = time.perf_counter() - t0
-        return Profile(layer=layer, gamma=th["gamma"], gate_context=context, head_gamma=th["head_gamma"],
+        return Profile(layer=layer, gamma=th["gamma"], gate_context=context, gate_map=gate_map,
+                       head_gamma=th["head_gamma"],
                        sink_gamma=th["sink_gamma"], lr=float(opt["lr"]), steps=int(opt["steps"]),
                        nll_stop=opt["nll_stop"], clamp_norm=self.base.clamp_norm, provenance=provenance)
 
@@ -418,6 +527,7 @@ def markdown_report(report: dict[str, Any], profile: Profile) -> str:
            f"Material: {report['material']}\n", f"Seconds: {report.get('seconds', 0):.0f}\n",
            "## Profile\n", "```yaml\n" + profile.to_yaml() + "```\n"]
     for part, title in (("layers", "Layer"), ("space", "Gate space"), ("thresholds", "Thresholds"),
+                        ("map", "Gate map"),
                         ("optimiser", "Residual optimiser")):
         sec = report.get(part)
         if not sec:

@@ -1,5 +1,5 @@
 """A learned map of the gate's space: `T(v) = unit(v + (v V) U^T)`, a low-rank correction of
-the identity fitted (bench/transform.py) so that a fact's prompts land on its key and ordinary
+the identity fitted (engine/map_fit.py) so that a fact's prompts land on its key and ordinary
 text lands on none.
 
 The gate stays one exact cosine test: keys and queries both pass through T (a unit vector out),

@@ -185,3 +185,24 @@ def test_edit_with_calibrate_profiles_an_unknown_model_once(tiny_model_dir, tmp_
     assert "calibrating" not in capsys.readouterr().err
     cached.write_text(dataclasses.replace(prof, model_sha256="0" * 64).to_yaml())  # other weights, same name
     assert find_profile(name, "llama", tmp_path / "cache", lambda: weights_sha256(m)) is None
+
+
+def test_gate_map_is_fitted_measured_and_kept_only_where_it_pays(tokenizer, tmp_path) -> None:
+    """The calibrator fits a map on other facts and texts, measures it as the plain space, and
+    keeps it only where it opens more own prompts within the budget; a kept map loads."""
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(SMALL, map_rank=8, map_facts=20, map_epochs=2)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE, fit_texts=CORPUS[::-1])
+    plain = cal.choose_thresholds(1, 1)
+    gm, th = cal.choose_map(1, 1, plain)
+    rep = cal.report["map"]
+    assert rep["fit"]["positives"] > 0 and rep["fit"]["negatives"] > 0
+    assert (gm != "") == (rep["mapped"]["own_open"] > plain["own_open"] and rep["mapped"]["spurious"] <= cfg.target_open)
+    assert th == (rep["mapped"] if gm else plain)
+    gm, th = cal.choose_map(1, 1, {**plain, "own_open": -1.0})  # a plain space that opens nothing: the map pays
+    assert gm and th == cal.report["thresholds"]["chosen"] and cal.report["thresholds_plain"]
+    db = NeuralDB(model, tokenizer, dataclasses.replace(BASE, layer=1, gate_context=1, gamma=th["gamma"], gate_map=gm))
+    assert db.gate_map is not None and db.gate_map.dim == db.space.dim
+    db.detach()
+    no_texts = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE)
+    assert no_texts.choose_map(1, 1, plain) == ("", plain)

@@ -1,4 +1,4 @@
-"""The learned map of the gate's space (engine/gate_map.py, fitted by bench/transform.py): identity at U = 0, unit vectors
+"""The learned map of the gate's space (engine/gate_map.py, fitted by engine/map_fit.py): identity at U = 0, unit vectors
 out, a round trip through safetensors, refusal of a foreign file, and a fit that separates
 what the plain space cannot: positives that share a nuisance direction with ordinary text."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuraldb.bench.transform import FitConfig, fit_transform
+from neuraldb.engine.map_fit import FitConfig, fit_transform
 from neuraldb.engine.gate_map import GateMap
 from neuraldb.kernels import l2_normalize
 

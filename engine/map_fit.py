@@ -10,7 +10,8 @@ nearest to it under the current T (exact, no gradient); then minibatches minimis
 - softplus((gamma - cos_own) / s) (the own key passes the threshold),
 - softplus((max_mined cos_neg - gamma) / s) (no key passes it on a negative),
 
-with Adam on U and V. Nothing here knows about models: bench/gate.py builds the vectors (design `,learn`)."""
+with Adam on U and V. Nothing here knows about models: the calibrator (engine/calibrate.py) and
+bench/gate.py (design `,learn`) build the vectors."""
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from neuraldb.engine.gate_map import GateMap
+from .gate_map import GateMap
 
 log = logging.getLogger(__name__)
 
