@@ -207,7 +207,9 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
         tuple(sorted({max(1, args.facts // 10), max(1, args.facts // 3), args.facts}))
     cfg = CalibrateConfig(sizes=sizes, layer_facts=min(args.layer_facts, max(sizes)),
                           layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else (),
-                          target_open=args.target_open, residual_facts=args.residual_facts,
+                          target_open=args.target_open,
+                          mention_open=args.mention_open if args.mention_open >= 0 else None,
+                          residual_facts=args.residual_facts,
                           map_rank=args.map_rank, map_facts=args.map_facts,
                           lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
     facts, texts, fit_texts, material = _calibration_material(args, max(sizes) + cfg.residual_facts)
@@ -368,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", help="candidate layers, comma-separated (default: 10-33%% of the depth)")
     c.add_argument("--layer-facts", type=int, default=300, help="keys per candidate layer and gate space")
     c.add_argument("--target-open", type=float, default=1e-4, help="spurious opens allowed, share of ordinary tokens")
+    c.add_argument("--mention-open", type=float, default=5e-4, help="opens on subjects a passage names allowed too, "
+                                                                     "share of ordinary tokens (negative: no limit)")
     c.add_argument("--residual-facts", type=int, default=32)
     c.add_argument("--map-rank", type=int, default=64, help="the gate map tried (0: none)")
     c.add_argument("--map-facts", type=int, default=3000, help="facts the gate map is fitted on")

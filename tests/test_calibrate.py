@@ -68,6 +68,16 @@ def test_fit_thresholds_keeps_the_budget_and_prefers_own_opens() -> None:
     assert best["spurious"] <= 1e-3 and all(c["spurious"] <= 1e-3 for c in cands)
     assert best["own_open"] == max(c["own_open"] for c in cands)
     assert best["head_gamma"] is not None and best["own_open"] == 1.0  # the head check lets gamma fall to 0.64
+    named = np.zeros(10_000, bool)
+    named[:2000] = True  # a fifth of the tokens sit in passages naming their winner: mentions, which match well
+    ms, mh = text_s.copy(), text_h.copy()
+    ms[named], mh[named] = rng.uniform(0.6, 0.9, 2000), 0.95
+    sc_m = Scan(ms, mh, np.zeros(10_000, bool), own, named)
+    free, _ = fit_thresholds(sc_m, 1e-3)
+    tight, _ = fit_thresholds(sc_m, 1e-3, max_mention=1e-4)
+    assert sc_m.mentions(free["gamma"], free["head_gamma"], free["sink_gamma"]) > 1  # mentions are not budgeted
+    assert tight["mention_open"] <= 1e-4 and tight["gamma"] >= free["gamma"] and tight["own_open"] <= free["own_open"]
+    assert sc_m.mentions(tight["gamma"], tight["head_gamma"], tight["sink_gamma"]) <= 1
     assert extrapolate([1000, 10_000], [1e-5, 1e-4], 100_000) == pytest.approx(1e-3)
     assert extrapolate([1000, 10_000], [0.0, 1e-4], 100_000) is None
 
