@@ -8,7 +8,6 @@ still there. Each step prints a row (what was checked, the answer seen, pass or 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from neuraldb import EditConfig, NeuralDB
-from neuraldb.engine.calibrate import CalibrateConfig, Calibrator, Scan, extrapolate, fit_thresholds, markdown_report, scan
+from neuraldb.engine.calibrate import CalibrateConfig, Calibrator, markdown_report
+from neuraldb.engine.gate_scan import Scan, extrapolate, fit_thresholds, scan
 from neuraldb.engine.profile import PROFILE_DIR, Profile, find_profile, read_profile
 from neuraldb.engine.residuals import compute_residuals
 from neuraldb.engine.keys import generate_prefixes
