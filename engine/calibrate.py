@@ -7,12 +7,12 @@ choices, each reported with every candidate's operating point:
 1. **layer**: FFN-input keys of `layer_facts` facts at each candidate layer (bench/choose_layer.py's
    measure): the share of edit prompts and paraphrases whose own gate opens at the lowest gamma
    that opens on at most `sweep_open` of ordinary tokens. The best share wins.
-2. **gate space**: the same measure for `contexts` blocks of attention output joined to the key.
-3. **thresholds**: with the head check, keys of `sizes[-1]` facts (measured at every size):
+2. **gate space** and 3. **thresholds**, together: for each of `contexts` blocks of attention
+   output joined to the key, with the head check, keys of `sizes[-1]` facts (measured at every size):
    gamma, head_gamma and sink_gamma on a grid, the best own-open share whose spurious opens on
    ordinary text stay <= `target_open` and whose opens on subjects a passage names stay <=
    `mention_open` at the largest size; the rate at `extrapolate_to` keys is extrapolated
-   (log-log fit over the sizes) and reported.
+   (log-log fit over the sizes) and reported. The space with the best share wins.
    **gate map**: a rank-`map_rank` map of that space (engine/map_fit.py) fitted on other facts'
    prompts (positives) and `fit_texts` plus neighbourhood prompts (negatives), then measured as
    the thresholds are; kept only where it raises the own-open share within the same budget.
@@ -182,18 +182,24 @@ class Calibrator:
                                         f"({self.cfg.layer_facts} keys, FFN input only)"}
         return int(best["layer"])
 
-    def choose_space(self, layer: int) -> int:
-        rows = []
+    def choose_space(self, layer: int) -> tuple[int, dict[str, Any]]:
+        """Each gate space measured where it will run: keys of every size, the head check, the
+        whole threshold grid under the spurious and mention budgets. The highest own-open share
+        wins (ties: fewer context blocks); returns (gate_context, its thresholds)."""
+        rows, by = [], {}
         for c in self.cfg.contexts:
             if c > layer + 1:
                 continue
-            pt = sweep_point(self._space_scan(layer, c), self.cfg.sweep_open)
-            rows.append({"gate_context": c, **pt})
+            by[c] = self._thresholds(self._threshold_scans(layer, c))
+            rows.append({"gate_context": c, **by[c]["chosen"]})
+            log.info("gate_context %d: own-open %.3f at gamma %.2f", c, rows[-1]["own_open"], rows[-1]["gamma"])
         best = max(rows, key=lambda r: (r["own_open"], -r["gate_context"]))
-        self.report["space"] = {"candidates": rows, "chosen": best["gate_context"], "gate_map": "",
-                                "why": "highest own-open share at the sweep's operating point; no learned map "
-                                       "is fitted by the calibrator"}
-        return int(best["gate_context"])
+        c = int(best["gate_context"])
+        self.report["space"] = {"candidates": rows, "chosen": c,
+                                "why": "highest own-open share at the thresholds' budget, each space with its best "
+                                       f"thresholds at {max(self.cfg.sizes)} keys"}
+        self.report["thresholds"] = by[c]
+        return c, by[c]["chosen"]
 
     def _threshold_scans(self, layer: int, context: int, gate_map: str = "") -> dict[int, Scan]:
         """Scans with the head check at every size (keys added in order), probed by the edit
@@ -358,8 +364,7 @@ class Calibrator:
     def run(self, provenance: str = "") -> Profile:
         t0 = time.perf_counter()
         layer = self.choose_layer()
-        context = self.choose_space(layer)
-        th = self.choose_thresholds(layer, context)
+        context, th = self.choose_space(layer)
         gate_map, th = self.choose_map(layer, context, th)
         opt = self.choose_optimiser(layer)
         self.report["seconds"] = time.perf_counter() - t0
