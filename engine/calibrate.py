@@ -59,6 +59,7 @@ from .tokens import encode_with_subject, pad_right
 log = logging.getLogger(__name__)
 
 LAYER_FRACTIONS = (0.1, 0.15, 0.2, 0.25, 0.33)
+MENTION_BUDGETS: tuple[float | None, ...] = (None, 4e-3, 2e-3, 1e-3, 5e-4, 2e-4)  # the report's trade-off curve
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,15 @@ class Calibrator:
         per_size = [{"keys": m, "spurious": scans[m].spurious(g, hg, sg), "mention_opens": scans[m].mentions(g, hg, sg),
                      "own_open": scans[m].own_open(g, hg, sg)} for m in sizes]
         pred = extrapolate(sizes, [r["spurious"] for r in per_size], self.cfg.extrapolate_to)
-        return {"chosen": best, "per_head_gamma": cands, "at_sizes": per_size,
+        top = scans[sizes[-1]]
+        curve = []  # what each mention budget would cost in own opens (the same scan)
+        for budget in MENTION_BUDGETS:
+            pt, _ = fit_thresholds(top, self.cfg.target_open, budget)
+            curve.append({"mention_budget": budget, "gamma": pt["gamma"], "head_gamma": pt["head_gamma"],
+                          "sink_gamma": pt["sink_gamma"], "own_open": pt["own_open"],
+                          "mention_open": top.mentions(pt["gamma"], pt["head_gamma"], pt["sink_gamma"])
+                          / max(1, len(top.text_s))})
+        return {"chosen": best, "per_head_gamma": cands, "at_sizes": per_size, "mention_curve": curve,
                 f"spurious_at_{self.cfg.extrapolate_to}_extrapolated": pred,
                 "why": f"highest own-open share (edit prompts and paraphrases of {self.cfg.layer_facts} facts) with "
                        f"spurious opens <= {self.cfg.target_open:.4%}"
@@ -402,9 +411,10 @@ def markdown_report(report: dict[str, Any], profile: Profile) -> str:
         if not sec:
             continue
         out.append(f"## {title}\n\n{sec['why']}.\n")
-        for key in ("candidates", "per_head_gamma", "at_sizes", "runs"):
+        for key in ("candidates", "per_head_gamma", "at_sizes", "mention_curve", "runs"):
             if key in sec:
                 out.append(f"**{key}**\n\n" + table(sec[key]))
-        rest = {k: v for k, v in sec.items() if k not in ("candidates", "per_head_gamma", "at_sizes", "runs", "why")}
+        rest = {k: v for k, v in sec.items()
+                if k not in ("candidates", "per_head_gamma", "at_sizes", "mention_curve", "runs", "why")}
         out.append(f"chosen: `{json.dumps(rest)}`\n")
     return "\n".join(out)

@@ -105,6 +105,9 @@ def test_calibrate_writes_a_profile_that_neuraldb_finds(arch_name: str, tokenize
     assert {r["layer"] for r in rep["layers"]["candidates"]} == {1, 2}
     assert rep["thresholds"]["chosen"]["spurious"] <= SMALL.target_open
     assert [r["keys"] for r in rep["thresholds"]["at_sizes"]] == [10, 30]
+    curve = rep["thresholds"]["mention_curve"]  # tighter mention budgets never open more own prompts
+    assert curve[0]["mention_budget"] is None and all(a["own_open"] >= b["own_open"] for a, b in zip(curve, curve[1:]))
+    assert all(c["mention_budget"] is None or c["mention_open"] <= c["mention_budget"] for c in curve)
     assert {r["lr"] for r in rep["optimiser"]["candidates"]} == {0.5, 2.0}
     assert profile.steps <= 4 and profile.lr in (0.5, 2.0)
     assert "Thresholds" in markdown_report(rep, profile)
