@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", help="candidate layers, comma-separated (default: 10-33%% of the depth)")
     c.add_argument("--layer-facts", type=int, default=300, help="keys per candidate layer and gate space")
     c.add_argument("--target-open", type=float, default=1e-4, help="spurious opens allowed, share of ordinary tokens")
-    c.add_argument("--mention-open", type=float, default=5e-4, help="opens on subjects a passage names allowed too, "
+    c.add_argument("--mention-open", type=float, default=2e-3, help="opens on subjects a passage names allowed too, "
                                                                      "share of ordinary tokens (negative: no limit)")
     c.add_argument("--residual-facts", type=int, default=32)
     c.add_argument("--map-rank", type=int, default=64, help="the gate map tried (0: none)")

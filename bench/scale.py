@@ -398,6 +398,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     v = ap.add_argument_group("evaluation")
     v.add_argument("--checkpoints", help="comma-separated m values (default: a ladder up to --facts)")
     v.add_argument("--eval-sample", type=int, default=48, help="facts scored at every checkpoint")
+    v.add_argument("--sample-from", type=int, help="draw that sample from the first N facts (default: the first "
+                                                   "checkpoint's), so a run of later checkpoints alone scores the "
+                                                   "same facts as one that began lower")
     v.add_argument("--retention-texts", type=int, default=64)
     v.add_argument("--retention-data", default="held-out",
                    help="held-out (neighbourhood prompts of unedited facts + the model's continuations) | "
@@ -442,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
 
     rng = random.Random(args.seed)
-    first = facts[: checkpoints[0]]
+    first = facts[: args.sample_from or checkpoints[0]]
     sample = rng.sample(first, min(args.eval_sample, len(first)))
     score = zsre_scores if kind == "zsre" else counterfact_scores
     unrelated = [p for f in held_out for p in f.neighborhood][: args.retention_texts]
@@ -465,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                               "fluency_sample", "latency_batch", "latency_repeats")}
     if args.subject_groups == "on":  # rows kept from before the flag had independent residuals
         eval_sig["subject_groups"] = True
-    eval_sig["sample_from"] = checkpoints[0]  # the sample is drawn from the first checkpoint's facts
+    eval_sig["sample_from"] = len(first)  # the sample is drawn from the first checkpoint's facts (or --sample-from's)
     eval_sig["gate"] = {k: v for k, v in to_mapping(db.config).items() if k in GATE_ONLY}  # the cache spans gates; a row does not
 
     def measure(fn: Any) -> Any:  # lazily: repeat until no evaluated token opens a fact without its residual
