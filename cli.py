@@ -263,11 +263,11 @@ def _ensure_profile(args: argparse.Namespace, model: Any = None, tok: Any = None
         model, tok = load_model(args.model or DEFAULT_MODEL)
     if find_profile(model_name(model), model.config.model_type, cache_dir(), lambda: weights_sha256(model)):
         return
-    print(f"no profile for {model_name(model)!r}: calibrating it first ({args.calibrate_facts} facts; "
-          "docs/models.md)", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"--calibrate: {model_name(model)!r} has no profile; calibrate it before a multi-rank build "
                           f"(neuraldb calibrate --model {args.model})")
+    print(f"no profile for {model_name(model)!r}: calibrating it first ({args.calibrate_facts} facts; "
+          "docs/models.md)", file=sys.stderr)
     cal = build_parser().parse_args(["calibrate", "--model", args.model or DEFAULT_MODEL,
                                      "--facts", str(args.calibrate_facts)])
     cal.data_dir = getattr(args, "data_dir", None)

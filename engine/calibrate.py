@@ -42,19 +42,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kernels import l2_normalize
-from .arch import layer_fingerprint, model_device, num_layers
+from .arch import layer_fingerprint, num_layers
 from .config import EditConfig
 from .editor import NeuralDB, model_name
 from .facts import Fact
 from .gate_map import space_meta
 from .gate_scan import Scan, extrapolate, fit_thresholds, scan, sweep_point
-from .keys import generate_prefixes, plain_keys
+from .keys import calibration_queries, generate_prefixes, plain_keys
 from .map_fit import FitConfig, fit_transform
 from .profile import Profile
 from .progress import Progress
 from .residuals import compute_residuals
-from .space import Capture
-from .tokens import encode_with_subject, pad_right
+from .tokens import encode_with_subject
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +232,8 @@ class Calibrator:
         curve = []  # what each mention budget would cost in own opens (the same scan)
         for budget in MENTION_BUDGETS:
             pt, _ = fit_thresholds(top, self.cfg.target_open, budget)
-            curve.append({"mention_budget": budget, "gamma": pt["gamma"], "head_gamma": pt["head_gamma"],
-                          "sink_gamma": pt["sink_gamma"], "own_open": pt["own_open"],
-                          "mention_open": top.mentions(pt["gamma"], pt["head_gamma"], pt["sink_gamma"])
-                          / max(1, len(top.text_s))})
+            curve.append({"mention_budget": budget, **{k: pt[k] for k in ("gamma", "head_gamma", "sink_gamma",
+                                                                            "own_open", "mention_open")}})
         return {"chosen": best, "per_head_gamma": cands, "at_sizes": per_size, "mention_curve": curve,
                 f"spurious_at_{self.cfg.extrapolate_to}_extrapolated": pred,
                 "why": f"highest own-open share (edit prompts and paraphrases of {self.cfg.layer_facts} facts) with "
@@ -276,9 +273,10 @@ class Calibrator:
                                                   db.space, self.cfg.batch_size, bar))  # (P, d)
                 bar.close()
                 neigh = [p for f in fit for p in f.neighborhood][: self.cfg.map_neighbourhood]
-                neg = self._token_vectors(db, self.fit_texts + [self.tok(p)["input_ids"] for p in neigh])  # (N, d)
-            if not len(neg):
-                raise ValueError("the gate map needs negatives: fit_texts or facts with neighbourhood prompts")
+                seqs = [t for t in self.fit_texts + [self.tok(p)["input_ids"] for p in neigh] if len(t) > 1]
+                if not seqs:
+                    raise ValueError("the gate map needs negatives: fit_texts or facts with neighbourhood prompts")
+                neg = calibration_queries(self.model, self.tok, layer, db.config, seqs).half()  # (N, d): all but the first
             if len(neg) > self.cfg.map_negatives:  # a seeded sample bounds the fit's cost
                 g = torch.Generator().manual_seed(self.cfg.seed)
                 neg = neg[torch.randperm(len(neg), generator=g)[: self.cfg.map_negatives]]
@@ -295,22 +293,6 @@ class Calibrator:
             return path
         finally:
             db.detach()
-
-    @torch.no_grad()
-    def _token_vectors(self, db: NeuralDB, seqs: Sequence[list[int]]) -> torch.Tensor:
-        """The gate's plain-space vectors (N, d) of every token but the first of each sequence."""
-        out = []
-        for i in range(0, len(seqs), self.cfg.batch_size):
-            part = [s for s in seqs[i : i + self.cfg.batch_size] if len(s) > 1]
-            if not part:
-                continue
-            ids, mask = pad_right(part, self.tok.pad_token_id or 0, torch.device("cpu"))  # (B, T)
-            with Capture(self.model, db.space) as cap:
-                self.model(input_ids=ids.to(model_device(self.model)), attention_mask=mask.to(model_device(self.model)),
-                           use_cache=False)
-            mask[:, 0] = 0  # a text's first token is never gated
-            out.append(db.space.combine(cap.raw.cpu()[mask.bool()]).half())  # (n, d)
-        return torch.cat(out) if out else torch.zeros(0, db.space.dim)
 
     def choose_map(self, layer: int, context: int, plain: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """A fitted map, kept only where its best own-open share within the budget beats the plain

@@ -139,7 +139,8 @@ def fit_thresholds(sc: Scan, max_open: float, max_mention: float | None = None
     """(best, every candidate's best point): for each head threshold, the (gamma, sink drop)
     with the highest own-open share whose spurious opens stay <= max_open (and, with
     `max_mention`, whose opens on subjects the passage names stay <= that share of ordinary
-    tokens too); ties go to the higher gamma (fewer opens)."""
+    tokens too); ties go to the higher gamma (fewer opens). Every point carries its mention-open
+    share."""
     n_text = max(1, len(sc.text_s))
     cands = []
     for head in HEAD_GAMMAS:
@@ -156,13 +157,15 @@ def fit_thresholds(sc: Scan, max_open: float, max_mention: float | None = None
                     continue
                 own = sc.own_open(g, head, sink)
                 if best is None or own > best["own_open"]:
-                    best = {"gamma": g, "head_gamma": head, "sink_gamma": sink, "spurious": sp, "own_open": own}
-                    if men is not None:
-                        best["mention_open"] = men
+                    best = {"gamma": g, "head_gamma": head, "sink_gamma": sink, "spurious": sp, "own_open": own,
+                            "mention_open": men}
         if best is not None:
+            if best["mention_open"] is None:  # unbudgeted: measured for the point kept only
+                best["mention_open"] = sc.mentions(best["gamma"], head, best["sink_gamma"]) / n_text
             cands.append(best)
     if not cands:
-        return {"gamma": 1.0, "head_gamma": None, "sink_gamma": None, "spurious": 0.0, "own_open": 0.0}, cands
+        return {"gamma": 1.0, "head_gamma": None, "sink_gamma": None, "spurious": 0.0, "own_open": 0.0,
+                "mention_open": 0.0}, cands
     return max(cands, key=lambda c: (c["own_open"], c["gamma"])), cands
 
 
