@@ -3,6 +3,7 @@ to the field's type, and every error names the offending key and file."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,8 +21,8 @@ class ConfigError(ValueError):
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
-        if value is None and type(None) in args:
+    if origin is typing.Union or origin is types.UnionType:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], where)
@@ -84,6 +85,7 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 
 
 RESIDUAL_INITS = ("zero", "gradient")
+RESIDUAL_DTYPES = ("float32", "bfloat16", "auto")
 KL_SPANS = ("subject", "all")
 
 
@@ -141,6 +143,11 @@ class EditConfig:
     # steepest-descent direction at zero, scaled to `init_scale` times the norm clamp (one step)
     residual_init: str = "zero"
     init_scale: float = 1.0
+    # the precision of the optimiser's steps: "float32", "bfloat16" (the blocks above l* and the LM
+    # head under bf16 autocast; every fact's final NLL is then checked in float32 and a fact above
+    # the stop goes on in float32), or "auto": bfloat16 where this device multiplies it fast
+    residual_dtype: str = "float32"
+    lr_decay: float = 1.0  # the learning rate is multiplied by this after every step
 
     def __post_init__(self) -> None:
         checks = {
@@ -160,6 +167,7 @@ class EditConfig:
             "head_gamma": self.head_gamma is None or -1.0 <= self.head_gamma <= 1.0,
             "head_window": 1 <= self.head_window <= 512,
             "residual_init": self.residual_init in RESIDUAL_INITS,
+            "residual_dtype": self.residual_dtype in RESIDUAL_DTYPES,
             "init_scale": 0.0 < self.init_scale <= 1.0,
             "nll_stop": self.nll_stop is None or self.nll_stop >= 0.0,
             "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),

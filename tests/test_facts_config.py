@@ -92,11 +92,16 @@ def test_smollm2_residual_defaults_and_bench_variants() -> None:
     from neuraldb.bench.edit_speed import variant
 
     cfg = model_defaults("smollm2-135m", "llama")
-    assert (cfg.lr, cfg.steps) == (2.0, 16) and (EditConfig().lr, EditConfig().steps) == (0.5, 25)
+    assert (cfg.lr, cfg.steps, cfg.nll_stop, cfg.residual_dtype) == (4.0, 24, 0.015, "auto")
+    assert (EditConfig().lr, EditConfig().steps, EditConfig().residual_dtype) == (0.5, 25, "float32")
     v = variant(cfg, "lr=0.5,steps=25")
     assert (v.lr, v.steps, v.layer) == (0.5, 25, cfg.layer) and isinstance(v.steps, int)
     with pytest.raises(ConfigError, match="--variant lrr=1: unknown key"):
         variant(cfg, "lrr=1")
+    v = variant(cfg, "nll_stop=0.015,sink_gamma=none,residual_dtype=bfloat16")  # optional floats convert too
+    assert (v.nll_stop, v.sink_gamma, v.residual_dtype) == (0.015, None, "bfloat16")
+    with pytest.raises(ConfigError, match="key 'nll_stop': expected float"):
+        variant(cfg, "nll_stop=low")
 
 
 def test_fact_converts_a_verbatim_subject_as_the_loaders_do(tmp_path: Path) -> None:
