@@ -5,19 +5,24 @@ weight decay; norm clamp; early stop), batched across facts with each fact its o
 Hidden states entering layer l* are computed once per batch; every optimisation step reruns
 only the blocks from l* up, only for each row's tokens from the subject's last token on (the
 keys and values of earlier tokens are constants, cached once), and the LM head only at the
-positions that are scored."""
+positions that are scored. With `residual_dtype` bfloat16 (or "auto" on a CPU with AMX /
+AVX512-BF16) those passes run their GEMMs in bf16 under autocast from weights cast once per
+batch; norms, softmaxes, the loss and the residual stream stay float32, and `residual_nll`
+measures what the result reaches in float32."""
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
+from torch.func import functional_call
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .arch import cache_kwargs, get_arch, model_device
+from .arch import cache_kwargs, get_arch, get_module, model_device
 from .config import EditConfig
 from .facts import Fact
 from .hooks import Trace, first_hidden, start_at_layer
@@ -49,6 +54,35 @@ class _Batch:
     kl_fact: torch.Tensor  # (E,) its fact
     kl_weight: torch.Tensor  # (E,) 1 / entries of its fact: a fact's KL term is the mean over its entries
     norm_row: torch.Tensor  # (F,) row whose z = block output at the subject sets the clamp scale
+
+
+FAST_BF16: dict[str, Callable[[], bool]] = {  # device type -> whether it multiplies bf16 fast
+    "cpu": lambda: any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported",
+                                                                        "_is_avx512_bf16_supported")),
+    "cuda": lambda: torch.cuda.is_bf16_supported(),
+}
+
+
+def step_dtype(cfg: EditConfig, device: torch.device) -> torch.dtype:
+    """The precision of the optimiser's steps: `cfg.residual_dtype`, where "auto" is bfloat16 on a
+    device with fast bf16 GEMMs (AMX or AVX512-BF16 on a CPU) and float32 elsewhere."""
+    if cfg.residual_dtype == "auto":
+        return torch.bfloat16 if FAST_BF16.get(device.type, lambda: False)() else torch.float32
+    return getattr(torch, cfg.residual_dtype)
+
+
+@contextmanager
+def attention(model: PreTrainedModel, impl: str | None) -> Iterator[None]:
+    """The model's attention implementation set to `impl` inside the block (None: unchanged)."""
+    prev = model.config._attn_implementation
+    if impl is None or impl == prev:
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(prev)
 
 
 @contextmanager
@@ -126,9 +160,10 @@ def kl_now_init(init_logp: torch.Tensor, now_logp: torch.Tensor) -> torch.Tensor
     return (now_logp.exp() * (now_logp - init_logp)).sum(-1)
 
 
-def head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+def head(model: PreTrainedModel, h: torch.Tensor, weights: "LowWeights | None" = None) -> torch.Tensor:
     """LM-head logits of final hidden states (N, d): (N, V) float32."""
-    logits = model.get_output_embeddings()(h).float()  # (N, V)
+    out = model.get_output_embeddings()
+    logits = (out(h) if weights is None else functional_call(out, weights.head, (h,))).float()  # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -136,6 +171,25 @@ def head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
 def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """LM-head logits at selected (row, pos) only: (N, V) float32."""
     return head(model, hidden[rows, pos])
+
+
+@dataclass
+class LowWeights:
+    """bf16 copies of the matrices of the blocks from l* up (`base`: names under the base model)
+    and of the LM head (`head`), cast once per batch and read through `functional_call` under
+    bf16 autocast: the steps' GEMMs run in bf16 without casting every weight at every call, while
+    norms, softmaxes and the residual stream stay float32 as autocast keeps them."""
+
+    base: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, layer: int, dtype: torch.dtype = torch.bfloat16) -> "LowWeights":
+        names = {id(p): n for n, p in model.base_model.named_parameters()}
+        blocks = get_module(model, get_arch(model).layers)
+        base = {names[id(p)]: p.detach().to(dtype)
+                for i in range(layer, len(blocks)) for p in blocks[i].parameters() if p.dim() == 2}
+        return cls(base, {"weight": model.get_output_embeddings().weight.detach().to(dtype)})
 
 
 @dataclass
@@ -176,7 +230,13 @@ class _Steps:
                       self.tgt[t], local[self.tgt_row[t]], self.tgt_pos[t], self.kl[k], local[self.kl_row[k]],
                       self.kl_pos[k], pos, past)
 
-    def run(self, model: PreTrainedModel, layer: int, tuple_len: int, delta: torch.Tensor) -> torch.Tensor:
+    def cast(self, dtype: torch.dtype) -> "_Steps":
+        """The cached keys/values in `dtype` (what the steps' attention reads under autocast)."""
+        past = None if self.past is None else [(k.to(dtype), v.to(dtype)) for k, v in self.past]
+        return replace(self, past=past)
+
+    def run(self, model: PreTrainedModel, layer: int, tuple_len: int, delta: torch.Tensor,
+            weights: "LowWeights | None" = None) -> torch.Tensor:
         """Blocks l* up with `delta` (Rg, d) added to the FFN output of l* at `delta_pos`."""
         arch = get_arch(model)
         rows = torch.arange(len(self.rows), device=self.ids.device)
@@ -185,10 +245,13 @@ class _Steps:
             return out.index_put((rows, self.delta_pos), delta.to(out.dtype), accumulate=True)
 
         cache = DynamicCache(ddp_cache_data=self.past, config=model.config) if self.past is not None else None
+        kwargs = dict(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
+                      use_cache=cache is not None, **cache_kwargs(model.base_model, cache))
         with start_at_layer(model, arch.layers, layer, self.hidden, tuple_len), \
                 Trace(model, arch.add_path(layer), retain_input=False, edit_output=add):
-            return model.base_model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
-                                    use_cache=cache is not None, **cache_kwargs(model.base_model, cache))[0]  # (Rg, S, d)
+            if weights is None:
+                return model.base_model(**kwargs)[0]  # (Rg, S, d)
+            return functional_call(model.base_model, weights.base, (), kwargs)[0]  # (Rg, S, d)
 
 
 def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
@@ -258,11 +321,13 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
 
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
               contexts: Sequence[str], cfg: EditConfig,
-              slots: Sequence[int] | None = None, history: bool = False) -> tuple[torch.Tensor, ResidualStats]:
+              slots: Sequence[int] | None = None, history: bool = False,
+              start: torch.Tensor | None = None) -> tuple[torch.Tensor, ResidualStats]:
     """One delta per slot (`slots[i]`: fact i's slot, 0..S-1; default one slot per fact). Facts
     that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
     terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
-    (F, d_model) delta of every fact (a slot's delta repeated for each of its facts)."""
+    (F, d_model) delta of every fact (a slot's delta repeated for each of its facts). With `start`
+    (S, d_model) no step is taken: the stats are each fact's NLL there, in float32."""
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
@@ -272,8 +337,11 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     per_slot = torch.zeros(n_slots, device=device).index_add(0, slot, torch.ones(n_facts, device=device))  # (S,)
     first = torch.full((n_slots,), n_facts, dtype=torch.long, device=device).scatter_reduce(
         0, slot, torch.arange(n_facts, device=device), "amin")  # (S,) each slot's first fact
+    low = step_dtype(cfg, device) == torch.bfloat16 and start is None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)  # GEMMs in bf16, the rest float32
     # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
-    with torch.no_grad(), Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
+    with torch.no_grad(), autocast, record_function("residuals.prefill"), \
+            Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
         model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
     hidden_in = tr.input.detach()  # (R, T, d_model)
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
@@ -283,10 +351,12 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     # window (a sliding layer's cache keeps only the window; Gemma 2/3's is 512 tokens or more)
     window = getattr(model.config, "sliding_window", None) or b.ids.shape[1]
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0 and b.ids.shape[1] <= window
-    groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
-        else _full_steps(b, hidden_in)
+    with autocast, record_function("residuals.prefill"):
+        groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
+            else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]
-    delta = torch.zeros(n_slots, d_model, device=device, requires_grad=True)
+    delta = torch.zeros(n_slots, d_model, device=device) if start is None else start.detach().clone().float()
+    delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     # one vector carries n > 1 objects: a norm budget sqrt(n) times larger, twice the steps
     max_norm = cfg.clamp_norm * z_norm * per_slot.sqrt()  # (S,)
@@ -297,7 +367,11 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
     hist: list[torch.Tensor] = []  # (F,) per evaluated step, with `history`
-    with frozen_params(model), torch.enable_grad():
+    weights = LowWeights.of(model, layer) if low else None
+    if low:
+        groups = [g.cast(torch.bfloat16) for g in groups]
+    # bf16 steps run eager attention: the CPU's bf16 SDPA backward is ~20x slower than its bmm's
+    with frozen_params(model), torch.enable_grad(), autocast, attention(model, "eager" if low else None):
         for it in range(int(limit.max()) if n_slots else 0):
             if it == cfg.steps and bool((active & (limit <= it)).any()):  # single facts end here
                 active &= limit > it
@@ -309,26 +383,30 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
             kl_e = torch.cat([g.kl for g in groups])  # (Ea,) KL entries of the facts still optimising
             h_tgt, h_kl = [], []
-            for g in groups:
-                hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]])  # (Rg, S, d)
-                h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
-                h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Eg, d)
-            logits = head(model, torch.cat(h_tgt + h_kl))  # (N + Ea, V): one LM-head call per step
-            logp = F.log_softmax(logits[: len(tgt)], -1)  # (N, V)
-            tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
-            nll_now = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)  # (F,) 0 where stopped
-            kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Ea, V), entries in kl_e order
-            if kl_init is None:
-                kl_init = kl_logp.new_empty(len(b.kl_row), kl_logp.shape[1])
-                kl_init[kl_e] = kl_logp.detach()
-            kl_entry = kl_now_init(kl_init[kl_e], kl_logp)  # (Ea,)
-            kl_f = torch.zeros(n_facts, device=device).index_add(0, b.kl_fact[kl_e], b.kl_weight[kl_e] * kl_entry)
-            wd = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2  # (S,)
-            terms = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now + cfg.kl_factor * kl_f)
-            loss = terms / per_slot + wd  # (S,)
+            with record_function("residuals.blocks"):
+                for g in groups:
+                    hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]], weights)  # (Rg, S, d)
+                    h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
+                    h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Eg, d)
+            with record_function("residuals.head"):  # the LM head and the loss
+                logits = head(model, torch.cat(h_tgt + h_kl), weights)  # (N + Ea, V): one LM-head call per step
+                logp = F.log_softmax(logits[: len(tgt)], -1)  # (N, V)
+                tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
+                nll_now = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)  # (F,) 0 where stopped
+                kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Ea, V), entries in kl_e order
+                if kl_init is None:
+                    kl_init = kl_logp.new_empty(len(b.kl_row), kl_logp.shape[1])
+                    kl_init[kl_e] = kl_logp.detach()
+                kl_entry = kl_now_init(kl_init[kl_e], kl_logp)  # (Ea,)
+                kl_f = torch.zeros(n_facts, device=device).index_add(0, b.kl_fact[kl_e], b.kl_weight[kl_e] * kl_entry)
+                wd = cfg.weight_decay * delta.norm(dim=-1) / z_norm**2  # (S,)
+                terms = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now + cfg.kl_factor * kl_f)
+                loss = terms / per_slot + wd  # (S,)
             nll_f = torch.where(active[slot], nll_now.detach(), nll_f)
             if history:
                 hist.append(torch.where(active[slot], nll_now.detach(), float("nan")))
+            if start is not None:  # measuring given residuals, not optimising them
+                break
             was = active.clone()
             active &= loss.detach() >= cfg.loss_stop
             if cfg.nll_stop is not None:  # the target alone is learned: stop (a group on its facts' mean)
@@ -338,7 +416,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 break
             steps += active.long()
             opt.zero_grad(set_to_none=True)
-            (loss * active).sum().backward()
+            with record_function("residuals.backward"):
+                (loss * active).sum().backward()
             before = delta.detach().clone()
             if it == 0 and cfg.residual_init == "gradient":  # one jump along -grad to the clamp's scale
                 with torch.no_grad():
@@ -347,6 +426,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                     delta.copy_(torch.where(active[:, None], jump, before))
             else:
                 opt.step()
+            for grp in opt.param_groups:
+                grp["lr"] *= cfg.lr_decay
             with torch.no_grad():
                 delta[~active] = before[~active]  # stopped facts stay where they stopped
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
@@ -414,3 +495,18 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
         pad = [torch.cat([h, h.new_full((k - h.shape[0], h.shape[1]), float("nan"))]) for h in hists]  # (K, Fb)
         hist = torch.cat(pad, 1)[:, back.to(pad[0].device)]  # (K, F) in the caller's order
     return cat(outs), ResidualStats(cat(nll), cat(steps), hist)
+
+
+def residual_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
+                 prefixes: Sequence[str], cfg: EditConfig, residuals: torch.Tensor) -> torch.Tensor:
+    """(F,) each fact's target NLL with its residual (F, d_model) added, in float32 and on the same
+    rows the optimiser scores: what residuals optimised in bf16 reach in the model that serves them."""
+    contexts = ["", *prefixes[: cfg.residual_prefixes]]
+    out = []
+    with Progress(len(facts), "residual NLL", "fact") as bar:
+        for i in range(0, len(facts), cfg.residual_batch_size):
+            j = min(i + cfg.residual_batch_size, len(facts))
+            _, st = _optimise(model, tok, facts[i:j], layer, contexts, cfg, start=residuals[i:j])
+            out.append(st.nll)
+            bar.update(j - i)
+    return torch.cat(out) if out else torch.zeros(0)

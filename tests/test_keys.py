@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from neuraldb import EditConfig, Fact
 from neuraldb.engine.keys import _shared_len, compute_keys, generate_prefixes, key_inputs
@@ -220,3 +221,69 @@ def test_nll_stop_ends_a_fact_once_its_target_is_learned(tokenizer) -> None:
     assert bool((st.nll[stopped] < stop).all())
     with pytest.raises(Exception, match="nll_stop"):
         EditConfig(nll_stop=-1.0)
+
+
+def test_bf16_steps_learn_what_float32_steps_learn_and_leave_the_model_as_it_was(arch: str, tokenizer) -> None:
+    """`residual_dtype: bfloat16`: the steps' GEMMs run in bf16 (weights cast once per batch), the
+    loss and the residual stream in float32. Measured in float32 (`residual_nll`), the residuals
+    lower every fact's NLL about as far as float32 steps do; the model keeps its float32 weights
+    and its attention implementation."""
+    from neuraldb.engine.residuals import compute_residuals, residual_nll
+
+    model = make_model(arch, tokenizer)
+    model.set_attn_implementation("sdpa")
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=8, lr=0.5, weight_decay=0.0, clamp_norm=4.0,
+                      loss_stop=0.0, residual_batch_size=5)  # room to learn: every fact's NLL falls
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref, s_ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    low, s_low = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_dtype="bfloat16"))
+    assert model.config._attn_implementation == "sdpa"
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)  # the bf16 path really ran
+    zero = residual_nll(model, tokenizer, FACTS, 1, prefixes, cfg, torch.zeros_like(ref))
+    n_ref = residual_nll(model, tokenizer, FACTS, 1, prefixes, cfg, ref)
+    n_low = residual_nll(model, tokenizer, FACTS, 1, prefixes, cfg, low)
+    assert bool((n_low < zero).all()) and bool((n_ref < zero).all())
+    gain_ref, gain_low = zero - n_ref, zero - n_low  # (F,) what each run learned
+    assert bool((gain_low >= 0.8 * gain_ref).all()), (gain_low, gain_ref)
+    assert torch.allclose(s_low.nll, s_ref.nll, atol=0.01)  # the NLL each run reports, bf16 and float32
+    assert float(F.cosine_similarity(low, ref).min()) > 0.99  # and the residuals point the same way
+
+
+def test_residual_nll_measures_residuals_where_the_optimiser_left_them(tokenizer) -> None:
+    """A fact that stopped on `nll_stop` keeps the residual whose NLL the optimiser reported:
+    `residual_nll` (float32, no step) reads that same number back; zero residuals give the
+    unedited NLL, which every learned residual lowers."""
+    from neuraldb.engine.residuals import compute_residuals, residual_nll
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=1, residual_prefixes=1, steps=8, lr=0.5, weight_decay=0.0, clamp_norm=4.0,
+                      residual_batch_size=2, loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    _, ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg, history=True)
+    cfg = cfg.replace(nll_stop=float(ref.history[4].median()))
+    res, st = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    nll = residual_nll(model, tokenizer, FACTS, 1, prefixes, cfg, res)
+    stopped = st.steps < cfg.steps
+    assert 0 < int(stopped.sum()) < len(FACTS)
+    assert torch.allclose(nll[stopped], st.nll[stopped], atol=1e-5)
+    zero = residual_nll(model, tokenizer, FACTS, 1, prefixes, cfg, torch.zeros_like(res))
+    assert torch.allclose(zero, ref.history[0], atol=1e-5)  # the first step's NLL is the unedited one
+    moved = st.steps > 0  # a fact below the stop from the start keeps a zero residual
+    assert bool(moved.any()) and bool((nll[moved] < zero[moved]).all()) and torch.equal(nll[~moved], zero[~moved])
+
+
+def test_auto_step_precision_follows_the_device(monkeypatch) -> None:
+    from neuraldb.engine.residuals import FAST_BF16, step_dtype
+
+    cpu = torch.device("cpu")
+    assert step_dtype(EditConfig(), cpu) == torch.float32  # the built-in default is float32 everywhere
+    assert step_dtype(EditConfig(residual_dtype="bfloat16"), cpu) == torch.bfloat16
+    monkeypatch.setitem(FAST_BF16, "cpu", lambda: True)
+    assert step_dtype(EditConfig(residual_dtype="auto"), cpu) == torch.bfloat16
+    monkeypatch.setitem(FAST_BF16, "cpu", lambda: False)
+    assert step_dtype(EditConfig(residual_dtype="auto"), cpu) == torch.float32
+    assert step_dtype(EditConfig(residual_dtype="auto"), torch.device("meta")) == torch.float32  # unknown: float32
+    with pytest.raises(Exception, match="residual_dtype"):
+        EditConfig(residual_dtype="float16")
