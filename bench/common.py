@@ -34,6 +34,15 @@ def machine() -> dict[str, Any]:
             info["mem_total_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
     except OSError:
         pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = fh.read()
+        field = lambda key: next((ln.split(":", 1)[1] for ln in cpu.splitlines() if ln.startswith(key)), "")  # noqa: E731
+        info["cpu"] = field("model name").strip() or None
+        flags = field("flags").split()
+        info["cpu_bf16"] = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]  # what residual_dtype auto reads
+    except OSError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

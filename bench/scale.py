@@ -78,6 +78,17 @@ def get_facts(data: str, n: int, seed: int, extra: int, data_dir: str | None = N
     return pool.head(n), list(pool[n : n + extra]), used
 
 
+def same_settings(stored: dict[str, Any], sig: dict[str, Any]) -> bool:
+    """A cache's meta equals `sig`, but for residual-only fields (RESIDUAL_ONLY) that older key
+    caches still list in their config: the keys do not depend on them."""
+    if stored == sig:
+        return True
+    config = stored.get("config")
+    if not isinstance(config, dict):
+        return False
+    return {**stored, "config": {k: v for k, v in config.items() if k not in RESIDUAL_ONLY}} == sig
+
+
 class ChunkCache:
     """Keys of facts [k*key_size, (k+1)*key_size) in OUT/cache/keys_k.safetensors. Residuals in
     OUT/cache/res-<recipe>/res_n.safetensors, each file the residuals of at most `size` facts
@@ -95,7 +106,7 @@ class ChunkCache:
             where.mkdir(parents=True, exist_ok=True)
             meta = where / "meta.json"
             if meta.is_file():
-                if json.loads(meta.read_text()) != sig:
+                if not same_settings(json.loads(meta.read_text()), sig):
                     raise SystemExit(f"{meta}: the cache was made with other settings; use another --out or delete it")
             else:
                 meta.write_text(json.dumps(sig, indent=1))
@@ -219,7 +230,8 @@ class ChunkCache:
 GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # config fields that change no key or residual
 RESIDUAL_ONLY = ("residual_prefixes", "lr", "steps", "loss_stop", "clamp_norm", "weight_decay", "kl_factor",
                  "kl_prompt", "kl_contexts", "kl_span", "residual_batch_size", "residual_suffix", "subject_groups",
-                 "residual_pack", "residual_init", "init_scale")  # config fields that change residuals, not keys
+                 "residual_pack", "residual_init", "init_scale", "nll_stop", "residual_dtype",
+                 "lr_decay")  # config fields that change residuals, not keys
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:

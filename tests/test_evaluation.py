@@ -222,6 +222,11 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
         scale.ChunkCache(tmp_path / "cache-empty", 3, {"test": 1}).residuals([0])
     again = scale.ChunkCache(tmp_path / "cache", 3, {"test": 1})  # reopened: every residual found again
     assert again.computed() == len(facts) and torch.equal(again.residual_rows(0, 12), cache.residual_rows(0, 12))
+    with pytest.raises(SystemExit, match="other settings"):
+        scale.ChunkCache(tmp_path / "cache", 3, {"test": 2})
+    # a key cache written when nll_stop still counted as a key setting serves the same keys now
+    assert scale.same_settings({"config": {"layer": 1, "nll_stop": None}, "seed": 0}, {"config": {"layer": 1}, "seed": 0})
+    assert not scale.same_settings({"config": {"layer": 2, "nll_stop": None}}, {"config": {"layer": 1}})
 
     model_dir = tmp_path / "tiny"
     make_model("llama", tokenizer).save_pretrained(model_dir)
