@@ -81,6 +81,9 @@ class CalibrateConfig:
     nll_stops: tuple[float | None, ...] = (None, 0.01, 0.02)  # EditConfig.nll_stop candidates
     nll_goal: float = 0.05
     nll_share: float = 0.95
+    # the precision of the residual steps the optimiser search times and the profile records
+    # (EditConfig.residual_dtype; "auto": bf16 GEMMs where the device has them fast)
+    residual_dtype: str = "auto"
     map_rank: int = 64  # the learned gate map's rank (engine/gate_map.py); 0: no map is tried
     map_facts: int = 3000  # facts whose prompts and keys the map is fitted on (after the probe facts)
     map_epochs: int = 4
@@ -320,7 +323,8 @@ class Calibrator:
         rows, runs = [], []
         prefixes = generate_prefixes(self.model, self.tok, self.base)  # the lr does not change them
         for lr in self.cfg.lrs:
-            cfg = self.base.replace(layer=layer, lr=lr, steps=self.cfg.max_steps)
+            cfg = self.base.replace(layer=layer, lr=lr, steps=self.cfg.max_steps,
+                                    residual_dtype=self.cfg.residual_dtype)
             t0 = time.perf_counter()
             _, st = compute_residuals(self.model, self.tok, self.res_facts, layer, prefixes, cfg, history=True)
             secs = time.perf_counter() - t0
@@ -363,7 +367,8 @@ class Calibrator:
         return Profile(layer=layer, gamma=th["gamma"], gate_context=context, gate_map=gate_map,
                        head_gamma=th["head_gamma"],
                        sink_gamma=th["sink_gamma"], lr=float(opt["lr"]), steps=int(opt["steps"]),
-                       nll_stop=opt["nll_stop"], clamp_norm=self.base.clamp_norm, provenance=provenance)
+                       nll_stop=opt["nll_stop"], clamp_norm=self.base.clamp_norm,
+                       residual_dtype=self.cfg.residual_dtype, provenance=provenance)
 
 
 def _filled(hist: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ class Profile:
     steps: int = 25  # and its step budget per fact
     nll_stop: float | None = None  # a fact stops once its target NLL is below this
     clamp_norm: float = 0.75  # residual norm clamp, times |z| at the subject
+    residual_dtype: str = "float32"  # the optimiser steps' precision ("auto": bf16 where the device is fast at it)
     model_sha256: str = ""  # the weights it was calibrated on (arch.weights_sha256); "" = any with this name
     provenance: str = ""  # what made this profile: command, data ranges, date, report
 
