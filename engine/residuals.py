@@ -7,7 +7,7 @@ only the blocks from l* up, only for each row's tokens from the subject's last t
 keys and values of earlier tokens are constants, cached once), and the LM head only at the
 positions that are scored. With `residual_dtype` bfloat16 (or "auto" on a CPU with AMX /
 AVX512-BF16) those passes run their GEMMs in bf16 under autocast from weights cast once per
-batch; norms, softmaxes, the loss and the residual stream stay float32, and `residual_nll`
+call; norms, softmaxes, the loss and the residual stream stay float32, and `residual_nll`
 measures what the result reaches in float32."""
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, 
 @dataclass
 class LowWeights:
     """bf16 copies of the matrices of the blocks from l* up (`base`: names under the base model)
-    and of the LM head (`head`), cast once per batch and read through `functional_call` under
+    and of the LM head (`head`), cast once per call and read through `functional_call` under
     bf16 autocast: the steps' GEMMs run in bf16 without casting every weight at every call, while
     norms, softmaxes and the residual stream stay float32 as autocast keeps them."""
 
@@ -322,12 +322,14 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
               contexts: Sequence[str], cfg: EditConfig,
               slots: Sequence[int] | None = None, history: bool = False,
-              start: torch.Tensor | None = None) -> tuple[torch.Tensor, ResidualStats]:
+              start: torch.Tensor | None = None,
+              weights: LowWeights | None = None) -> tuple[torch.Tensor, ResidualStats]:
     """One delta per slot (`slots[i]`: fact i's slot, 0..S-1; default one slot per fact). Facts
     that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
     terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
     (F, d_model) delta of every fact (a slot's delta repeated for each of its facts). With `start`
-    (S, d_model) no step is taken: the stats are each fact's NLL there, in float32."""
+    (S, d_model) no step is taken: the stats are each fact's NLL there, in float32. `weights`:
+    the bf16 matrices of bf16 steps, when the caller has cast them already."""
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
@@ -367,7 +369,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
     hist: list[torch.Tensor] = []  # (F,) per evaluated step, with `history`
-    weights = LowWeights.of(model, layer) if low else None
+    weights = (weights or LowWeights.of(model, layer)) if low else None
     if low:
         groups = [g.cast(torch.bfloat16) for g in groups]
     # bf16 steps run eager attention: the CPU's bf16 SDPA backward is ~20x slower than its bmm's
@@ -475,11 +477,13 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     order = [i for u in units for i in u]
     outs, nll, steps, hists = [], [], [], []
     bar = Progress(len(facts), "residuals", "fact")
+    low = step_dtype(cfg, model_device(model)) == torch.bfloat16 and len(facts) > 0
+    weights = LowWeights.of(model, layer) if low else None  # cast once for every batch
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
         slots = [k for k, u in enumerate(batch) for _ in u]
         r, st = _optimise(model, tok, chunk, layer, contexts, cfg, slots if len(slots) > len(batch) else None,
-                          history=history)
+                          history=history, weights=weights)
         outs.append(r)
         hists.append(st.history)
         nll.append(st.nll)
