@@ -81,13 +81,11 @@ def main() -> None:
         if not args.residual_facts:
             break
         sub = facts[: args.residual_facts]
+        run_cfg = base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch)
         t0 = time.perf_counter()
-        res[(suffix, pack, batch, name)], stats = compute_residuals(
-            model, tok, sub, db.layer, prefixes,
-            base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch))
+        res[(suffix, pack, batch, name)], stats = compute_residuals(model, tok, sub, db.layer, prefixes, run_cfg)
         dt = time.perf_counter() - t0
         first_nll = stats.nll if first_nll is None else first_nll
-        run_cfg = base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch)
         check = {}
         if args.check_nll:
             nll32 = residual_nll(model, tok, sub, db.layer, prefixes, run_cfg, res[(suffix, pack, batch, name)])
@@ -172,7 +170,8 @@ def profile_batch(model, tok, facts: list, layer: int, prefixes: list, cfg: Edit
     dtype = step_dtype(cfg, model_device(model))
     rate = gemm_rate(dtype)
     return {"facts": len(facts), "wall_s": wall, "facts_per_s": len(facts) / wall,
-            "mean_steps": float(st.steps.float().mean()), "dtype": str(dtype).removeprefix("torch."), "gemm_flops": flops, "gemm_rate_flops": rate,
+            "mean_steps": float(st.steps.float().mean()), "dtype": str(dtype).removeprefix("torch."),
+            "gemm_flops": flops, "gemm_rate_flops": rate,
             "gemm_floor_s": flops / rate, "gemm_floor_facts_per_s": len(facts) / max(flops / rate, 1e-9),
             "phases": phases}
 

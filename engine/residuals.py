@@ -328,8 +328,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
     terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
     (F, d_model) delta of every fact (a slot's delta repeated for each of its facts). With `start`
-    (S, d_model) no step is taken: the stats are each fact's NLL there, in float32. `weights`:
-    the bf16 matrices of bf16 steps, when the caller has cast them already."""
+    (S, d_model) no step is taken: the stats are each fact's NLL there. With `weights` (the bf16
+    matrices the caller cast) the passes run their GEMMs in bf16; without, all in float32."""
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
@@ -339,7 +339,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     per_slot = torch.zeros(n_slots, device=device).index_add(0, slot, torch.ones(n_facts, device=device))  # (S,)
     first = torch.full((n_slots,), n_facts, dtype=torch.long, device=device).scatter_reduce(
         0, slot, torch.arange(n_facts, device=device), "amin")  # (S,) each slot's first fact
-    low = step_dtype(cfg, device) == torch.bfloat16 and start is None
+    low = weights is not None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)  # GEMMs in bf16, the rest float32
     # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
     with torch.no_grad(), autocast, record_function("residuals.prefill"), \
@@ -369,7 +369,6 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
     hist: list[torch.Tensor] = []  # (F,) per evaluated step, with `history`
-    weights = (weights or LowWeights.of(model, layer)) if low else None
     if low:
         groups = [g.cast(torch.bfloat16) for g in groups]
     # bf16 steps run eager attention: the CPU's bf16 SDPA backward is ~20x slower than its bmm's
@@ -440,6 +439,12 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                                                        torch.stack(hist) if history and hist else None)
 
 
+def residual_contexts(prefixes: Sequence[str], cfg: EditConfig) -> list[str]:
+    """The contexts a fact's target rows are read in: the bare prompt, then `residual_prefixes`
+    generated prefixes."""
+    return ["", *prefixes[: cfg.residual_prefixes]]
+
+
 def suffix_length(tok: PreTrainedTokenizerBase, fact: Fact) -> int:
     """Tokens a fact's target rows run from its subject's last token on (prompt tail + target)."""
     enc = encode_with_subject(tok, "", fact.prompt, fact.subject)
@@ -467,7 +472,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     labels (NeuralDB passes the subject) get one residual, optimised jointly over all of their
     prompts and targets; by default every fact is its own group. With `history` the stats keep
     every fact's NLL after every step (what the calibrator reads step budgets from)."""
-    contexts = ["", *prefixes[: cfg.residual_prefixes]]
+    contexts = residual_contexts(prefixes, cfg)
     members: dict[Any, list[int]] = {}
     for i in range(len(facts)):
         members.setdefault(i if groups is None else groups[i], []).append(i)
@@ -477,7 +482,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     order = [i for u in units for i in u]
     outs, nll, steps, hists = [], [], [], []
     bar = Progress(len(facts), "residuals", "fact")
-    low = step_dtype(cfg, model_device(model)) == torch.bfloat16 and len(facts) > 0
+    low = len(facts) > 0 and step_dtype(cfg, model_device(model)) == torch.bfloat16
     weights = LowWeights.of(model, layer) if low else None  # cast once for every batch
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
@@ -505,7 +510,7 @@ def residual_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Se
                  prefixes: Sequence[str], cfg: EditConfig, residuals: torch.Tensor) -> torch.Tensor:
     """(F,) each fact's target NLL with its residual (F, d_model) added, in float32 and on the same
     rows the optimiser scores: what residuals optimised in bf16 reach in the model that serves them."""
-    contexts = ["", *prefixes[: cfg.residual_prefixes]]
+    contexts = residual_contexts(prefixes, cfg)
     out = []
     with Progress(len(facts), "residual NLL", "fact") as bar:
         for i in range(0, len(facts), cfg.residual_batch_size):
