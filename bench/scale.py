@@ -231,7 +231,7 @@ GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # con
 RESIDUAL_ONLY = ("residual_prefixes", "lr", "steps", "loss_stop", "clamp_norm", "weight_decay", "kl_factor",
                  "kl_prompt", "kl_contexts", "kl_span", "residual_batch_size", "residual_suffix", "subject_groups",
                  "residual_pack", "residual_init", "init_scale", "nll_stop", "residual_dtype",
-                 "lr_decay")  # config fields that change residuals, not keys
+                 "lr_decay", "residual_blocks")  # config fields that change residuals, not keys
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:

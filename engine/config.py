@@ -86,6 +86,7 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 
 RESIDUAL_INITS = ("zero", "gradient")
 RESIDUAL_DTYPES = ("float32", "bfloat16", "auto")
+RESIDUAL_BLOCKS = ("auto", "hf", "fused", "compiled")
 KL_SPANS = ("subject", "all")
 
 
@@ -148,6 +149,11 @@ class EditConfig:
     # the stop goes on in float32), or "auto": bfloat16 where this device multiplies it fast
     residual_dtype: str = "float32"
     lr_decay: float = 1.0  # the learning rate is multiplied by this after every step
+    # what runs the blocks from l* up at every step (engine/step_blocks.py): "hf" (the model's own
+    # modules), "fused" (plain functions of fused weights, eager), "compiled" (those under
+    # torch.compile), or "auto": compiled for calls of >= 256 facts where the architecture has the
+    # functions and a compiler is found, the model's modules otherwise
+    residual_blocks: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -168,6 +174,7 @@ class EditConfig:
             "head_window": 1 <= self.head_window <= 512,
             "residual_init": self.residual_init in RESIDUAL_INITS,
             "residual_dtype": self.residual_dtype in RESIDUAL_DTYPES,
+            "residual_blocks": self.residual_blocks in RESIDUAL_BLOCKS,
             "init_scale": 0.0 < self.init_scale <= 1.0,
             "nll_stop": self.nll_stop is None or self.nll_stop >= 0.0,
             "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),

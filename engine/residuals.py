@@ -27,6 +27,8 @@ from .config import EditConfig
 from .facts import Fact
 from .hooks import Trace, first_hidden, start_at_layer
 from .progress import Progress
+from .step_blocks import StepStack
+from . import step_blocks
 from .tokens import encode_with_subject, pad_right, target_ids
 
 log = logging.getLogger(__name__)
@@ -182,14 +184,22 @@ class LowWeights:
 
     base: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
+    first: int  # the first block cast
+    blocks: dict[int, dict[str, torch.Tensor]]  # block index -> its entries of `base`
 
     @classmethod
     def of(cls, model: PreTrainedModel, layer: int, dtype: torch.dtype = torch.bfloat16) -> "LowWeights":
         names = {id(p): n for n, p in model.base_model.named_parameters()}
         blocks = get_module(model, get_arch(model).layers)
-        base = {names[id(p)]: p.detach().to(dtype)
-                for i in range(layer, len(blocks)) for p in blocks[i].parameters() if p.dim() == 2}
-        return cls(base, {"weight": model.get_output_embeddings().weight.detach().to(dtype)})
+        per = {i: {names[id(p)]: p.detach().to(dtype) for p in blocks[i].parameters() if p.dim() == 2}
+               for i in range(layer, len(blocks))}
+        base = {n: w for ws in per.values() for n, w in ws.items()}
+        return cls(base, {"weight": model.get_output_embeddings().weight.detach().to(dtype)}, layer, per)
+
+    def above(self, layer: int) -> dict[str, torch.Tensor]:
+        """The entries of blocks `layer` up (those below are skipped by `start_at_layer`)."""
+        return self.base if layer <= self.first else {n: w for i, ws in self.blocks.items() if i >= layer
+                                                      for n, w in ws.items()}
 
 
 @dataclass
@@ -236,8 +246,11 @@ class _Steps:
         return replace(self, past=past)
 
     def run(self, model: PreTrainedModel, layer: int, tuple_len: int, delta: torch.Tensor,
-            weights: "LowWeights | None" = None) -> torch.Tensor:
-        """Blocks l* up with `delta` (Rg, d) added to the FFN output of l* at `delta_pos`."""
+            weights: "LowWeights | None" = None, stack: StepStack | None = None) -> torch.Tensor:
+        """Blocks l* up with `delta` (Rg, d) added to the FFN output of l* at `delta_pos`: through
+        `stack`'s functions where given (suffix groups only), else the model's modules."""
+        if stack is not None and self.past is not None and self.position_ids is not None:
+            return stack.run(self.hidden, delta, self.delta_pos, self.position_ids, self.mask, self.past[layer:])
         arch = get_arch(model)
         rows = torch.arange(len(self.rows), device=self.ids.device)
 
@@ -251,7 +264,7 @@ class _Steps:
                 Trace(model, arch.add_path(layer), retain_input=False, edit_output=add):
             if weights is None:
                 return model.base_model(**kwargs)[0]  # (Rg, S, d)
-            return functional_call(model.base_model, weights.base, (), kwargs)[0]  # (Rg, S, d)
+            return functional_call(model.base_model, weights.above(layer), (), kwargs)[0]  # (Rg, S, d)
 
 
 def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
@@ -263,6 +276,10 @@ def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
 
 GROUP_STEPS = 2  # a residual shared by several facts may take this many times the configured steps
 GROUP_COST = 48  # what one more group of rows costs per step, in padded tokens (call overhead, small GEMMs)
+# through step_blocks' compiled functions a group's own cost is smaller than what padding saves at
+# small row counts (small GEMMs run far below peak): 128 facts in batches of 64 ran at 2.74 facts/s
+# with this cost against 2.57 with GROUP_COST (docs/editing-speed.md, session 23)
+FUSED_GROUP_COST = 2000
 
 
 def length_groups(lengths: Sequence[int], cost: int = GROUP_COST) -> list[list[int]]:
@@ -285,26 +302,29 @@ def length_groups(lengths: Sequence[int], cost: int = GROUP_COST) -> list[list[i
 
 @torch.no_grad()
 def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hidden_in: torch.Tensor,
-                  tuple_len: int, pack: bool) -> list[_Steps]:
+                  tuple_len: int, pack: bool, weights: LowWeights | None = None,
+                  cost: int = GROUP_COST) -> list[_Steps]:
     """Only each row's tokens from its subject's last token on: the tokens before it never see
     the delta (causal attention), so their keys and values at blocks >= l* are computed once
-    here and served from a cache at every step; positions keep their true values. With `pack`,
-    rows of like suffix length run together (a KL row is one token long, a target row several),
-    so little of a step is padding."""
+    here, for each group's rows only up to its longest such prefix, and served from a cache at
+    every step; positions keep their true values. With `pack`, rows of like suffix length run
+    together (a KL row is one token long, a target row several), so little of a step is padding."""
     device = b.ids.device
     R, T = b.ids.shape
     start, lengths = b.lookup, b.mask.sum(1)  # (R,), (R,)
-    with start_at_layer(model, layers, layer, hidden_in, tuple_len):
-        cache = DynamicCache(config=model.config)
-        model.base_model(input_ids=b.ids, attention_mask=b.mask, use_cache=True, **cache_kwargs(model.base_model, cache))
-    kv = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (R, kv_heads, T, head_dim) each
     suffix = lengths - start  # (R,)
-    groups = length_groups(suffix.tolist()) if pack else [list(range(R))]
+    groups = length_groups(suffix.tolist(), cost) if pack else [list(range(R))]
     out = []
     for g in groups:
         g = torch.tensor(g, device=device)
         P, S = max(1, int(start[g].max())), int(suffix[g].max())
-        live = [(k[g, :, :P], v[g, :, :P]) for k, v in kv]
+        with start_at_layer(model, layers, layer, hidden_in[g, :P], tuple_len):  # causal: the first P tokens alone
+            cache = DynamicCache(config=model.config)
+            kwargs = dict(input_ids=b.ids[g, :P], attention_mask=b.mask[g, :P], use_cache=True,
+                          **cache_kwargs(model.base_model, cache))
+            functional_call(model.base_model, weights.above(layer), (), kwargs) if weights is not None \
+                else model.base_model(**kwargs)
+        live = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (Rg, kv_heads, P, head_dim) each
         past = [live[0]] * layer + live  # blocks below l* are skipped; their slots only carry the length P
         pos = start[g, None] + torch.arange(S, device=device)  # (Rg, S) true positions
         valid = pos < lengths[g, None]
@@ -322,14 +342,15 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
 def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
               contexts: Sequence[str], cfg: EditConfig,
               slots: Sequence[int] | None = None, history: bool = False,
-              start: torch.Tensor | None = None,
-              weights: LowWeights | None = None) -> tuple[torch.Tensor, ResidualStats]:
+              start: torch.Tensor | None = None, weights: LowWeights | None = None,
+              stack: StepStack | None = None) -> tuple[torch.Tensor, ResidualStats]:
     """One delta per slot (`slots[i]`: fact i's slot, 0..S-1; default one slot per fact). Facts
     that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
     terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
     (F, d_model) delta of every fact (a slot's delta repeated for each of its facts). With `start`
     (S, d_model) no step is taken: the stats are each fact's NLL there. With `weights` (the bf16
-    matrices the caller cast) the passes run their GEMMs in bf16; without, all in float32."""
+    matrices the caller cast) the passes run their GEMMs in bf16; without, all in float32. With
+    `stack` the steps run the blocks through its functions (engine/step_blocks.py)."""
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
@@ -344,7 +365,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
     with torch.no_grad(), autocast, record_function("residuals.prefill"), \
             Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
-        model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+        kwargs = dict(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+        functional_call(model.base_model, weights.base, (), kwargs) if low else model.base_model(**kwargs)
     hidden_in = tr.input.detach()  # (R, T, d_model)
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
     z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)[first]  # (S,)
@@ -354,7 +376,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     window = getattr(model.config, "sliding_window", None) or b.ids.shape[1]
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0 and b.ids.shape[1] <= window
     with autocast, record_function("residuals.prefill"):
-        groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack) if suffix \
+        groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack, weights,
+                               GROUP_COST if stack is None else FUSED_GROUP_COST) if suffix \
             else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_slots, d_model, device=device) if start is None else start.detach().clone().float()
@@ -386,7 +409,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             h_tgt, h_kl = [], []
             with record_function("residuals.blocks"):
                 for g in groups:
-                    hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]], weights)  # (Rg, S, d)
+                    hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]], weights, stack)  # (Rg, S, d)
                     h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
                     h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Eg, d)
             with record_function("residuals.head"):  # the LM head and the loss
@@ -482,13 +505,17 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     order = [i for u in units for i in u]
     outs, nll, steps, hists = [], [], [], []
     bar = Progress(len(facts), "residuals", "fact")
-    low = len(facts) > 0 and step_dtype(cfg, model_device(model)) == torch.bfloat16
-    weights = LowWeights.of(model, layer) if low else None  # cast once for every batch
+    device = model_device(model)
+    low = len(facts) > 0 and step_dtype(cfg, device) == torch.bfloat16
+    weights = LowWeights.of(model, 0) if low else None  # cast once for every batch (the prefill reads all blocks)
+    blocks = step_blocks.choose(cfg.residual_blocks, model, len(facts), device) if facts else "hf"
+    stack = None if blocks == "hf" else step_blocks.build(model, layer, torch.bfloat16 if low else torch.float32,
+                                                          compiled=blocks == "compiled")
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
         slots = [k for k, u in enumerate(batch) for _ in u]
         r, st = _optimise(model, tok, chunk, layer, contexts, cfg, slots if len(slots) > len(batch) else None,
-                          history=history, weights=weights)
+                          history=history, weights=weights, stack=stack)
         outs.append(r)
         hists.append(st.history)
         nll.append(st.nll)

@@ -287,3 +287,68 @@ def test_auto_step_precision_follows_the_device(monkeypatch) -> None:
     assert step_dtype(EditConfig(residual_dtype="auto"), torch.device("meta")) == torch.float32  # unknown: float32
     with pytest.raises(Exception, match="residual_dtype"):
         EditConfig(residual_dtype="float16")
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("neuraldb.engine.step_blocks", fromlist=["x"]).STEP_BLOCKS))
+def test_fused_step_blocks_compute_what_the_models_modules_compute(arch: str, tokenizer, monkeypatch) -> None:
+    """`residual_blocks: fused` (engine/step_blocks.py: a block as one function of fused weights)
+    is held to the model's own modules: in float32 the same residuals, NLLs and step counts; in
+    bf16 the same within bf16's rounding. The model is left as it was."""
+    from neuraldb.engine.residuals import compute_residuals
+    from neuraldb.engine import step_blocks
+
+    model = make_model(arch, tokenizer)
+    assert step_blocks.supported(model)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=6, lr=0.5, weight_decay=0.1, clamp_norm=4.0,
+                      loss_stop=0.0, residual_batch_size=3, residual_blocks="hf")
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref, s_ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    calls = []
+    run = step_blocks.StepStack.run
+    monkeypatch.setattr(step_blocks.StepStack, "run", lambda self, *a: calls.append(1) or run(self, *a))
+    fused, s_fused = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_blocks="fused"))
+    assert torch.allclose(fused, ref, rtol=1e-4, atol=1e-5), float((fused - ref).abs().max())
+    assert torch.allclose(s_fused.nll, s_ref.nll, atol=1e-5) and torch.equal(s_fused.steps, s_ref.steps)
+    assert calls  # the functions ran
+    low = cfg.replace(residual_dtype="bfloat16")
+    ref_b, s_ref_b = compute_residuals(model, tokenizer, FACTS, 1, prefixes, low)
+    fused_b, s_fused_b = compute_residuals(model, tokenizer, FACTS, 1, prefixes, low.replace(residual_blocks="fused"))
+    assert float(F.cosine_similarity(fused_b, ref_b).min()) > 0.99
+    assert torch.allclose(s_fused_b.nll, s_ref_b.nll, atol=0.02)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_residual_blocks_choice(tokenizer, monkeypatch) -> None:
+    """"auto" compiles only for large calls on a supported model with a compiler; an architecture
+    without step functions always runs its own modules."""
+    from neuraldb.engine import step_blocks
+
+    cpu = torch.device("cpu")
+    llama, gpt2 = make_model("llama", tokenizer), make_model("gpt2", tokenizer)
+    monkeypatch.setattr(step_blocks, "compiler_available", lambda: True)
+    assert step_blocks.choose("auto", llama, step_blocks.COMPILE_MIN_FACTS, cpu) == "compiled"
+    assert step_blocks.choose("auto", llama, 4, cpu) == "hf"
+    assert step_blocks.choose("auto", gpt2, 10**6, cpu) == "hf"
+    assert step_blocks.choose("fused", gpt2, 4, cpu) == "hf"
+    assert step_blocks.choose("fused", llama, 4, cpu) == "fused"
+    monkeypatch.setattr(step_blocks, "compiler_available", lambda: False)
+    assert step_blocks.choose("auto", llama, 10**6, cpu) == "hf"
+    with pytest.raises(Exception, match="residual_blocks"):
+        EditConfig(residual_blocks="triton")
+
+
+def test_compiled_step_blocks_equal_the_eager_functions(tokenizer) -> None:
+    """`residual_blocks: compiled`: the same functions under torch.compile (one graph for every
+    block above l*, sizes dynamic) give the eager functions' residuals, in float32 and over
+    batches of several row and suffix lengths. Compiling takes a minute on two cores."""
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=4, lr=0.5, weight_decay=0.1, clamp_norm=4.0,
+                      loss_stop=0.0, residual_batch_size=3, residual_blocks="fused")
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    ref, s_ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    got, s_got = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_blocks="compiled"))
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-5), float((got - ref).abs().max())
+    assert torch.allclose(s_got.nll, s_ref.nll, atol=1e-4)
