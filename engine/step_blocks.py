@@ -126,8 +126,9 @@ class StepStack:
         if self.compiled is not None:
             try:
                 return self.compiled(*args)
-            except torch._dynamo.exc.BackendCompilerFailed as e:
-                log.warning("torch.compile of the residual steps' blocks failed (%s); running them eagerly", e)
+            except Exception as e:  # noqa: BLE001  a real fault of the function raises again below, eagerly
+                log.warning("torch.compile of the residual steps' blocks failed (%s: %s); running them eagerly",
+                            type(e).__name__, e)
                 self.compiled = None
         return self.block(*args)
 

@@ -352,3 +352,26 @@ def test_compiled_step_blocks_equal_the_eager_functions(tokenizer) -> None:
     got, s_got = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_blocks="compiled"))
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-5), float((got - ref).abs().max())
     assert torch.allclose(s_got.nll, s_ref.nll, atol=1e-4)
+
+
+def test_a_compiler_that_fails_leaves_the_eager_functions(tokenizer, monkeypatch, caplog) -> None:
+    """Where torch.compile cannot build (no C++ toolchain, an unsupported op), the warning says so
+    once and the residuals are the eager functions'."""
+    from neuraldb.engine import step_blocks
+    from neuraldb.engine.residuals import compute_residuals
+
+    def broken(fn):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=1, residual_prefixes=1, steps=3, lr=0.5, loss_stop=0.0, residual_batch_size=3,
+                      residual_blocks="fused")
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    ref, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    monkeypatch.setattr(step_blocks.torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="neuraldb.engine.step_blocks"):
+        got, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_blocks="compiled"))
+    assert torch.equal(got, ref)
+    assert sum("running them eagerly" in r.message for r in caplog.records) == 1
