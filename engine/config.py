@@ -144,9 +144,10 @@ class EditConfig:
     # steepest-descent direction at zero, scaled to `init_scale` times the norm clamp (one step)
     residual_init: str = "zero"
     init_scale: float = 1.0
-    # the precision of the optimiser's steps: "float32", "bfloat16" (the blocks above l* and the LM
-    # head under bf16 autocast; every fact's final NLL is then checked in float32 and a fact above
-    # the stop goes on in float32), or "auto": bfloat16 where this device multiplies it fast
+    # the precision of the optimiser's steps: "float32", "bfloat16" (the prefill, the blocks above l*
+    # and the LM head under bf16 autocast; the loss and the residual stream stay float32, and
+    # `residuals.residual_nll` measures the result in float32), or "auto": bfloat16 where this
+    # device multiplies it fast
     residual_dtype: str = "float32"
     lr_decay: float = 1.0  # the learning rate is multiplied by this after every step
     # what runs the blocks from l* up at every step (engine/step_blocks.py): "hf" (the model's own

@@ -177,29 +177,33 @@ def logits_at(model: PreTrainedModel, hidden: torch.Tensor, rows: torch.Tensor, 
 
 @dataclass
 class LowWeights:
-    """bf16 copies of the matrices of the blocks from l* up (`base`: names under the base model)
-    and of the LM head (`head`), cast once per call and read through `functional_call` under
-    bf16 autocast: the steps' GEMMs run in bf16 without casting every weight at every call, while
-    norms, softmaxes and the residual stream stay float32 as autocast keeps them."""
+    """bf16 copies of the matrices of every block (`blocks`: block index -> names under the base
+    model) and of the LM head (`head`), cast once per call and read through `functional_call`
+    under bf16 autocast: the prefill's and steps' GEMMs run in bf16 without casting every weight
+    at every call, while norms, softmaxes and the residual stream stay float32 as autocast keeps them."""
 
-    base: dict[str, torch.Tensor]
+    blocks: dict[int, dict[str, torch.Tensor]]
     head: dict[str, torch.Tensor]
-    first: int  # the first block cast
-    blocks: dict[int, dict[str, torch.Tensor]]  # block index -> its entries of `base`
 
     @classmethod
-    def of(cls, model: PreTrainedModel, layer: int, dtype: torch.dtype = torch.bfloat16) -> "LowWeights":
+    def of(cls, model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> "LowWeights":
         names = {id(p): n for n, p in model.base_model.named_parameters()}
         blocks = get_module(model, get_arch(model).layers)
-        per = {i: {names[id(p)]: p.detach().to(dtype) for p in blocks[i].parameters() if p.dim() == 2}
-               for i in range(layer, len(blocks))}
-        base = {n: w for ws in per.values() for n, w in ws.items()}
-        return cls(base, {"weight": model.get_output_embeddings().weight.detach().to(dtype)}, layer, per)
+        per = {i: {names[id(p)]: p.detach().to(dtype) for p in blk.parameters() if p.dim() == 2}
+               for i, blk in enumerate(blocks)}
+        return cls(per, {"weight": model.get_output_embeddings().weight.detach().to(dtype)})
 
     def above(self, layer: int) -> dict[str, torch.Tensor]:
         """The entries of blocks `layer` up (those below are skipped by `start_at_layer`)."""
-        return self.base if layer <= self.first else {n: w for i, ws in self.blocks.items() if i >= layer
-                                                      for n, w in ws.items()}
+        return {n: w for i, ws in self.blocks.items() if i >= layer for n, w in ws.items()}
+
+
+def _base_forward(model: PreTrainedModel, kwargs: dict[str, Any], weights: LowWeights | None, layer: int = 0) -> Any:
+    """The base model's forward on `kwargs`, reading `weights`' bf16 copies of blocks `layer` up
+    where given (the blocks below are skipped or cut short by a hook), its own weights otherwise."""
+    if weights is None:
+        return model.base_model(**kwargs)
+    return functional_call(model.base_model, weights.above(layer), (), kwargs)
 
 
 @dataclass
@@ -262,9 +266,7 @@ class _Steps:
                       use_cache=cache is not None, **cache_kwargs(model.base_model, cache))
         with start_at_layer(model, arch.layers, layer, self.hidden, tuple_len), \
                 Trace(model, arch.add_path(layer), retain_input=False, edit_output=add):
-            if weights is None:
-                return model.base_model(**kwargs)[0]  # (Rg, S, d)
-            return functional_call(model.base_model, weights.above(layer), (), kwargs)[0]  # (Rg, S, d)
+            return _base_forward(model, kwargs, weights, layer)[0]  # (Rg, S, d)
 
 
 def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
@@ -322,8 +324,7 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
             cache = DynamicCache(config=model.config)
             kwargs = dict(input_ids=b.ids[g, :P], attention_mask=b.mask[g, :P], use_cache=True,
                           **cache_kwargs(model.base_model, cache))
-            functional_call(model.base_model, weights.above(layer), (), kwargs) if weights is not None \
-                else model.base_model(**kwargs)
+            _base_forward(model, kwargs, weights, layer)
         live = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (Rg, kv_heads, P, head_dim) each
         past = [live[0]] * layer + live  # blocks below l* are skipped; their slots only carry the length P
         pos = start[g, None] + torch.arange(S, device=device)  # (Rg, S) true positions
@@ -366,7 +367,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     with torch.no_grad(), autocast, record_function("residuals.prefill"), \
             Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
         kwargs = dict(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
-        functional_call(model.base_model, weights.base, (), kwargs) if low else model.base_model(**kwargs)
+        _base_forward(model, kwargs, weights)
     hidden_in = tr.input.detach()  # (R, T, d_model)
     tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
     z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)[first]  # (S,)
@@ -507,7 +508,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     bar = Progress(len(facts), "residuals", "fact")
     device = model_device(model)
     low = len(facts) > 0 and step_dtype(cfg, device) == torch.bfloat16
-    weights = LowWeights.of(model, 0) if low else None  # cast once for every batch (the prefill reads all blocks)
+    weights = LowWeights.of(model) if low else None  # cast once for every batch (the prefill reads all blocks)
     blocks = step_blocks.choose(cfg.residual_blocks, model, len(facts), device) if facts else "hf"
     stack = None if blocks == "hf" else step_blocks.build(model, layer, torch.bfloat16 if low else torch.float32,
                                                           compiled=blocks == "compiled")

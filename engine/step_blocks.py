@@ -87,11 +87,11 @@ class StepStack:
     def run(self, hidden: torch.Tensor, delta: torch.Tensor, delta_pos: torch.Tensor, position_ids: torch.Tensor,
             mask: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """hidden (R, S, d) entering l*, delta (R, d), position_ids (R, S), mask (R, P+S) over the
-        cached tokens then the suffix, past: (K, V) (R, Hkv, P, hd) per block from l*. Returns the
+        cached tokens then the suffix, past: (K, V) (R, Hkv, P, hd) per block from l*, in the
+        weights' dtype (the caller's `_Steps.cast` puts them there once). Returns the
         final-norm hidden states (R, S, d)."""
         R, S, _ = hidden.shape
         P = mask.shape[1] - S
-        dtype = self.weights[0][1].dtype
         with torch.no_grad():
             cos, sin = self.rotary(hidden, position_ids)  # (R, S, hd) each
             cos, sin = cos.float()[:, None], sin.float()[:, None]  # (R, 1, S, hd)
@@ -102,7 +102,6 @@ class StepStack:
             add = add[:, None].repeat(1, 1, self.shape.n_heads // self.shape.n_kv, 1)  # (R, 1, G*S, P+S)
         rows = torch.arange(R, device=hidden.device)
         x = hidden.float()
-        past = [(k.to(dtype), v.to(dtype)) for k, v in past]
         if self.compiled is not None:  # rows, suffix and cached lengths vary from call to call
             marks = [(cos, (0, 2)), (sin, (0, 2)), (add, (0, 2, 3))] + [(t, (0, 2)) for kv in past for t in kv]
             for t, dims in marks:
