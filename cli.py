@@ -103,8 +103,9 @@ def _general(db: NeuralDB, args: argparse.Namespace) -> dict:
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)  # an unknown one: ConfigError from task_dir
     try:
         with db.disabled():
-            plain = evaluate(make_lm(db.model, db.tok, batch_size=args.batch_size), tasks, args.limit, args.data_dir)
-        lm = make_lm(db.model, db.tok, db, batch_size=args.batch_size)
+            plain = evaluate(make_lm(db.model, db.tok, batch_size=args.batch_size, precision=args.precision,
+                                     layer=db.layer), tasks, args.limit, args.data_dir)
+        lm = make_lm(db.model, db.tok, db, batch_size=args.batch_size, precision=args.precision)
         edited = evaluate(lm, tasks, args.limit, args.data_dir)
     except HarnessMissing as exc:
         raise ConfigError(str(exc)) from None
@@ -113,7 +114,7 @@ def _general(db: NeuralDB, args: argparse.Namespace) -> dict:
     opens = list(opens_table(lm.opens))
     print(f"gate opens on task text: {len(opens)} ({sum(o['named'] for o in opens)} name the fact's subject); "
           f"requests re-scored with the gate: {lm.rescored}, scored as unedited: {lm.reused}", file=sys.stderr)
-    return {"general": rows, "opens": opens, "data": plain["origins"], "limit": args.limit}
+    return {"general": rows, "opens": opens, "data": plain["origins"], "limit": args.limit, "precision": lm.precision}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tasks", help="with --general: a comma-separated subset of mmlu,sciq,commonsense_qa,"
                                    "arc_challenge,lambada_openai,wsc273")
     v.add_argument("--batch-size", type=int, default=16, help="with --general: requests per forward")
+    v.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16-above"),
+                   help="with --general: bf16-above scores the blocks above the gated layer and the LM head in "
+                        "bf16 with the gate in float32 (auto: where the device multiplies bf16 fast)")
     v.add_argument("--out", help="with --general: write the table and every gate open as JSON here")
     v.set_defaults(fn=cmd_eval)
     s = sub.add_parser("serve", help="an OpenAI-compatible server over the edited model, with a knowledge API "

@@ -16,6 +16,7 @@ interrupted run resumes; `--limit N` takes the first N documents of each task.""
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -28,9 +29,11 @@ from neuraldb.baselines import RULES, LinearEditConfig, LinearEditor, second_mom
 from neuraldb.bench.common import machine, markdown_table, run_main, save_figure, write_json, write_outputs
 from neuraldb.bench.scale import Residuals, get_facts, open_cache
 from neuraldb.data import resolve
+from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
-from neuraldb.evaluation.general import MAIN_METRIC, TASKS, ScoreCache, evaluate, make_lm, opens_table, summary_rows
+from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, TASKS, ScoreCache, evaluate, make_lm, opens_table,
+                                         resolve_precision, summary_rows)
 from neuraldb.evaluation.texts import wikitext_passages
 
 log = logging.getLogger("bench.general")
@@ -59,6 +62,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     v.add_argument("--tasks", default=",".join(TASKS))
     v.add_argument("--limit", type=int, help="the first N documents of each task (a quick run)")
     v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
+                   help="bf16-above: blocks above the gated layer and the LM head in bf16, the gate in float32 "
+                        "(auto: where the device multiplies bf16 fast)")
     r = ap.add_argument_group("run")
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", default="results/general")
@@ -124,13 +130,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = load_yaml(EditConfig, args.config) if args.config else None
     db = NeuralDB(model, tok, cfg)
     db.config = db.config.replace(subject_groups=False)  # groups get their joint residual in Residuals
-    n = max(sizes + bsizes)
-    facts, _, sources = get_facts(args.data, n, args.seed, extra=1, data_dir=args.data_dir)
-    cache = open_cache(Path(args.scale_out) / "cache", db, args, facts)
-    cache.fill_keys(db, facts)
-    resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
+    n = max(sizes + bsizes, default=0)  # 0: the unedited model alone
+    facts, _, sources = get_facts(args.data, n, args.seed, extra=1, data_dir=args.data_dir) if n else ([], None, {})
+    if n:
+        cache = open_cache(Path(args.scale_out) / "cache", db, args, facts)
+        cache.fill_keys(db, facts)
+        resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
     # score caches are keyed by request tokens; a folder per model, and per database recipe inside it
-    scores = out / "scores" / digest(db.fingerprint())
+    precision = resolve_precision(args.precision, model_device(model))
+    scores = out / "scores" / digest(db.fingerprint()) / ("" if precision == "float32" else precision)
+    score = functools.partial(make_lm, model, tok, batch_size=args.batch_size, precision=precision, layer=db.layer)
     recipe = digest({"config": to_mapping(db.config), "data": args.data, "seed": args.seed,
                      "groups": args.subject_groups, "first_ids": [f.id for f in facts[:3]]})
     unedited_cache = ScoreCache(scores / "unedited.jsonl")
@@ -138,15 +147,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     states: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     with db.disabled():
-        states["unedited"] = state_run("unedited", make_lm(model, tok, batch_size=args.batch_size,
-                                                           unedited=unedited_cache), args, out, t0)
+        states["unedited"] = state_run("unedited", score(unedited=unedited_cache), args, out, t0)
     done = 0
     for m in sizes:
         db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
         done = m
         t0 = time.perf_counter()
-        lm = make_lm(model, tok, db, batch_size=args.batch_size, unedited=unedited_cache,
-                     edited=ScoreCache(scores / recipe / f"neuraldb-{m}.jsonl"), on_open=resid.load)
+        lm = score(db=db, unedited=unedited_cache, edited=ScoreCache(scores / recipe / f"neuraldb-{m}.jsonl"),
+                   on_open=resid.load)
         states[f"neuraldb {m}"] = state_run(f"neuraldb-{m}", lm, args, out, t0)
 
     if baselines:
@@ -167,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         editor.edit(facts[edited:m], z[edited:m])
                         edited = m
                         t0 = time.perf_counter()
-                        lm = make_lm(model, tok, batch_size=args.batch_size,
-                                     unedited=ScoreCache(scores / recipe / f"{method}-{m}.jsonl"))
+                        lm = score(unedited=ScoreCache(scores / recipe / f"{method}-{m}.jsonl"))
                         states[f"{method} {m}"] = state_run(f"{method}-{m}", lm, args, out, t0)
                 finally:
                     editor.restore()
@@ -189,13 +196,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cols = ["method", "facts", "task", "metric", "score", "stderr", "delta", "delta_stderr", "n", "perplexity", "seconds",
             "reused", "rescored", "opens", "opens_named"]
     table = markdown_table(rows, cols)
-    result = {"args": vars(args), "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
+    result = {"args": vars(args), "precision": precision, "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
               "sources": sources, "data": states["unedited"]["origins"], "rows": rows,
               "opens": {k: v["opens"] for k, v in states.items() if v["opens"]},
               "wall_s": time.perf_counter() - t_start}
     result["plot"] = plot(rows, out)
     write_outputs(out, "general", result, f"bench/general.py: {args.model}, tasks {args.tasks}, limit "
-                                          f"{args.limit or 'all'}, NeuralDB layer {db.layer}", table)
+                                          f"{args.limit or 'all'}, NeuralDB layer {db.layer}, {precision}", table)
     return result
 
 

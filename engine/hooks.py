@@ -102,3 +102,41 @@ def start_at_layer(model: nn.Module, layers_path: str, layer: int, hidden: torch
         handle.remove()
         for i, mod in enumerate(saved):
             set_module(model, f"{layers_path}.{i}", mod)
+
+
+@contextlib.contextmanager
+def autocast_above(model: nn.Module, layer: int, dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """Run the decoder blocks above `layer` and the LM head under `torch.autocast(dtype)`; the
+    blocks up to `layer`, and so every gate decision at it, keep the model's own precision.
+    The residual stream stays in the model's dtype (autocast only lowers the GEMMs and attention)
+    and the head's logits come back in it, so log-softmaxes are taken at full precision."""
+    from .arch import get_arch, model_device
+
+    device = model_device(model).type
+    full = next(model.parameters()).dtype
+    layers = get_module(model, get_arch(model).layers)
+    head = model.get_output_embeddings()
+    patched: list[tuple[nn.Module, Any]] = []
+
+    def wrap(mod: nn.Module, cast_back: bool) -> None:
+        inner = mod.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(device, dtype=dtype):
+                out = inner(*args, **kwargs)
+            return out.to(full) if cast_back else out
+
+        patched.append((mod, mod.__dict__.get("forward")))
+        mod.forward = forward  # an instance attribute: nn.Module.__call__ reads self.forward
+
+    try:
+        for block in list(layers)[layer + 1:]:
+            wrap(block, cast_back=False)
+        wrap(head, cast_back=True)
+        yield
+    finally:
+        for mod, prev in patched:
+            if prev is None:
+                del mod.forward
+            else:
+                mod.forward = prev

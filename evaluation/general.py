@@ -35,7 +35,8 @@ import torch
 from ..data import resolve
 from ..engine.arch import model_device
 from ..engine.config import ConfigError
-from ..engine.hooks import Trace
+from ..engine.hooks import Trace, autocast_above
+from ..engine.residuals import FAST_BF16
 from .attribution import names
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ TASKS = ("mmlu", "sciq", "commonsense_qa", "arc_challenge", "lambada_openai", "w
 MAIN_METRIC = {"mmlu": "acc", "sciq": "acc", "commonsense_qa": "acc", "arc_challenge": "acc",
                "lambada_openai": "acc", "wsc273": "acc"}
 _DATA_REF = re.compile(r'"@data/([^"]+)"')
+# how requests are scored: "float32" throughout, or "bf16-above": the blocks up to the gated layer
+# (and so every gate decision) in float32, the blocks above it and the LM head under bf16 autocast
+# (residual stream and log-softmax in float32); "auto" picks bf16-above where the device multiplies
+# bf16 fast (engine.residuals.FAST_BF16). Both states of a comparison are scored the same way.
+PRECISIONS = ("float32", "bf16-above")
 WSC273_UTILS = ('"""The stock WSC273 document processing, from lm-evaluation-harness itself."""\n'
                 "from lm_eval.tasks.wsc273.utils import process_doc  # noqa: F401\n")
 
@@ -128,20 +134,37 @@ def request_key(tokens: Sequence[int], n_cont: int) -> str:
     return hashlib.sha1(json.dumps([list(tokens), n_cont]).encode()).hexdigest()
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`precision` with "auto" made concrete for `device` (see PRECISIONS)."""
+    if precision == "auto":
+        return "bf16-above" if FAST_BF16.get(device.type, lambda: False)() else "float32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
 def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited: ScoreCache | None = None,
-            edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None) -> Any:
+            edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None,
+            precision: str = "float32", layer: int | None = None) -> Any:
     """lm-eval's HFLM over `model`, with the gate probe and the caches described above. With
     `db` (a `NeuralDB` attached to `model`) requests on which a gate opens are scored gated and
     the rest come from (or go to) `unedited`; without it every request is the unedited model's
     (run it with the database detached or inside `db.disabled()`). `on_open(fact ids)` is called
-    with the facts that opened before they are scored (lazy residuals: bench/general.py)."""
+    with the facts that opened before they are scored (lazy residuals: bench/general.py).
+    `precision` (PRECISIONS, or "auto") scores with the blocks above `layer` (default: the
+    database's layer) in bf16; the unedited and the edited state must share it and the layer."""
     HFLM = _harness()
+    precision = resolve_precision(precision, model_device(model))
+    split = db.layer if db is not None and layer is None else layer
+    if precision != "float32" and split is None:
+        raise ConfigError(f"precision {precision!r} needs the gated layer (layer= or db=)")
 
     class GatedLM(HFLM):
         def __init__(self) -> None:
             super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size,
                              device=str(model_device(model)))
             self.db = db
+            self.precision = precision
             self.opens: list[Open] = []
             self.reused = self.rescored = 0
             self._meta: list[tuple[str, int]] = []
@@ -184,7 +207,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             for todo, cache, gated in ((todo_plain, unedited, False), (todo_gated, edited, True)):
                 if not todo:
                     continue
-                with self._state(gated):
+                with self._state(gated), self._precision():
                     got = super()._loglikelihood_tokens([requests[i] for i in todo], disable_tqdm, override_bs)
                 for i, r in zip(todo, got):
                     out[i] = (float(r[0]), bool(r[1]))
@@ -196,6 +219,11 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             if self.db is None or gated:
                 return contextlib.nullcontext()
             return self.db.disabled()  # no gate opens on these: the unedited model gives the same scores
+
+        def _precision(self) -> Any:
+            if precision == "float32":
+                return contextlib.nullcontext()
+            return autocast_above(model, split, torch.bfloat16)
 
         def _probe(self, inputs: list[list[int]]) -> list[list[tuple[int, int, float]]]:
             """(position, fact id, cosine) of every open on each input, from a forward through l*."""

@@ -143,3 +143,63 @@ def test_cli_eval_general_writes_the_table_and_the_opens(tiny_model_dir: Path, a
     assert {r["state"] for r in got["general"]} == {"unedited", "1 facts"}
     assert got["opens"] and all(o["named"] and o["task"] == "arc_challenge" for o in got["opens"])
     assert main(["eval", "--db", str(tmp_path / "db"), "--general", "--tasks", "arc,mmlu"]) == 2
+
+
+def test_bf16_above_keeps_the_gate_in_float32_and_restores_the_model(tiny_db: NeuralDB) -> None:
+    """Under autocast_above the blocks up to the gated layer (and the gate's decisions and the
+    residual it adds) are bit-identical to float32; the blocks above run their GEMMs in bf16; the
+    logits come back float32 and close; on exit the model is exactly the float32 model again."""
+    from neuraldb.engine.hooks import Trace, autocast_above
+
+    model, layer = tiny_db.model, tiny_db.layer
+    ids = torch.tensor([tiny_db.tok("The mother tongue of Danielle Darrieux is")["input_ids"]])  # (1, T)
+    above = f"model.layers.{layer + 1}.mlp.down_proj"
+    with torch.no_grad():
+        with Trace(model, tiny_db.path, retain_input=False, retain_output=True) as at, \
+                Trace(model, above, retain_input=False, retain_output=True) as up, tiny_db.record() as opened:
+            ref = model(ids).logits  # (1, T, V)
+        with autocast_above(model, layer), \
+                Trace(model, tiny_db.path, retain_input=False, retain_output=True) as at16, \
+                Trace(model, above, retain_input=False, retain_output=True) as up16, tiny_db.record() as opened16:
+            low = model(ids).logits
+        after = model(ids).logits
+    assert any(opened) and [[(h.position, h.fact_id) for h in p] for p in opened] == \
+        [[(h.position, h.fact_id) for h in p] for p in opened16]
+    assert torch.equal(at.output, at16.output)  # the gated layer's output, residual included
+    assert up.output.dtype == torch.float32 and up16.output.dtype == torch.bfloat16
+    assert low.dtype == torch.float32 and (low - ref).abs().max() < 0.1 * ref.abs().max()
+    assert torch.equal(after, ref) and not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_bf16_above_scores_reuse_exactly_where_no_gate_opens(tiny_db: NeuralDB, arc_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """With the blocks above in bf16 a closed gate still leaves the logits bit-identical to the
+    unedited model's (so reusing unedited scores stays exact), and a request with an open is scored
+    as one gated forward of it alone under the same precision."""
+    from neuraldb.engine.hooks import autocast_above
+
+    ids = torch.tensor([tiny_db.tok("Berlin is the capital of Germany")["input_ids"]])  # (1, T)
+    with torch.no_grad(), autocast_above(tiny_db.model, tiny_db.layer):
+        with tiny_db.record() as opened:
+            gated = tiny_db.model(ids).logits
+        with tiny_db.disabled():
+            plain = tiny_db.model(ids).logits
+    assert not any(opened) and torch.equal(gated, plain)
+
+    plain_cache, gated_cache = ScoreCache(tmp_path / "u.jsonl"), ScoreCache(tmp_path / "e.jsonl")
+    with tiny_db.disabled():
+        evaluate(make_lm(tiny_db.model, tiny_db.tok, batch_size=1, unedited=plain_cache, precision="bf16-above",
+                         layer=tiny_db.layer), ["arc_challenge"], data_dir=arc_dir)
+    lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=1, unedited=plain_cache, edited=gated_cache,
+                 precision="bf16-above")
+    evaluate(lm, ["arc_challenge"], data_dir=arc_dir)
+    assert lm.precision == "bf16-above" and lm.rescored == len(gated_cache.scores) > 0 and lm.reused > 0
+    d = ARC[lm.opens[0].doc_id]
+    c_enc, k_enc = lm._encode_pair("Question: " + d["question"] + "\nAnswer:", " " + d["choices"]["text"][0])
+    with autocast_above(tiny_db.model, tiny_db.layer):
+        want = full_forward_loglik(tiny_db, c_enc, k_enc)
+    assert gated_cache.get(request_key(c_enc + k_enc, len(k_enc)))[0] == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="needs the gated layer"):
+        make_lm(tiny_db.model, tiny_db.tok, precision="bf16-above")
+    with pytest.raises(ValueError, match="precision must be"):
+        make_lm(tiny_db.model, tiny_db.tok, tiny_db, precision="fp8")
