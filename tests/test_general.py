@@ -73,6 +73,16 @@ def test_every_task_runs_in_the_harness_on_the_sample(tiny_db: NeuralDB) -> None
     assert [r["delta"] for r in rows if r["state"] == "edited"] == [0.0] * (len(TASKS) + 1)
 
 
+def test_every_task_runs_on_the_shared_files(tiny_db: NeuralDB, data_dir: Path) -> None:
+    """The shipped YAMLs on the real evaluation files (../shared/data/general): the harness reads
+    every task's data through them and scores two documents of each with the tiny edited model."""
+    if not all((data_dir / "general" / t).is_dir() for t in TASKS):
+        pytest.skip(f"the six tasks' files are not under {data_dir}/general (set NEURALDB_DATA)")
+    res = evaluate(make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=4), TASKS, limit=2, data_dir=data_dir)
+    assert set(res["origins"].values()) == {"data-dir"}
+    assert all(per["acc"].n == 2 for per in res["scores"].values())
+
+
 def full_forward_loglik(db: NeuralDB, ctx: list[int], cont: list[int]) -> float:
     """The continuation's log-probability from one unpadded forward of this request alone."""
     ids = torch.tensor([ctx + cont])[:, :-1]  # (1, T)
