@@ -213,3 +213,22 @@ def test_bf16_above_scores_reuse_exactly_where_no_gate_opens(tiny_db: NeuralDB, 
         make_lm(tiny_db.model, tiny_db.tok, precision="bf16-above")
     with pytest.raises(ValueError, match="precision must be"):
         make_lm(tiny_db.model, tiny_db.tok, tiny_db, precision="fp8")
+
+
+def test_autocast_above_on_every_architecture(arch: str, tokenizer) -> None:
+    """Blocks up to the layer unchanged bit for bit, logits float32 and close, the model restored."""
+    from neuraldb.engine.arch import get_arch
+    from neuraldb.engine.hooks import Trace, autocast_above
+
+    model = make_model(arch, tokenizer)
+    path = get_arch(model).add_path(1)
+    ids = torch.tensor([tokenizer("The capital of France is Paris.")["input_ids"]])  # (1, T)
+    with torch.no_grad():
+        with Trace(model, path, retain_input=False, retain_output=True) as ref_at:
+            ref = model(ids).logits  # (1, T, V)
+        with autocast_above(model, 1), Trace(model, path, retain_input=False, retain_output=True) as at:
+            low = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(ref_at.output, at.output)
+    assert low.dtype == ref.dtype and not torch.equal(low, ref) and torch.allclose(low, ref, atol=0.05 * ref.abs().max())
+    assert torch.equal(after, ref) and not any("forward" in m.__dict__ for m in model.modules())
