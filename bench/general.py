@@ -79,12 +79,13 @@ def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float
     tasks = args.tasks.split(",")
     res = evaluate(lm, tasks, args.limit, args.data_dir)
     res["seconds"] = time.perf_counter() - t0
-    res["reused"], res["rescored"] = getattr(lm, "reused", 0), getattr(lm, "rescored", 0)
+    res["reused"], res["rescored"], res["tokens"] = lm.reused, lm.rescored, lm.tokens
     res["opens"] = list(opens_table(getattr(lm, "opens", [])))
     write_json(out / "states" / f"{name}.json", {"scores": {t: {m: vars(s) for m, s in per.items()}
                                                            for t, per in res["scores"].items()},
                                                 "seconds": res["seconds"], "reused": res["reused"],
-                                                "rescored": res["rescored"], "opens": res["opens"],
+                                                "rescored": res["rescored"], "tokens": res["tokens"],
+                                                "opens": res["opens"],
                                                 "per_doc": res["per_doc"]})
     log.warning("%s: %s in %.0f s (%d requests reused, %d scored with the gate, %d opens)", name,
                 {t: round(100 * per[MAIN_METRIC[t]].value, 2) for t, per in res["scores"].items()},
@@ -192,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for r in rows:
             if r["state"] == name and r["task"] == "average":
                 r.update(seconds=round(res["seconds"]), reused=res["reused"], rescored=res["rescored"],
+                         open_share=f"{100 * len(res['opens']) / max(res['tokens'], 1):.4f}%",
                          opens=len(res["opens"]), opens_named=sum(o["named"] for o in res["opens"]))
     cols = ["method", "facts", "task", "metric", "score", "stderr", "delta", "delta_stderr", "n", "perplexity", "seconds",
-            "reused", "rescored", "opens", "opens_named"]
+            "reused", "rescored", "opens", "opens_named", "open_share"]
     table = markdown_table(rows, cols)
     result = {"args": vars(args), "precision": precision, "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
               "sources": sources, "data": states["unedited"]["origins"], "rows": rows,

@@ -167,6 +167,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             self.precision = precision
             self.opens: list[Open] = []
             self.reused = self.rescored = 0
+            self.tokens = 0  # tokens the model read (each request's input), the base of the open share
             self._meta: list[tuple[str, int]] = []
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -178,6 +179,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             # what HFLM feeds the model: (context + continuation)[-(max_length + 1):][:-1]
             inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in requests]
             keys = [request_key(ctx + cont, len(cont)) for _, ctx, cont in requests]
+            self.tokens += sum(len(x) for x in inputs)
             opened = self._probe(inputs)
             meta = self._meta if len(self._meta) == len(requests) else [("?", -1)] * len(requests)
             self._meta = []

@@ -232,3 +232,29 @@ def test_autocast_above_on_every_architecture(arch: str, tokenizer) -> None:
     assert torch.equal(ref_at.output, at.output)
     assert low.dtype == ref.dtype and not torch.equal(low, ref) and torch.allclose(low, ref, atol=0.05 * ref.abs().max())
     assert torch.equal(after, ref) and not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_bench_general_end_to_end_on_a_tiny_model(tiny_model_dir: Path, arc_dir: Path, tmp_path: Path) -> None:
+    """bench/general.py: the unedited state and a database, one score cache per precision, the
+    opens and the share of read tokens they make, JSON + markdown; a second run reads its caches."""
+    from neuraldb.bench import general
+
+    facts = tmp_path / "facts.jsonl"
+    other = Fact("Berlin", "{} is the capital of", "Italy", "Germany", id="b")
+    facts.write_text("\n".join(json.dumps(f.to_json()) for f in (FACT, other)) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("layer: 1\ngamma: 0.65\nn_prefixes: 2\nprefix_len: 4\nresidual_prefixes: 1\nsteps: 10\nlr: 0.5\n"
+                   "weight_decay: 0.0\nclamp_norm: 4.0\n")
+    argv = ["--model", str(tiny_model_dir), "--data", str(facts), "--sizes", "1", "--baselines", "none", "--config",
+            str(cfg), "--tasks", "arc_challenge", "--data-dir", str(arc_dir), "--precision", "bf16-above",
+            "--batch-size", "2", "--scale-out", str(tmp_path / "scale"), "--out", str(tmp_path / "out")]
+    res = general.main(argv)
+    assert res["precision"] == "bf16-above"
+    avg = {r["method"]: r for r in res["rows"] if r["task"] == "average"}
+    assert set(avg) == {"unedited", "neuraldb"} and avg["neuraldb"]["opens"] > 0
+    assert float(avg["neuraldb"]["open_share"].rstrip("%")) > 0 and avg["neuraldb"]["reused"] > 0
+    assert list((tmp_path / "out" / "scores").glob("*/bf16-above/unedited.jsonl"))
+    assert (tmp_path / "out" / "general.json").is_file() and (tmp_path / "out" / "general.md").is_file()
+    again = general.main(argv)
+    assert [r["score"] for r in again["rows"]] == [r["score"] for r in res["rows"]]
+    assert general.main(argv[:-6] + ["--precision", "float32"] + argv[-4:])["precision"] == "float32"
