@@ -228,11 +228,17 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             return autocast_above(model, split, torch.bfloat16)
 
         def _probe(self, inputs: list[list[int]]) -> list[list[tuple[int, int, float]]]:
-            """(position, fact id, cosine) of every open on each input, from a forward through l*."""
+            """(position, fact id, cosine) of every open on each input, from a forward through l*.
+            Equal inputs are probed once (a multiple-choice question whose choices are one token
+            long feeds the model the same context for every choice)."""
             out: list[list[tuple[int, int, float]]] = [[] for _ in inputs]
             if self.db is None or not self.db.facts or self.db.gate is None or not self.db.gate.enabled:
                 return out
-            order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+            same: dict[tuple[int, ...], list[int]] = {}
+            for i, x in enumerate(inputs):
+                same.setdefault(tuple(x), []).append(i)
+            first = [group[0] for group in same.values()]
+            order = sorted(first, key=lambda i: -len(inputs[i]))
             bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             pad = self.tokenizer.pad_token_id or 0
             dev = model_device(model)
@@ -250,6 +256,9 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                         i = rows[h.batch]
                         if h.position < len(inputs[i]):
                             out[i].append((int(h.position), int(h.fact_id), float(h.similarity)))
+            for group in same.values():
+                for i in group[1:]:
+                    out[i] = list(out[group[0]])
             return out
 
     return GatedLM()

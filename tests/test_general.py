@@ -258,3 +258,17 @@ def test_bench_general_end_to_end_on_a_tiny_model(tiny_model_dir: Path, arc_dir:
     again = general.main(argv)
     assert [r["score"] for r in again["rows"]] == [r["score"] for r in res["rows"]]
     assert general.main(argv[:-6] + ["--precision", "float32"] + argv[-4:])["precision"] == "float32"
+
+
+def test_probe_runs_equal_inputs_once_and_gives_each_its_opens(tiny_db: NeuralDB) -> None:
+    lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=2)
+    named = tiny_db.tok("Everyone knows Danielle Darrieux speaks")["input_ids"]
+    plain = tiny_db.tok("Berlin is the capital of")["input_ids"]
+    calls = []
+    hook = tiny_db.model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        got = lm._probe([named, plain, named, named])
+    finally:
+        hook.remove()
+    assert sum(calls) == 2  # two distinct inputs, one row each
+    assert got[0] and got[0] == got[2] == got[3] == lm._probe([named])[0] and not got[1]
