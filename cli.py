@@ -98,14 +98,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _general(db: NeuralDB, args: argparse.Namespace) -> dict:
     """The six lm-eval tasks for the unedited model and with the database (evaluation/general.py)."""
-    from .evaluation.general import TASKS, HarnessMissing, evaluate, make_lm, markdown, opens_table, summary_rows
+    from .evaluation.general import (TASKS, HarnessMissing, ScoreCache, evaluate, make_lm, markdown, opens_table,
+                                     summary_rows)
 
     tasks = args.tasks.split(",") if args.tasks else list(TASKS)  # an unknown one: ConfigError from task_dir
+    scores = ScoreCache()  # the unedited scores, reused for every request on which no gate opens (exact)
     try:
         with db.disabled():
-            plain = evaluate(make_lm(db.model, db.tok, batch_size=args.batch_size, precision=args.precision,
-                                     layer=db.layer), tasks, args.limit, args.data_dir)
-        lm = make_lm(db.model, db.tok, db, batch_size=args.batch_size, precision=args.precision)
+            plain = evaluate(make_lm(db.model, db.tok, batch_size=args.batch_size, unedited=scores,
+                                     precision=args.precision, layer=db.layer), tasks, args.limit, args.data_dir)
+        lm = make_lm(db.model, db.tok, db, batch_size=args.batch_size, unedited=scores, precision=args.precision)
         edited = evaluate(lm, tasks, args.limit, args.data_dir)
     except HarnessMissing as exc:
         raise ConfigError(str(exc)) from None
@@ -113,8 +115,9 @@ def _general(db: NeuralDB, args: argparse.Namespace) -> dict:
     print(markdown(rows))
     opens = list(opens_table(lm.opens))
     print(f"gate opens on task text: {len(opens)} ({sum(o['named'] for o in opens)} name the fact's subject); "
-          f"requests re-scored with the gate: {lm.rescored}, scored as unedited: {lm.reused}", file=sys.stderr)
-    return {"general": rows, "opens": opens, "data": plain["origins"], "limit": args.limit, "precision": lm.precision}
+          f"requests re-scored with the gate: {lm.rescored}, reused from the unedited run: {lm.reused}", file=sys.stderr)
+    return {"general": rows, "opens": opens, "data": plain["origins"], "limit": args.limit, "precision": lm.precision,
+            "rescored": lm.rescored, "reused": lm.reused}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -104,12 +104,13 @@ class Open:
 
 class ScoreCache:
     """Append-only JSONL of request -> (loglikelihood, is_greedy), one file per model state;
-    a torn last line (a killed run) is ignored, so a run resumes where it stopped."""
+    a torn last line (a killed run) is ignored, so a run resumes where it stopped. Without a
+    path it lives in memory (one process scoring two states: `neuraldb eval --general`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.scores: dict[str, tuple[float, bool]] = {}
-        if path.is_file():
+        if path is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     k, ll, greedy = json.loads(line)
@@ -122,6 +123,9 @@ class ScoreCache:
 
     def put(self, items: Sequence[tuple[str, tuple[float, bool]]]) -> None:
         if not items:
+            return
+        if self.path is None:
+            self.scores.update(items)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:

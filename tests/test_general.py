@@ -131,6 +131,9 @@ def test_a_torn_cache_line_is_ignored(tmp_path: Path) -> None:
         fh.write('["k3", -0.')  # a run killed mid-write
     cache = ScoreCache(path)
     assert cache.get("k1") == (-1.5, True) and cache.get("k2") == (-2.0, False) and cache.get("k3") is None
+    memory = ScoreCache()  # no path: kept in memory, nothing written
+    memory.put([("k1", (-1.5, True))])
+    assert memory.get("k1") == (-1.5, True) and memory.path is None
 
 
 def test_cli_eval_general_writes_the_table_and_the_opens(tiny_model_dir: Path, arc_dir: Path, tmp_path: Path,
@@ -152,6 +155,8 @@ def test_cli_eval_general_writes_the_table_and_the_opens(tiny_model_dir: Path, a
     got = json.loads(out.read_text())
     assert {r["state"] for r in got["general"]} == {"unedited", "1 facts"}
     assert got["opens"] and all(o["named"] and o["task"] == "arc_challenge" for o in got["opens"])
+    assert got["rescored"] and got["reused"] and got["rescored"] + got["reused"] == sum(len(d["choices"]["text"])
+                                                                                     for d in ARC)
     assert main(["eval", "--db", str(tmp_path / "db"), "--general", "--tasks", "arc,mmlu"]) == 2
 
 
