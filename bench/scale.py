@@ -386,6 +386,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--data", default="counterfact", help="counterfact | zsre | synthetic | PATH to a facts file")
     g.add_argument("--facts", type=int, default=48)
+    g.add_argument("--db", help="evaluate this saved database as it is (e.g. `neuraldb build`'s output), every "
+                                "residual real and no cache: one row at its size, its facts in id order standing "
+                                "for --facts (the sample is drawn from them as from the same facts given to --data; "
+                                "--retention-data held-out takes its texts from --data's facts after them); its own "
+                                "config, so --config, --layer and the thresholds do not apply")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data-dir", help="root of the named data sources (default: $NEURALDB_DATA, ../shared/data, "
                                       "then the bundled sample)")
@@ -431,30 +436,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
-    cfg = load_config(args.config) if args.config else None
-    if args.head_gamma is not None or args.sink_gamma is not None:
-        cfg = (cfg or model_defaults(model_name(model), model.config.model_type)).replace(
-            head_gamma=args.head_gamma, sink_gamma=args.sink_gamma)
-    db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
-    # Residuals are cached per fact and computed lazily, so each must depend on its fact alone:
-    # a fact alone about its subject gets its own; a group's shared one (--subject-groups, as
-    # NeuralDB.add writes it) is computed where the group is loaded (Residuals).
-    db.config = db.config.replace(subject_groups=False)
-    facts, held_out, sources = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts,
-                                           data_dir=args.data_dir)
+    cache: ChunkCache | None = None
+    if args.db:  # a built database as it is: every residual real, nothing cached or inserted here
+        db = NeuralDB.load(args.db, model, tok)
+        order = sorted(db.facts)  # database ids, in the order the facts were added
+        facts = [db.facts[i] for i in order]
+        held_out, sources = [], {str(args.db): len(facts)}
+        if args.retention_data == "held-out":
+            held_out = get_facts(args.data, len(facts), args.seed, extra=args.retention_texts,
+                                 data_dir=args.data_dir)[1]
+        checkpoints, lazy = [len(facts)], False
+    else:
+        cfg = load_config(args.config) if args.config else None
+        if args.head_gamma is not None or args.sink_gamma is not None:
+            cfg = (cfg or model_defaults(model_name(model), model.config.model_type)).replace(
+                head_gamma=args.head_gamma, sink_gamma=args.sink_gamma)
+        db = NeuralDB(model, tok, cfg, layer=args.layer, gamma=args.gamma, index=args.index)
+        # Residuals are cached per fact and computed lazily, so each must depend on its fact alone:
+        # a fact alone about its subject gets its own; a group's shared one (--subject-groups, as
+        # NeuralDB.add writes it) is computed where the group is loaded (Residuals).
+        db.config = db.config.replace(subject_groups=False)
+        facts, held_out, sources = get_facts(args.data, args.facts, args.seed, extra=args.retention_texts,
+                                             data_dir=args.data_dir)
+        order = list(range(len(facts)))
+        checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else \
+            default_checkpoints(len(facts))
+        if checkpoints[-1] > len(facts):
+            raise SystemExit(f"--checkpoints: {checkpoints[-1]} is more than --facts {len(facts)}")
+        cache = open_cache(out / "cache", db, args, facts)
+        lazy = args.lazy_residuals == "on" or (args.lazy_residuals == "auto" and len(facts) > 5000)
+        cache.fill_keys(db, facts)
+        if not lazy:
+            cache.fill_residuals(db, facts, range(len(facts)))
+        resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
     log.warning("facts: %s", ", ".join(f"{c} {name}" for name, c in sources.items()))
     kind = facts[0].kind
-    checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else default_checkpoints(len(facts))
-    if checkpoints[-1] > len(facts):
-        raise SystemExit(f"--checkpoints: {checkpoints[-1]} is more than --facts {len(facts)}")
-    cache = open_cache(out / "cache", db, args, facts)
-    lazy = args.lazy_residuals == "on" or (args.lazy_residuals == "auto" and len(facts) > 5000)
-    cache.fill_keys(db, facts)
-    if not lazy:
-        cache.fill_residuals(db, facts, range(len(facts)))
-    resid = Residuals(db, cache, facts, groups=args.subject_groups == "on")
 
     rng = random.Random(args.seed)
     first = facts[: args.sample_from or checkpoints[0]]
@@ -474,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         unedited = {k: v[2] for k, v in pre_scores.outcomes.items()}  # per-prompt outcomes, for the clean split
         flu_prompts = [p for f in sample for p in (f.generation_prompts[:1] or (f.text,))][: args.fluency_sample]
         pre["fluency"] = fluency(model, tok, flu_prompts, args.fluency_tokens) if args.fluency_tokens else float("nan")
-    db_id = {f.id: i for i, f in enumerate(first)}  # the sample is drawn from the first checkpoint's facts
+    db_id = {f.id: order[i] for i, f in enumerate(first)}  # the sample is drawn from the first checkpoint's facts
     # a finished checkpoint's row is kept, so a resumed run evaluates only what is left
     eval_sig = {k: getattr(args, k) for k in ("eval_sample", "retention_texts", "retention_data", "fluency_tokens",
                                               "fluency_sample", "latency_batch", "latency_repeats")}
@@ -488,11 +507,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows, done = [], 0
     for m in checkpoints:
-        db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
-        done = m
-        kept = cache.res_root / f"row_{m}.json"
-        earlier = json.loads(kept.read_text()) if kept.is_file() else {}
-        if earlier.get("eval") == eval_sig:
+        if cache is None:  # --db: the database as it was built
+            kept, earlier = None, {}
+        else:
+            db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
+            done = m
+            kept = cache.res_root / f"row_{m}.json"
+            earlier = json.loads(kept.read_text()) if kept.is_file() else {}
+        if kept is not None and earlier.get("eval") == eval_sig:
             row = earlier["row"]
             if "specificity_clean" not in row:  # kept from before the column: score the sample again, nothing else
                 stage(m, time.perf_counter(), "scoring the sample for columns added since the row was kept")
@@ -503,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows.append(row)
             print(f"m={m}: row kept from an earlier run ({kept})", file=sys.stderr, flush=True)
             continue
-        if not lazy:
+        if cache is not None and not lazy:
             resid.load(set(range(m)))
         t0 = time.perf_counter()
         stage(m, t0, "scoring the sample")
@@ -525,11 +547,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "bytes_per_fact": (db.index.nbytes + db.table.nbytes + head_bytes) / m,  # allocated (whole shards)
                # one fp32 key + residual, and an fp16 head row (head key + spans) with the head check
                "payload_bytes_per_fact": 4 * (db.d_key + db.d_res) + 2 * (db.d_row - db.d_key),
-               **cache.throughput(m), **latency(db, texts, args.latency_batch, args.latency_repeats),
-               **peak_memory(), "eval_s": time.perf_counter() - t0,
-               "residuals_in_db": len(db.table.ids()), "residuals_computed": cache.computed()}
+               **(cache.throughput(m) if cache is not None else {}),
+               **latency(db, texts, args.latency_batch, args.latency_repeats),
+               **peak_memory(), "eval_s": time.perf_counter() - t0, "residuals_in_db": len(db.table.ids()),
+               "residuals_computed": cache.computed() if cache is not None else len(db.table.ids())}
         rows.append(row)
-        write_json(kept, {"eval": eval_sig, "row": row})
+        if kept is not None:
+            write_json(kept, {"eval": eval_sig, "row": row})
         print(f"m={m}: efficacy {row['efficacy']:.1f} generalization {row['generalization']:.1f} specificity "
               f"{row['specificity']:.1f} greedy {row['greedy_efficacy']:.1f} false-open {row['false_open']:.4f} "
               f"lookup(prefill) {row['prefill_lookup_ms_median']:.2f} ms, {row['residuals_in_db']} residuals",

@@ -254,6 +254,41 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
         assert {k: eager[k] for k in metrics} == {k: lazy[k] for k in metrics}
 
 
+def test_scale_evaluates_a_built_database_as_the_cache_run_does(tokenizer, tmp_path: Path) -> None:
+    """bench/scale.py --db: a database built by NeuralDB.add and saved is evaluated with every
+    residual it holds, and scores the same sample as the cache run of the same facts."""
+    from neuraldb import EditConfig, NeuralDB
+    from neuraldb.bench import scale
+    from neuraldb.engine.facts import save_facts_jsonl
+    from neuraldb.evaluation.synthetic import synthetic_facts
+
+    model_dir = tmp_path / "tiny"
+    make_model("llama", tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    facts = list(synthetic_facts(10, seed=0))
+    save_facts_jsonl(facts, tmp_path / "facts.jsonl")
+    cfg_text = "layer: 1\nn_prefixes: 1\nprefix_len: 3\nresidual_prefixes: 1\nsteps: 3\ngamma: 0.9\n"
+    (tmp_path / "cfg.yaml").write_text(cfg_text)
+    from neuraldb.engine.config import load_yaml
+    from neuraldb.engine.models import load_model
+
+    model, tok = load_model(str(model_dir))
+    db = NeuralDB(model, tok, load_yaml(EditConfig, tmp_path / "cfg.yaml"))
+    db.add(facts[:8])
+    db.save(tmp_path / "db")
+    common = ["--model", str(model_dir), "--data", str(tmp_path / "facts.jsonl"), "--eval-sample", "4",
+              "--retention-texts", "2", "--fluency-tokens", "4", "--latency-repeats", "1", "--latency-batch", "2"]
+    built = scale.main(common + ["--db", str(tmp_path / "db"), "--out", str(tmp_path / "built")])
+    cached = scale.main(common + ["--facts", "8", "--chunk", "8", "--checkpoints", "8", "--config",
+                                  str(tmp_path / "cfg.yaml"), "--lazy-residuals", "off", "--out", str(tmp_path / "c")])
+    b, c = built["rows"][0], cached["rows"][0]
+    assert b["m"] == c["m"] == 8 and b["residuals_in_db"] == b["residuals_computed"] == 8
+    assert built["lazy_residuals"] is False and "keys_per_s" not in b
+    for k in ("efficacy", "generalization", "specificity", "greedy_efficacy", "false_open", "identical"):
+        assert b[k] == pytest.approx(c[k], abs=1e-6), k
+    assert not (tmp_path / "built" / "cache").exists()
+
+
 def test_wikitext_passages(tmp_path: Path, data_dir: Path) -> None:
     from neuraldb.evaluation.texts import wikitext_passages
 
