@@ -210,4 +210,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("neuraldb.engine.progress").setLevel(logging.INFO)  # the gate probe's rate and time left
     run_main(main, "bench/general.py")

@@ -36,6 +36,7 @@ from ..data import resolve
 from ..engine.arch import model_device
 from ..engine.config import ConfigError
 from ..engine.hooks import Trace, autocast_above
+from ..engine.progress import Progress
 from ..engine.residuals import FAST_BF16
 from .attribution import names
 
@@ -246,7 +247,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             pad = self.tokenizer.pad_token_id or 0
             dev = model_device(model)
-            with torch.no_grad(), self.db.record() as passes:
+            with torch.no_grad(), self.db.record() as passes, Progress(len(order), "gate probe", "input") as bar:
                 for s in range(0, len(order), bs):
                     before = len(passes)  # a pass that gates nothing records nothing
                     rows = order[s : s + bs]
@@ -260,6 +261,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                         i = rows[h.batch]
                         if h.position < len(inputs[i]):
                             out[i].append((int(h.position), int(h.fact_id), float(h.similarity)))
+                    bar.update(len(rows))
             for group in same.values():
                 for i in group[1:]:
                     out[i] = list(out[group[0]])
