@@ -32,8 +32,8 @@ from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
-from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, TASKS, ScoreCache, evaluate, make_lm, opens_table,
-                                         resolve_precision, summary_rows)
+from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, TASKS, ScoreCache, TaskScore, evaluate, make_lm,
+                                         opens_table, resolve_precision, summary_rows)
 from neuraldb.evaluation.texts import wikitext_passages
 
 log = logging.getLogger("bench.general")
@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     r = ap.add_argument_group("run")
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", default="results/general")
+    r.add_argument("--report", action="store_true", help="rebuild OUT's table, JSON and plot from OUT/states/*.json "
+                                                         "(the states scored so far), scoring nothing")
     return ap.parse_args(argv)
 
 
@@ -85,6 +87,7 @@ def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float
                                                            for t, per in res["scores"].items()},
                                                 "seconds": res["seconds"], "reused": res["reused"],
                                                 "rescored": res["rescored"], "tokens": res["tokens"],
+                                                "origins": res["origins"],
                                                 "opens": res["opens"],
                                                 "per_doc": res["per_doc"]})
     log.warning("%s: %s in %.0f s (%d requests reused, %d scored with the gate, %d opens)", name,
@@ -121,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out)
+    if args.report:
+        return report(load_states(out), out, {"args": vars(args), "machine": machine(), "report_of": str(out)},
+                      f"bench/general.py --report: {out}")
     sizes = sorted(int(s) for s in args.sizes.split(",") if s)
     baselines = [] if args.baselines == "none" else args.baselines.split(",")
     unknown = [m for m in baselines if m not in RULES]
@@ -146,9 +152,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unedited_cache = ScoreCache(scores / "unedited.jsonl")
 
     states: dict[str, dict[str, Any]] = {}
+
+    def written() -> dict[str, Any]:  # the table so far, after every state
+        return report(states, out, {"args": vars(args), "precision": precision, "config": to_mapping(db.config),
+                                    "model": db.fingerprint(), "machine": machine(), "sources": sources,
+                                    "wall_s": time.perf_counter() - t_start},
+                      f"bench/general.py: {args.model}, tasks {args.tasks}, limit {args.limit or 'all'}, "
+                      f"NeuralDB layer {db.layer}, {precision}")
+
     t0 = time.perf_counter()
     with db.disabled():
         states["unedited"] = state_run("unedited", score(unedited=unedited_cache), args, out, t0)
+    written()
     done = 0
     for m in sizes:
         db.insert(list(range(done, m)), facts[done:m], cache.keys(done, m).to(args.device), None)
@@ -157,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lm = score(db=db, unedited=unedited_cache, edited=ScoreCache(scores / recipe / f"neuraldb-{m}.jsonl"),
                    on_open=resid.load)
         states[f"neuraldb {m}"] = state_run(f"neuraldb-{m}", lm, args, out, t0)
+        written()
 
     if baselines:
         lin = LinearEditConfig()
@@ -178,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         t0 = time.perf_counter()
                         lm = score(unedited=ScoreCache(scores / recipe / f"{method}-{m}.jsonl"))
                         states[f"{method} {m}"] = state_run(f"{method}-{m}", lm, args, out, t0)
+                        written()
                 finally:
                     editor.restore()
                 if not editor.is_restored():
@@ -185,6 +202,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         finally:
             db.attach()
 
+    return written()
+
+
+def report(states: dict[str, dict[str, Any]], out: Path, head: dict[str, Any], title: str) -> dict[str, Any]:
+    """The table (markdown), JSON and plot of the states scored so far (written after every state,
+    so a run stopped between states leaves its table)."""
     rows = summary_rows(states)
     for r in rows:
         method, _, m = r["state"].partition(" ")
@@ -193,22 +216,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for r in rows:
             if r["state"] == name and r["task"] == "average":
                 r.update(seconds=round(res["seconds"]), reused=res["reused"], rescored=res["rescored"],
-                         open_share=f"{100 * len(res['opens']) / max(res['tokens'], 1):.4f}%",
+                         open_share=f"{100 * len(res['opens']) / max(res.get('tokens', 0), 1):.4f}%",
                          opens=len(res["opens"]), opens_named=sum(o["named"] for o in res["opens"]))
     cols = ["method", "facts", "task", "metric", "score", "stderr", "delta", "delta_stderr", "n", "perplexity", "seconds",
             "reused", "rescored", "opens", "opens_named", "open_share"]
     table = markdown_table(rows, cols)
-    result = {"args": vars(args), "precision": precision, "config": to_mapping(db.config), "model": db.fingerprint(), "machine": machine(),
-              "sources": sources, "data": states["unedited"]["origins"], "rows": rows,
-              "opens": {k: v["opens"] for k, v in states.items() if v["opens"]},
-              "wall_s": time.perf_counter() - t_start}
+    first = next(iter(states.values()), {})
+    result = {**head, "data": first.get("origins", {}), "rows": rows,
+              "opens": {k: v["opens"] for k, v in states.items() if v["opens"]}}
     result["plot"] = plot(rows, out)
-    write_outputs(out, "general", result, f"bench/general.py: {args.model}, tasks {args.tasks}, limit "
-                                          f"{args.limit or 'all'}, NeuralDB layer {db.layer}, {precision}", table)
+    write_outputs(out, "general", result, title, table)
     return result
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("neuraldb.engine.progress").setLevel(logging.INFO)  # the gate probe's rate and time left
-    run_main(main, "bench/general.py")
+def load_states(out: Path) -> dict[str, dict[str, Any]]:
+    """OUT/states/*.json as scored states (the unedited one first), for --report."""
+    states: dict[str, dict[str, Any]] = {}
+    files = sorted((out / "states").glob("*.json"), key=lambda p: (p.stem != "unedited", p.stem.split("-")[0],
+                                                                    int(p.stem.split("-")[-1]) if "-" in p.stem else 0))
+    for path in files:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw["scores"] = {t: {m: TaskScore(**v) for m, v in per.items()} for t, per in raw["scores"].items()}
+        raw["per_doc"] = {t: {int(i): v for i, v in per.items()} for t, per in raw.get("per_doc", {}).items()}
+        states["unedited" if path.stem == "unedited" else path.stem.replace("-", " ", 1)] = raw
+    if "unedited" not in states:
+        raise SystemExit(f"--report: no scored states under {out / 'states'}")
+    return states

@@ -262,6 +262,13 @@ def test_bench_general_end_to_end_on_a_tiny_model(tiny_model_dir: Path, arc_dir:
     assert (tmp_path / "out" / "general.json").is_file() and (tmp_path / "out" / "general.md").is_file()
     again = general.main(argv)
     assert [r["score"] for r in again["rows"]] == [r["score"] for r in res["rows"]]
+    (tmp_path / "out" / "general.json").unlink()  # --report: the same table from the states' files alone
+    rebuilt = general.main(["--report", "--out", str(tmp_path / "out")])
+    assert [(r["state"], r["task"], r["score"], r.get("delta"), r.get("opens")) for r in rebuilt["rows"]] == \
+        [(r["state"], r["task"], r["score"], r.get("delta"), r.get("opens")) for r in again["rows"]]
+    assert (tmp_path / "out" / "general.json").is_file()
+    with pytest.raises(SystemExit, match="no scored states"):
+        general.main(["--report", "--out", str(tmp_path / "nothing")])
     assert general.main(argv[:-6] + ["--precision", "float32"] + argv[-4:])["precision"] == "float32"
 
 
