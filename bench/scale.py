@@ -129,8 +129,17 @@ class ChunkCache:
                   metadata={name: str(v) for name, v in timings.items()})
         tmp.rename(self.path(kind, k))
 
+    def _key_rows(self, k: int) -> int:
+        """Facts in key chunk k as written (0: none); a chunk written when fewer facts were asked
+        for is shorter than a later, longer run needs."""
+        if not self.path("keys", k).is_file():
+            return 0
+        with safe_open(str(self.path("keys", k)), framework="pt") as fh:
+            return int(fh.get_slice("keys").get_shape()[0])
+
     def fill_keys(self, db: NeuralDB, facts: Sequence[Fact]) -> None:
-        todo = [k for k in self._chunks(len(facts), self.key_size) if not self.path("keys", k).is_file()]
+        size, n = self.key_size, len(facts)
+        todo = [k for k in self._chunks(n, size) if self._key_rows(k) < min(size, n - k * size)]
         db.ensure_prefixes()  # once, before timing: it is not per-fact work
         for k in progress(todo, len(todo), "key chunks"):
             chunk = facts[k * self.key_size : (k + 1) * self.key_size]
@@ -175,7 +184,11 @@ class ChunkCache:
         parts = []
         for k in range(start // self.key_size, (stop + self.key_size - 1) // self.key_size):
             t = load_file(str(self.path("keys", k)))["keys"]
-            parts.append(t[max(start - k * self.key_size, 0) : min(stop - k * self.key_size, self.key_size)])
+            want = min(stop - k * self.key_size, self.key_size)
+            if t.shape[0] < want:
+                raise SystemExit(f"{self.path('keys', k)}: {t.shape[0]} keys where {want} are needed (written for "
+                                 f"fewer facts); run fill_keys for these facts first")
+            parts.append(t[max(start - k * self.key_size, 0) : want])
         return torch.cat(parts)
 
     def residuals(self, ids: Sequence[int]) -> torch.Tensor:

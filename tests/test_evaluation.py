@@ -218,6 +218,12 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
         computed[lazy] = cache.computed()
     assert torch.equal(logits[True], logits[False])
     assert 1 <= computed[True] < len(facts) and computed[False] == len(facts)  # lazily, not every fact was needed
+    short = scale.ChunkCache(tmp_path / "short", 3, {"test": 1}, key_size=4)  # 5 facts: chunk 1 holds one key
+    short.fill_keys(db, facts[:5])
+    with pytest.raises(SystemExit, match="1 keys where 4 are needed"):
+        short.keys(0, 8)
+    short.fill_keys(db, facts[:8])  # a longer run completes the short chunk
+    assert torch.allclose(short.keys(0, 8), cache.keys(0, 8), atol=1e-5)  # other batches: last bits differ
     with pytest.raises(KeyError, match="no cached residual"):
         scale.ChunkCache(tmp_path / "cache-empty", 3, {"test": 1}).residuals([0])
     again = scale.ChunkCache(tmp_path / "cache", 3, {"test": 1})  # reopened: every residual found again
