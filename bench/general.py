@@ -242,3 +242,9 @@ def load_states(out: Path) -> dict[str, dict[str, Any]]:
     if "unedited" not in states:
         raise SystemExit(f"--report: no scored states under {out / 'states'}")
     return states
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("neuraldb.engine.progress").setLevel(logging.INFO)  # the gate probe's rate and time left
+    run_main(main, "bench/general.py")

@@ -267,6 +267,13 @@ def test_bench_general_end_to_end_on_a_tiny_model(tiny_model_dir: Path, arc_dir:
     assert [(r["state"], r["task"], r["score"], r.get("delta"), r.get("opens")) for r in rebuilt["rows"]] == \
         [(r["state"], r["task"], r["score"], r.get("delta"), r.get("opens")) for r in again["rows"]]
     assert (tmp_path / "out" / "general.json").is_file()
+    (tmp_path / "out" / "general.json").unlink()  # and as a script, as the docs run it
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, general.__file__, "--report", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "| neuraldb | 1 | average |" in run.stdout, run.stderr[-2000:]
+    assert (tmp_path / "out" / "general.json").is_file()
     with pytest.raises(SystemExit, match="no scored states"):
         general.main(["--report", "--out", str(tmp_path / "nothing")])
     assert general.main(argv[:-6] + ["--precision", "float32"] + argv[-4:])["precision"] == "float32"
