@@ -65,11 +65,16 @@ FAST_BF16: dict[str, Callable[[], bool]] = {  # device type -> whether it multip
 }
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 fast (FAST_BF16; an unknown device type: no)."""
+    return FAST_BF16.get(device.type, lambda: False)()
+
+
 def step_dtype(cfg: EditConfig, device: torch.device) -> torch.dtype:
     """The precision of the optimiser's steps: `cfg.residual_dtype`, where "auto" is bfloat16 on a
     device with fast bf16 GEMMs (AMX or AVX512-BF16 on a CPU) and float32 elsewhere."""
     if cfg.residual_dtype == "auto":
-        return torch.bfloat16 if FAST_BF16.get(device.type, lambda: False)() else torch.float32
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
     return getattr(torch, cfg.residual_dtype)
 
 

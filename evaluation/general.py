@@ -37,7 +37,7 @@ from ..engine.arch import model_device
 from ..engine.config import ConfigError
 from ..engine.hooks import Trace, autocast_above
 from ..engine.progress import Progress
-from ..engine.residuals import FAST_BF16
+from ..engine.residuals import fast_bf16
 from .attribution import names
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def request_key(tokens: Sequence[int], n_cont: int) -> str:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`precision` with "auto" made concrete for `device` (see PRECISIONS)."""
     if precision == "auto":
-        return "bf16-above" if FAST_BF16.get(device.type, lambda: False)() else "float32"
+        return "bf16-above" if fast_bf16(device) else "float32"
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
