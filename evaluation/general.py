@@ -6,7 +6,9 @@ gives it the local task YAMLs (`evaluation/tasks/`, dataset keys resolved throug
 `neuraldb.data`) and the edited model in memory: `GatedLM` is lm-eval's `HFLM` over the
 model with the database attached. HFLM right-pads and passes no attention mask, so every real
 token sees exactly what it sees alone, and the gate decides per token from those tokens: a
-batched score is the score of a full forward of that request (tests/test_general.py).
+batched score is the score of a full forward of that request (tests/test_general.py). It
+scores as HFLM's own loop does, but runs the LM head and the log-softmax only at the positions a
+continuation is read from (`GatedLM._score`; equal to HFLM's scores, tested).
 
 Where no gate opens on any token of a request, the edited layer's output is bit-identical to
 the unedited one, so the request's score is the unedited model's: `GatedLM` probes each
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -164,6 +167,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
     if precision != "float32" and split is None:
         raise ConfigError(f"precision {precision!r} needs the gated layer (layer= or db=)")
 
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
     class GatedLM(HFLM):
         def __init__(self) -> None:
             super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size,
@@ -215,12 +220,54 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                 if not todo:
                     continue
                 with self._state(gated), self._precision():
-                    got = super()._loglikelihood_tokens([requests[i] for i in todo], disable_tqdm, override_bs)
+                    got = self._score([requests[i] for i in todo])
                 for i, r in zip(todo, got):
                     out[i] = (float(r[0]), bool(r[1]))
                 if cache is not None:
                     cache.put([(keys[i], out[i]) for i in todo])
             return out  # type: ignore[return-value]
+
+        def _score(self, requests: list[Any]) -> list[tuple[float, bool]]:
+            """HFLM's loglikelihoods computed as HFLM computes them (each input is
+            `(context + continuation)[-(max_length + 1):][:-1]`, right-padded with token 0, no
+            attention mask, longest first, requests with equal inputs forwarded once), except that
+            the LM head and the log-softmax run only at the positions a continuation is read from
+            instead of at every position: on MMLU, whose continuation is one token after a context
+            of ~130, that is most of the head's FLOPs and all but one row of each (T, V) softmax."""
+            full = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
+            conts = [cont for _, _, cont in requests]
+            same: dict[tuple[int, ...], list[int]] = {}
+            for i, seq in enumerate(full):
+                same.setdefault(tuple(seq[:-1]), []).append(i)
+            order = sorted(same, key=lambda x: (-len(x), x))
+            bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
+            out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+            with torch.no_grad(), Progress(len(requests), "loglikelihood", "request") as bar:
+                for s in range(0, len(order), bs):
+                    rows = order[s : s + bs]
+                    width = len(rows[0])
+                    ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), right-padded as HFLM
+                    for b, inp in enumerate(rows):
+                        ids[b, : len(inp)] = torch.tensor(inp)
+                    # the positions any continuation of the batch is read from: [lo, width)
+                    lo = min(len(inp) - max(len(conts[i]) for i in same[inp]) for inp in rows)
+                    logp = torch.log_softmax(self._forward(ids, lo), dim=-1)  # (B, width - lo, V)
+                    for b, inp in enumerate(rows):
+                        for i in same[inp]:
+                            cont = torch.tensor(conts[i], device=logp.device)  # (C,)
+                            read = logp[b, len(inp) - lo - len(cont) : len(inp) - lo]  # (C, V)
+                            ll = read.gather(1, cont[:, None]).sum()
+                            out[i] = (float(ll), bool((read.argmax(-1) == cont).all()))
+                            bar.update(1)
+            return out
+
+        def _forward(self, ids: torch.Tensor, lo: int) -> torch.Tensor:
+            """Logits of `ids` (B, T) at positions lo..T-1: (B, T - lo, V)."""
+            ids = ids.to(model_device(model))
+            if keep_arg:
+                keep = torch.arange(lo, ids.shape[1], device=ids.device)
+                return model(ids, use_cache=False, logits_to_keep=keep).logits
+            return model(ids, use_cache=False).logits[:, lo:]
 
         def _state(self, gated: bool) -> Any:
             if self.db is None or gated:

@@ -118,7 +118,7 @@ def test_batched_scores_equal_one_full_forward_each_and_reuse_is_exact(tiny_db: 
 
     def no_model_call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a cached request was scored again")
-    again._model_call = no_model_call
+    again._model_call = again._forward = no_model_call
     rerun = evaluate(again, ["arc_challenge"], data_dir=arc_dir)
     assert rerun["scores"]["arc_challenge"]["acc"].value == edited["scores"]["arc_challenge"]["acc"].value
     assert plain["scores"]["arc_challenge"]["acc"].n == 4
@@ -260,8 +260,16 @@ def test_bench_general_end_to_end_on_a_tiny_model(tiny_model_dir: Path, arc_dir:
     assert float(avg["neuraldb"]["open_share"].rstrip("%")) > 0 and avg["neuraldb"]["reused"] > 0
     assert list((tmp_path / "out" / "scores").glob("*/bf16-above/unedited.jsonl"))
     assert (tmp_path / "out" / "general.json").is_file() and (tmp_path / "out" / "general.md").is_file()
-    again = general.main(argv)
+    first = {f.name: f.read_bytes() for f in (tmp_path / "out" / "states").glob("*.json")}
+    scored = general.evaluate
+    general.evaluate = lambda *a, **k: pytest.fail("a state scored under the same key was scored again")
+    try:  # a resumed run keeps every state it already scored, with the seconds its scoring took
+        again = general.main(argv)
+    finally:
+        general.evaluate = scored
     assert [r["score"] for r in again["rows"]] == [r["score"] for r in res["rows"]]
+    assert [r.get("seconds") for r in again["rows"]] == [r.get("seconds") for r in res["rows"]]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out" / "states").glob("*.json")} == first
     (tmp_path / "out" / "general.json").unlink()  # --report: the same table from the states' files alone
     rebuilt = general.main(["--report", "--out", str(tmp_path / "out")])
     assert [(r["state"], r["task"], r["score"], r.get("delta"), r.get("opens")) for r in rebuilt["rows"]] == \
@@ -291,3 +299,30 @@ def test_probe_runs_equal_inputs_once_and_gives_each_its_opens(tiny_db: NeuralDB
         hook.remove()
     assert sum(calls) == 2  # two distinct inputs, one row each
     assert got[0] and got[0] == got[2] == got[3] == lm._probe([named])[0] and not got[1]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16-above"])
+def test_scores_equal_the_harness_own_loop(tiny_db: NeuralDB, precision: str) -> None:
+    """GatedLM's scorer (the head and log-softmax only where a continuation is read) gives HFLM's
+    own `_loglikelihood_tokens` scores: contexts of several lengths, one- and many-token
+    continuations, equal inputs with different last tokens (MMLU's one-token choices), a batch
+    whose rows read from different spans, and inputs truncated to the model's max length."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=3, precision=precision)
+    pairs = [("Question: where is Paris?\nAnswer:", c) for c in (" A", " B", " C", " D")]
+    pairs += [("The mother tongue of Danielle Darrieux is", c) for c in (" French", " Japanese and more words")]
+    pairs += [("Berlin", " is the capital of Germany, a country in Europe"), ("A much longer context " * 9, " x")]
+    reqs = [((c, k), *lm._encode_pair(c, k)) for c, k in pairs]
+    ctx = reqs[0][1]
+    with torch.no_grad():
+        top = int(tiny_db.model(torch.tensor([ctx])).logits[0, -1].argmax())  # the greedy next token
+    reqs.insert(1, (("", ""), ctx, [top]))
+    long_ctx, long_cont = reqs[-1][1], reqs[-1][2]
+    lm._max_length = len(long_ctx) - 5  # the last request is truncated from the left
+    assert len(long_ctx) + len(long_cont) > lm.max_length + 1
+    with lm._precision():
+        want = HFLM._loglikelihood_tokens(lm, reqs, disable_tqdm=True)
+        got = lm._score(reqs)
+    assert [g for _, g in got] == [g for _, g in want] and got[1][1]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
