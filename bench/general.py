@@ -77,14 +77,22 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float) -> dict[str, Any]:
+def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float, key: str) -> dict[str, Any]:
+    """Score one model state, or keep OUT/states/NAME.json where it was scored under the same `key`
+    (model, precision, tasks, limit and database recipe): a resumed run neither re-times a state
+    nor overwrites the seconds its first scoring took with those of a replay from the caches."""
+    path = out / "states" / f"{name}.json"
+    if path.is_file():
+        kept = read_state(path)
+        if kept.get("key") == key:
+            log.warning("%s: kept %s (scored in %.0f s)", name, path, kept["seconds"])
+            return kept
     tasks = args.tasks.split(",")
     res = evaluate(lm, tasks, args.limit, args.data_dir)
     res["seconds"] = time.perf_counter() - t0
     res["reused"], res["rescored"], res["tokens"] = lm.reused, lm.rescored, lm.tokens
     res["opens"] = list(opens_table(getattr(lm, "opens", [])))
-    write_json(out / "states" / f"{name}.json", {"scores": {t: {m: vars(s) for m, s in per.items()}
-                                                           for t, per in res["scores"].items()},
+    write_json(path, {"key": key, "scores": {t: {m: vars(s) for m, s in per.items()} for t, per in res["scores"].items()},
                                                 "seconds": res["seconds"], "reused": res["reused"],
                                                 "rescored": res["rescored"], "tokens": res["tokens"],
                                                 "origins": res["origins"],
@@ -150,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     recipe = digest({"config": to_mapping(db.config), "data": args.data, "seed": args.seed,
                      "groups": args.subject_groups, "first_ids": [f.id for f in facts[:3]]})
     unedited_cache = ScoreCache(scores / "unedited.jsonl")
+    base_key = {"model": db.fingerprint(), "precision": precision, "tasks": args.tasks, "limit": args.limit}
 
     states: dict[str, dict[str, Any]] = {}
 
@@ -162,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     with db.disabled():
-        states["unedited"] = state_run("unedited", score(unedited=unedited_cache), args, out, t0)
+        states["unedited"] = state_run("unedited", score(unedited=unedited_cache), args, out, t0,
+                                       digest(base_key))
     written()
     done = 0
     for m in sizes:
@@ -171,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         lm = score(db=db, unedited=unedited_cache, edited=ScoreCache(scores / recipe / f"neuraldb-{m}.jsonl"),
                    on_open=resid.load)
-        states[f"neuraldb {m}"] = state_run(f"neuraldb-{m}", lm, args, out, t0)
+        states[f"neuraldb {m}"] = state_run(f"neuraldb-{m}", lm, args, out, t0,
+                                            digest({**base_key, "recipe": recipe, "facts": m}))
         written()
 
     if baselines:
@@ -193,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         edited = m
                         t0 = time.perf_counter()
                         lm = score(unedited=ScoreCache(scores / recipe / f"{method}-{m}.jsonl"))
-                        states[f"{method} {m}"] = state_run(f"{method}-{m}", lm, args, out, t0)
+                        key = digest({**base_key, "recipe": recipe, "method": method, "edits": m,
+                                      "linear": to_mapping(lin)})
+                        states[f"{method} {m}"] = state_run(f"{method}-{m}", lm, args, out, t0, key)
                         written()
                 finally:
                     editor.restore()
@@ -235,13 +248,18 @@ def load_states(out: Path) -> dict[str, dict[str, Any]]:
     files = sorted((out / "states").glob("*.json"), key=lambda p: (p.stem != "unedited", p.stem.split("-")[0],
                                                                     int(p.stem.split("-")[-1]) if "-" in p.stem else 0))
     for path in files:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        raw["scores"] = {t: {m: TaskScore(**v) for m, v in per.items()} for t, per in raw["scores"].items()}
-        raw["per_doc"] = {t: {int(i): v for i, v in per.items()} for t, per in raw.get("per_doc", {}).items()}
-        states["unedited" if path.stem == "unedited" else path.stem.replace("-", " ", 1)] = raw
+        states["unedited" if path.stem == "unedited" else path.stem.replace("-", " ", 1)] = read_state(path)
     if "unedited" not in states:
         raise SystemExit(f"--report: no scored states under {out / 'states'}")
     return states
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """One OUT/states/*.json as a scored state (TaskScores, per-document scores keyed by int)."""
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["scores"] = {t: {m: TaskScore(**v) for m, v in per.items()} for t, per in raw["scores"].items()}
+    raw["per_doc"] = {t: {int(i): v for i, v in per.items()} for t, per in raw.get("per_doc", {}).items()}
+    return raw
 
 
 if __name__ == "__main__":
