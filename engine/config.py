@@ -87,6 +87,7 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 RESIDUAL_INITS = ("zero", "gradient")
 RESIDUAL_DTYPES = ("float32", "bfloat16", "auto")
 RESIDUAL_BLOCKS = ("auto", "hf", "fused", "compiled")
+RESIDUAL_STREAMS = ("grouped", "flat")
 KL_SPANS = ("subject", "all")
 
 
@@ -155,6 +156,10 @@ class EditConfig:
     # torch.compile), or "auto": compiled for calls of >= 256 facts where the architecture has the
     # functions and a compiler is found, the model's modules otherwise
     residual_blocks: str = "auto"
+    # how the functions' path lays out the length groups above l*: "grouped" (each group its own
+    # padded block calls) or "flat" (every group's tokens end to end for the projections and MLP,
+    # attention per group: one GEMM per weight per block, so groups can be many and padding small)
+    residual_stream: str = "grouped"
 
     def __post_init__(self) -> None:
         checks = {
@@ -176,6 +181,7 @@ class EditConfig:
             "residual_init": self.residual_init in RESIDUAL_INITS,
             "residual_dtype": self.residual_dtype in RESIDUAL_DTYPES,
             "residual_blocks": self.residual_blocks in RESIDUAL_BLOCKS,
+            "residual_stream": self.residual_stream in RESIDUAL_STREAMS,
             "init_scale": 0.0 < self.init_scale <= 1.0,
             "nll_stop": self.nll_stop is None or self.nll_stop >= 0.0,
             "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),

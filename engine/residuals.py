@@ -287,6 +287,9 @@ GROUP_COST = 48  # what one more group of rows costs per step, in padded tokens 
 # small row counts (small GEMMs run far below peak): 128 facts in batches of 64 ran at 2.74 facts/s
 # with this cost against 2.57 with GROUP_COST (docs/editing-speed.md, session 23)
 FUSED_GROUP_COST = 2000
+# with the flat stream (`residual_stream: flat`) a group adds only its attention calls: the
+# projections and MLP run once over every group's tokens whatever their number
+FLAT_GROUP_COST = 64
 
 
 def length_groups(lengths: Sequence[int], cost: int = GROUP_COST) -> list[list[int]]:
@@ -382,9 +385,10 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     window = getattr(model.config, "sliding_window", None) or b.ids.shape[1]
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0 and b.ids.shape[1] <= window
     with autocast, record_function("residuals.prefill"):
+        flat = stack is not None and stack.parts is not None and cfg.residual_stream == "flat" and suffix
+        cost = GROUP_COST if stack is None else FLAT_GROUP_COST if flat else FUSED_GROUP_COST
         groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack, weights,
-                               GROUP_COST if stack is None else FUSED_GROUP_COST) if suffix \
-            else _full_steps(b, hidden_in)
+                               cost) if suffix else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_slots, d_model, device=device) if start is None else start.detach().clone().float()
     delta.requires_grad_(True)
@@ -414,8 +418,13 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             kl_e = torch.cat([g.kl for g in groups])  # (Ea,) KL entries of the facts still optimising
             h_tgt, h_kl = [], []
             with record_function("residuals.blocks"):
-                for g in groups:
-                    hidden = g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]], weights, stack)  # (Rg, S, d)
+                if flat:  # every group in one call: the stream laid end to end above l*
+                    outs = stack.run_flat([(g.hidden, delta[slot[b.row_fact[g.rows]]], g.delta_pos, g.position_ids,
+                                            g.mask, g.past[layer:]) for g in groups])
+                else:
+                    outs = [g.run(model, layer, tuple_len, delta[slot[b.row_fact[g.rows]]], weights, stack)
+                            for g in groups]
+                for g, hidden in zip(groups, outs):  # (Rg, S, d) each
                     h_tgt.append(hidden[g.tgt_row, g.tgt_pos])  # (Ng, d)
                     h_kl.append(hidden[g.kl_row, g.kl_pos])  # (Eg, d)
             with record_function("residuals.head"):  # the LM head and the loss

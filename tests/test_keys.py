@@ -319,6 +319,40 @@ def test_fused_step_blocks_compute_what_the_models_modules_compute(arch: str, to
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("arch", sorted(__import__("neuraldb.engine.step_blocks", fromlist=["x"]).STEP_BLOCKS))
+def test_the_flat_stream_computes_what_the_groups_compute(arch: str, tokenizer, monkeypatch) -> None:
+    """`residual_stream: flat` (every length group's tokens end to end above l*, attention per
+    group) gives the model's modules' residuals, NLLs and step counts in float32, with every row in
+    a group of its own length (so one call carries several groups), and a stopped fact still
+    leaves the stream."""
+    from neuraldb.engine import residuals, step_blocks
+    from neuraldb.engine.residuals import compute_residuals
+
+    model = make_model(arch, tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=6, lr=0.5, weight_decay=0.1, clamp_norm=4.0,
+                      loss_stop=0.0, residual_batch_size=3, residual_blocks="hf")
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    ref, s_ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    monkeypatch.setattr(residuals, "FLAT_GROUP_COST", 0)  # a group per suffix length
+    calls: list[int] = []
+    run_flat = step_blocks.StepStack.run_flat
+    monkeypatch.setattr(step_blocks.StepStack, "run_flat", lambda self, g: calls.append(len(g)) or run_flat(self, g))
+    flat, s_flat = compute_residuals(model, tokenizer, FACTS, 1, prefixes,
+                                     cfg.replace(residual_blocks="fused", residual_stream="flat"))
+    assert torch.allclose(flat, ref, rtol=1e-4, atol=1e-5), float((flat - ref).abs().max())
+    assert torch.allclose(s_flat.nll, s_ref.nll, atol=1e-5) and torch.equal(s_flat.steps, s_ref.steps)
+    assert max(calls) > 1  # several groups in one call
+    stop = cfg.replace(nll_stop=float(s_ref.nll.median()), steps=12)  # some facts stop early, others run on
+    ref_s, st_ref = compute_residuals(model, tokenizer, FACTS, 1, prefixes, stop)
+    calls.clear()
+    got_s, st_got = compute_residuals(model, tokenizer, FACTS, 1, prefixes,
+                                      stop.replace(residual_blocks="fused", residual_stream="flat"))
+    assert torch.allclose(got_s, ref_s, rtol=1e-4, atol=1e-5) and torch.equal(st_got.steps, st_ref.steps)
+    assert len(set(st_got.steps.tolist())) > 1
+    with pytest.raises(Exception, match="residual_stream"):
+        EditConfig(residual_stream="ragged")
+
+
 def test_residual_blocks_choice(tokenizer, monkeypatch) -> None:
     """"auto" compiles only for large calls on a supported model with a compiler; an architecture
     without step functions always runs its own modules."""
@@ -352,6 +386,10 @@ def test_compiled_step_blocks_equal_the_eager_functions(tokenizer) -> None:
     got, s_got = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_blocks="compiled"))
     assert torch.allclose(got, ref, rtol=1e-3, atol=1e-5), float((got - ref).abs().max())
     assert torch.allclose(s_got.nll, s_ref.nll, atol=1e-4)
+    flat = cfg.replace(residual_stream="flat")  # the block's three parts compiled, the stream laid flat
+    got, s_got = compute_residuals(model, tokenizer, FACTS, 1, prefixes, flat.replace(residual_blocks="compiled"))
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-5), float((got - ref).abs().max())
+    assert torch.allclose(s_got.nll, s_ref.nll, atol=1e-4)
 
 
 def test_a_compiler_that_fails_leaves_the_eager_functions(tokenizer, monkeypatch, caplog) -> None:
@@ -375,3 +413,10 @@ def test_a_compiler_that_fails_leaves_the_eager_functions(tokenizer, monkeypatch
         got, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg.replace(residual_blocks="compiled"))
     assert torch.equal(got, ref)
     assert sum("running them eagerly" in r.message for r in caplog.records) == 1
+    flat = cfg.replace(residual_stream="flat")
+    ref, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, flat)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="neuraldb.engine.step_blocks"):
+        got, _ = compute_residuals(model, tokenizer, FACTS, 1, prefixes, flat.replace(residual_blocks="compiled"))
+    assert torch.equal(got, ref)
+    assert sum("block parts failed" in r.message for r in caplog.records) == 1
