@@ -159,25 +159,36 @@ class ChunkCache:
             self._files.append(n)
             self._where.update((i, (n, r)) for r, i in enumerate(batch))
 
-    def group_residual(self, db: NeuralDB, facts: Sequence[Fact], ids: Sequence[int]) -> torch.Tensor:
-        """The one residual (d,) of facts about one subject (`ids`: their indices), optimised
-        jointly over all their prompts (NeuralDB's subject_groups); cached by members."""
-        name = hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
-        path = self.res_root / f"group_{name}.safetensors"
-        if path.is_file():
-            saved = load_file(str(path))
-            if saved["ids"].tolist() == list(ids):
-                return saved["residual"]
-        plain = db.config
-        db.config = plain.replace(subject_groups=True)
-        try:
-            res = db.encode_residuals(facts)[0]  # every row holds the group's residual
-        finally:
-            db.config = plain
-        tmp = path.with_suffix(".tmp")
-        save_file({"ids": torch.tensor(list(ids)), "residual": res.cpu().contiguous()}, str(tmp))
-        tmp.rename(path)
-        return res.cpu()
+    def group_residuals(self, db: NeuralDB, facts: Sequence[Fact], groups: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The one residual (d,) of each group of facts about one subject (`groups`: indices into
+        `facts`), optimised jointly over all the group's prompts (NeuralDB's subject_groups) and
+        cached by members. The groups not cached yet are optimised together, in one call (their
+        subjects differ, so each keeps its own slot): a lazy load of a few hundred groups is one
+        batched run, not a few hundred runs of two facts each."""
+        paths = [self.res_root / f"group_{hashlib.sha256(json.dumps(list(g)).encode()).hexdigest()[:16]}.safetensors"
+                 for g in groups]
+        out: list[torch.Tensor | None] = [None] * len(groups)
+        for k, (g, path) in enumerate(zip(groups, paths)):
+            if path.is_file():
+                saved = load_file(str(path))
+                if saved["ids"].tolist() == list(g):
+                    out[k] = saved["residual"]
+        todo = [k for k, r in enumerate(out) if r is None]
+        if todo:
+            plain = db.config
+            db.config = plain.replace(subject_groups=True)
+            try:
+                res = db.encode_residuals([facts[i] for k in todo for i in groups[k]])  # a group's rows hold its residual
+            finally:
+                db.config = plain
+            at = 0
+            for k in todo:
+                out[k] = res[at].cpu().contiguous()
+                at += len(groups[k])
+                tmp = paths[k].with_suffix(".tmp")
+                save_file({"ids": torch.tensor(list(groups[k])), "residual": out[k]}, str(tmp))
+                tmp.rename(paths[k])
+        return out  # type: ignore[return-value]
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
         """Keys of facts [start, stop)."""
@@ -288,9 +299,9 @@ class Residuals:
             self.db.table.put(single, self.cache.residuals(single).to(self.db.table.device))
             self.loaded.update((i, (i,)) for i in single)
         put = len(single)
-        for group in sorted({groups[i] for i in want if len(groups[i]) > 1}):
-            res = self.cache.group_residual(self.db, [self.facts[j] for j in group], group)  # (d,)
-            self.db.table.put(list(group), res.expand(len(group), -1).to(self.db.table.device))
+        joint = sorted({groups[i] for i in want if len(groups[i]) > 1})
+        for group, res in zip(joint, self.cache.group_residuals(self.db, self.facts, joint) if joint else []):
+            self.db.table.put(list(group), res.expand(len(group), -1).to(self.db.table.device))  # res (d,)
             self.loaded.update((j, group) for j in group)
             put += len(group)
         return put

@@ -329,3 +329,40 @@ def test_retention_harm_lies_after_the_first_open(tokenizer) -> None:
     assert r.mean_kl == pytest.approx(r.kl_after_open * r.reached_rate, rel=1e-5)
     with db.disabled():
         assert retention(db, texts).mean_kl == 0
+
+
+def test_lazy_group_residuals_are_one_batched_call(tokenizer, tmp_path: Path) -> None:
+    """bench/scale.py's lazy load of facts that share a subject: every group not cached yet is
+    optimised in one call (each group its own joint residual, as optimised alone) and cached by
+    its members, so a later load computes nothing."""
+    import torch
+
+    from neuraldb import EditConfig, Fact, NeuralDB
+    from neuraldb.bench import scale
+
+    facts = [Fact("Danielle Darrieux", "The mother tongue of {} is", "French", "Japanese", id="0"),
+             Fact("Danielle Darrieux", "{} was born in", "Paris", "Rome", id="1"),
+             Fact("Berlin", "{} is the capital of", "Germany", "Italy", id="2"),
+             Fact("Berlin", "{} lies on the river", "Spree", "Thames", id="3"),
+             Fact("Berlin", "The mayor of {} is", "Wegner", "Smith", id="4"),
+             Fact("Toyota", "{} was founded in", "Japan", "Peru", id="5")]
+    cfg = EditConfig(layer=1, n_prefixes=1, prefix_len=3, residual_prefixes=1, steps=4, lr=0.5, gamma=0.9,
+                     loss_stop=0.0)
+    db = NeuralDB(make_model("llama", tokenizer), tokenizer, cfg.replace(subject_groups=False))
+    cache = scale.ChunkCache(tmp_path / "cache", 3, {"test": 1})
+    cache.fill_keys(db, facts)
+    db.insert(list(range(len(facts))), facts, cache.keys(0, len(facts)), None)
+    calls = []
+    encode = db.encode_residuals
+    db.encode_residuals = lambda fs: calls.append(len(fs)) or encode(fs)  # type: ignore[method-assign]
+    resid = scale.Residuals(db, cache, facts, groups=True)
+    assert resid.load(set(range(len(facts)))) == len(facts)
+    assert sorted(calls) == [1, 5]  # the single fact, then both groups in one call
+    db.config = cfg.replace(subject_groups=True)
+    for group in ([0, 1], [2, 3, 4]):
+        alone = encode([facts[i] for i in group])[0]  # (d,): the group optimised by itself
+        got = db.table.gather(torch.tensor(group)).float()  # (n, d): every member holds the group's residual
+        assert torch.allclose(got, alone.expand_as(got), rtol=1e-3, atol=1e-4), float((got - alone).abs().max())
+    calls.clear()
+    assert scale.Residuals(db, cache, facts, groups=True).load(set(range(len(facts)))) == len(facts)
+    assert calls == []  # every residual came from the cache
