@@ -32,8 +32,8 @@ from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
-from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, TASKS, ScoreCache, TaskScore, evaluate, make_lm,
-                                         opens_table, resolve_precision, summary_rows)
+from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, TASKS, ProbeCache, ScoreCache, TaskScore, evaluate,
+                                         make_lm, opens_table, resolve_precision, summary_rows)
 from neuraldb.evaluation.texts import wikitext_passages
 
 log = logging.getLogger("bench.general")
@@ -180,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         done = m
         t0 = time.perf_counter()
         lm = score(db=db, unedited=unedited_cache, edited=ScoreCache(scores / recipe / f"neuraldb-{m}.jsonl"),
+                   probes=ProbeCache(scores / recipe / f"neuraldb-{m}.probe.jsonl"),
                    on_open=resid.load)
         states[f"neuraldb {m}"] = state_run(f"neuraldb-{m}", lm, args, out, t0,
                                             digest({**base_key, "recipe": recipe, "facts": m}))

@@ -106,26 +106,32 @@ class Open:
     similarity: float
 
 
-class ScoreCache:
-    """Append-only JSONL of request -> (loglikelihood, is_greedy), one file per model state;
-    a torn last line (a killed run) is ignored, so a run resumes where it stopped. Without a
-    path it lives in memory (one process scoring two states: `neuraldb eval --general`)."""
+class JsonlCache:
+    """Append-only JSONL of key -> value, one file per model state; a torn last line (a killed
+    run) is ignored, so a run resumes where it stopped. Without a path it lives in memory (one
+    process scoring two states: `neuraldb eval --general`). Subclasses say how a value is a row."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
-        self.scores: dict[str, tuple[float, bool]] = {}
+        self.scores: dict[str, Any] = {}
         if path is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    k, ll, greedy = json.loads(line)
-                except (ValueError, TypeError):
+                    row = json.loads(line)
+                    self.scores[row[0]] = self.decode(row[1:])
+                except (ValueError, TypeError, IndexError):
                     continue
-                self.scores[k] = (float(ll), bool(greedy))
 
-    def get(self, key: str) -> tuple[float, bool] | None:
+    def decode(self, row: list[Any]) -> Any:
+        return row
+
+    def encode(self, value: Any) -> list[Any]:
+        return list(value)
+
+    def get(self, key: str) -> Any:
         return self.scores.get(key)
 
-    def put(self, items: Sequence[tuple[str, tuple[float, bool]]]) -> None:
+    def put(self, items: Sequence[tuple[str, Any]]) -> None:
         if not items:
             return
         if self.path is None:
@@ -133,9 +139,30 @@ class ScoreCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            for k, (ll, greedy) in items:
-                self.scores[k] = (ll, greedy)
-                fh.write(json.dumps([k, ll, greedy]) + "\n")
+            for k, value in items:
+                self.scores[k] = value
+                fh.write(json.dumps([k, *self.encode(value)]) + "\n")
+
+
+class ScoreCache(JsonlCache):
+    """Request -> (loglikelihood, is_greedy)."""
+
+    def decode(self, row: list[Any]) -> tuple[float, bool]:
+        ll, greedy = row
+        return float(ll), bool(greedy)
+
+
+class ProbeCache(JsonlCache):
+    """Input tokens -> the gate opens on them [(position, fact id, cosine)], for one database: the
+    probe of a killed run resumes instead of starting again (at 100k facts it is the bulk of a
+    state's time)."""
+
+    def decode(self, row: list[Any]) -> list[tuple[int, int, float]]:
+        (hits,) = row
+        return [(int(p), int(f), float(c)) for p, f, c in hits]
+
+    def encode(self, value: list[tuple[int, int, float]]) -> list[Any]:
+        return [[list(h) for h in value]]
 
 
 def request_key(tokens: Sequence[int], n_cont: int) -> str:
@@ -153,14 +180,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited: ScoreCache | None = None,
             edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None,
-            precision: str = "float32", layer: int | None = None) -> Any:
+            precision: str = "float32", layer: int | None = None, probes: ProbeCache | None = None) -> Any:
     """lm-eval's HFLM over `model`, with the gate probe and the caches described above. With
     `db` (a `NeuralDB` attached to `model`) requests on which a gate opens are scored gated and
     the rest come from (or go to) `unedited`; without it every request is the unedited model's
     (run it with the database detached or inside `db.disabled()`). `on_open(fact ids)` is called
     with the facts that opened before they are scored (lazy residuals: bench/general.py).
     `precision` (PRECISIONS, or "auto") scores with the blocks above `layer` (default: the
-    database's layer) in bf16; the unedited and the edited state must share it and the layer."""
+    database's layer) in bf16; the unedited and the edited state must share it and the layer.
+    `probes` keeps the probe's findings per input (for this database only), so a killed run's
+    probe resumes."""
     HFLM = _harness()
     precision = resolve_precision(precision, model_device(model))
     split = db.layer if db is not None and layer is None else layer
@@ -290,7 +319,13 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             for i, x in enumerate(inputs):
                 same.setdefault(tuple(x), []).append(i)
             first = [group[0] for group in same.values()]
-            order = sorted(first, key=lambda i: -len(inputs[i]))
+            keys = {i: request_key(inputs[i], 0) for i in first}
+            for i in first:
+                known = probes.get(keys[i]) if probes is not None else None
+                if known is not None:
+                    out[i] = list(known)
+            order = sorted((i for i in first if probes is None or probes.get(keys[i]) is None),
+                           key=lambda i: -len(inputs[i]))
             bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             pad = self.tokenizer.pad_token_id or 0
             dev = model_device(model)
@@ -308,6 +343,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                         i = rows[h.batch]
                         if h.position < len(inputs[i]):
                             out[i].append((int(h.position), int(h.fact_id), float(h.similarity)))
+                    if probes is not None:
+                        probes.put([(keys[i], out[i]) for i in rows])
                     bar.update(len(rows))
             for group in same.values():
                 for i in group[1:]:

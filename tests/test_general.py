@@ -301,6 +301,30 @@ def test_probe_runs_equal_inputs_once_and_gives_each_its_opens(tiny_db: NeuralDB
     assert got[0] and got[0] == got[2] == got[3] == lm._probe([named])[0] and not got[1]
 
 
+def test_a_probe_cache_resumes_the_probe(tiny_db: NeuralDB, tmp_path: Path) -> None:
+    """With `probes` a probe's findings are kept per input (a torn last line ignored): a second
+    run of the same inputs forwards nothing and finds the same opens; a new input is probed."""
+    from neuraldb.evaluation.general import ProbeCache
+
+    named = tiny_db.tok("Everyone knows Danielle Darrieux speaks")["input_ids"]
+    plain = tiny_db.tok("Berlin is the capital of")["input_ids"]
+    path = tmp_path / "probe.jsonl"
+    first = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=2, probes=ProbeCache(path))._probe([named, plain])
+    assert first[0] and not first[1]
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('["torn", [[1, 0')  # a killed writer's last line
+    calls = []
+    hook = tiny_db.model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=2, probes=ProbeCache(path))
+        assert lm._probe([plain, named]) == [first[1], first[0]] and calls == []
+        other = tiny_db.tok("Danielle Darrieux was born in")["input_ids"]
+        again = lm._probe([named, other])
+    finally:
+        hook.remove()
+    assert sum(calls) == 1 and again[0] == first[0]
+
+
 @pytest.mark.parametrize("precision", ["float32", "bf16-above"])
 def test_scores_equal_the_harness_own_loop(tiny_db: NeuralDB, precision: str) -> None:
     """GatedLM's scorer (the head and log-softmax only where a continuation is read) gives HFLM's
