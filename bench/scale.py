@@ -255,7 +255,10 @@ GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # con
 RESIDUAL_ONLY = ("residual_prefixes", "lr", "steps", "loss_stop", "clamp_norm", "weight_decay", "kl_factor",
                  "kl_prompt", "kl_contexts", "kl_span", "residual_batch_size", "residual_suffix", "subject_groups",
                  "residual_pack", "residual_init", "init_scale", "nll_stop", "residual_dtype",
-                 "lr_decay", "residual_blocks")  # config fields that change residuals, not keys
+                 "lr_decay", "residual_blocks", "residual_stream")  # config fields that change residuals, not keys
+# residual-only fields added after caches were written, with the value that behaves as before:
+# at that value a field stays out of the recipe, so the residuals cached before it still serve
+ADDED_LATER = {"residual_stream": "grouped"}
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:
@@ -271,8 +274,15 @@ def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequen
         config["head_dim"] = db.heads.dim
     signature = {"model": db.fingerprint(), "config": config, "data": args.data, "seed": args.seed,
                  "key_chunk": args.key_chunk, "first_ids": [f.id for f in facts[:3]]}
-    recipe = {"config": {k: full[k] for k in RESIDUAL_ONLY}, "chunk": args.chunk, "residual_files": "ids"}
-    return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk, residual_signature=recipe)
+    return ChunkCache(root, args.chunk, signature, key_size=args.key_chunk,
+                      residual_signature=residual_recipe(full, args.chunk))
+
+
+def residual_recipe(config: dict[str, Any], chunk: int) -> dict[str, Any]:
+    """What a cached residual depends on (its folder's name is a hash of it): the residual-only
+    fields of an EditConfig mapping, less those added later that hold their old behaviour."""
+    return {"config": {k: config[k] for k in RESIDUAL_ONLY if k not in ADDED_LATER or config[k] != ADDED_LATER[k]},
+            "chunk": chunk, "residual_files": "ids"}
 
 
 class Residuals:

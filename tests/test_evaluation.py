@@ -233,6 +233,11 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
     # a key cache written when nll_stop still counted as a key setting serves the same keys now
     assert scale.same_settings({"config": {"layer": 1, "nll_stop": None}, "seed": 0}, {"config": {"layer": 1}, "seed": 0})
     assert not scale.same_settings({"config": {"layer": 2, "nll_stop": None}}, {"config": {"layer": 1}})
+    # a residual-only field added later names a new recipe only away from its old behaviour
+    from neuraldb.engine.config import to_mapping
+    plain = scale.residual_recipe(to_mapping(EditConfig()), 64)
+    assert "residual_stream" not in plain["config"] and set(plain["config"]) == set(scale.RESIDUAL_ONLY) - {"residual_stream"}
+    assert scale.residual_recipe(to_mapping(EditConfig(residual_stream="flat")), 64)["config"]["residual_stream"] == "flat"
 
     model_dir = tmp_path / "tiny"
     make_model("llama", tokenizer).save_pretrained(model_dir)
