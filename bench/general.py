@@ -32,8 +32,8 @@ from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
-from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, TASKS, ProbeCache, ScoreCache, TaskScore, evaluate,
-                                         make_lm, opens_table, resolve_precision, summary_rows)
+from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, SCORERS, TASKS, ProbeCache, ScoreCache, TaskScore,
+                                         evaluate, make_lm, opens_table, resolve_precision, summary_rows)
 from neuraldb.evaluation.texts import wikitext_passages
 
 log = logging.getLogger("bench.general")
@@ -65,6 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     v.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="bf16-above: blocks above the gated layer and the LM head in bf16, the gate in float32 "
                         "(auto: where the device multiplies bf16 fast)")
+    v.add_argument("--scorer", default="neuraldb", choices=SCORERS,
+                   help="neuraldb: the LM head only where a continuation is read; harness: HFLM's own loop "
+                        "(to time against; use another --out)")
     r = ap.add_argument_group("run")
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", default="results/general")
@@ -154,11 +157,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # score caches are keyed by request tokens; a folder per model, and per database recipe inside it
     precision = resolve_precision(args.precision, model_device(model))
     scores = out / "scores" / digest(db.fingerprint()) / ("" if precision == "float32" else precision)
-    score = functools.partial(make_lm, model, tok, batch_size=args.batch_size, precision=precision, layer=db.layer)
+    score = functools.partial(make_lm, model, tok, batch_size=args.batch_size, precision=precision, layer=db.layer,
+                              scorer=args.scorer)
     recipe = digest({"config": to_mapping(db.config), "data": args.data, "seed": args.seed,
                      "groups": args.subject_groups, "first_ids": [f.id for f in facts[:3]]})
     unedited_cache = ScoreCache(scores / "unedited.jsonl")
     base_key = {"model": db.fingerprint(), "precision": precision, "tasks": args.tasks, "limit": args.limit}
+    if args.scorer != "neuraldb":  # (states scored before the option existed keep their key)
+        base_key["scorer"] = args.scorer
 
     states: dict[str, dict[str, Any]] = {}
 

@@ -55,6 +55,9 @@ _DATA_REF = re.compile(r'"@data/([^"]+)"')
 # (residual stream and log-softmax in float32); "auto" picks bf16-above where the device multiplies
 # bf16 fast (engine.residuals.FAST_BF16). Both states of a comparison are scored the same way.
 PRECISIONS = ("float32", "bf16-above")
+# what scores a request: "neuraldb" (`GatedLM._score`: the head and log-softmax only where a
+# continuation is read) or "harness" (HFLM's own `_loglikelihood_tokens`, kept to measure against)
+SCORERS = ("neuraldb", "harness")
 WSC273_UTILS = ('"""The stock WSC273 document processing, from lm-evaluation-harness itself."""\n'
                 "from lm_eval.tasks.wsc273.utils import process_doc  # noqa: F401\n")
 
@@ -180,7 +183,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited: ScoreCache | None = None,
             edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None,
-            precision: str = "float32", layer: int | None = None, probes: ProbeCache | None = None) -> Any:
+            precision: str = "float32", layer: int | None = None, probes: ProbeCache | None = None,
+            scorer: str = "neuraldb") -> Any:
     """lm-eval's HFLM over `model`, with the gate probe and the caches described above. With
     `db` (a `NeuralDB` attached to `model`) requests on which a gate opens are scored gated and
     the rest come from (or go to) `unedited`; without it every request is the unedited model's
@@ -189,8 +193,10 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
     `precision` (PRECISIONS, or "auto") scores with the blocks above `layer` (default: the
     database's layer) in bf16; the unedited and the edited state must share it and the layer.
     `probes` keeps the probe's findings per input (for this database only), so a killed run's
-    probe resumes."""
+    probe resumes. `scorer` is one of SCORERS."""
     HFLM = _harness()
+    if scorer not in SCORERS:
+        raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
     precision = resolve_precision(precision, model_device(model))
     split = db.layer if db is not None and layer is None else layer
     if precision != "float32" and split is None:
@@ -249,7 +255,9 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                 if not todo:
                     continue
                 with self._state(gated), self._precision():
-                    got = self._score([requests[i] for i in todo])
+                    subset = [requests[i] for i in todo]
+                    got = self._score(subset) if scorer == "neuraldb" else \
+                        super()._loglikelihood_tokens(subset, disable_tqdm, override_bs)
                 for i, r in zip(todo, got):
                     out[i] = (float(r[0]), bool(r[1]))
                 if cache is not None:

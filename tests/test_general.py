@@ -218,6 +218,8 @@ def test_bf16_above_scores_reuse_exactly_where_no_gate_opens(tiny_db: NeuralDB, 
         make_lm(tiny_db.model, tiny_db.tok, precision="bf16-above")
     with pytest.raises(ValueError, match="precision must be"):
         make_lm(tiny_db.model, tiny_db.tok, tiny_db, precision="fp8")
+    with pytest.raises(ValueError, match="scorer must be"):
+        make_lm(tiny_db.model, tiny_db.tok, tiny_db, scorer="vllm")
 
 
 def test_autocast_above_on_every_architecture(arch: str, tokenizer) -> None:
@@ -348,5 +350,8 @@ def test_scores_equal_the_harness_own_loop(tiny_db: NeuralDB, precision: str) ->
     with lm._precision():
         want = HFLM._loglikelihood_tokens(lm, reqs, disable_tqdm=True)
         got = lm._score(reqs)
+    harness = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=3, precision=precision, scorer="harness")
+    harness._max_length = lm._max_length
+    assert harness._loglikelihood_tokens(reqs) == want  # the option that times HFLM's loop runs it
     assert [g for _, g in got] == [g for _, g in want] and got[1][1]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
