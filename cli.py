@@ -339,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tasks", help="with --general: a comma-separated subset of mmlu,sciq,commonsense_qa,"
                                    "arc_challenge,lambada_openai,wsc273")
     v.add_argument("--batch-size", type=int, default=16, help="with --general: requests per forward")
-    v.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16-above"),
+    v.add_argument("--precision", default="auto", choices=("auto", "float32", "bf16-above", "bf16"),
                    help="with --general: bf16-above scores the blocks above the gated layer and the LM head in "
-                        "bf16 with the gate in float32 (auto: where the device multiplies bf16 fast)")
+                        "bf16 with the gate in float32; bf16 every block, the gate replaying a float32 probe "
+                        "(auto: where the device multiplies bf16 fast)")
     v.add_argument("--out", help="with --general: write the table and every gate open as JSON here")
     v.set_defaults(fn=cmd_eval)
     s = sub.add_parser("serve", help="an OpenAI-compatible server over the edited model, with a knowledge API "

@@ -73,6 +73,9 @@ class GatedFFNOut(nn.Module):
         # leaves (open, ids) here and the `AddAfter` wrapping that norm adds them
         self.deferred = False
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # decisions made elsewhere (open (B, T) bool, ids (B, T) long), read once by the next forward
+        # instead of searching: a scoring pass in lower precision replays a float32 probe's decisions
+        self.forced: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GatedFFNOut":
         """`model.to(device)` moves the key index and residual table along with the weights."""
@@ -90,10 +93,20 @@ class GatedFFNOut(nn.Module):
         mask, self.token_mask = self.token_mask, None  # consumed: a mask never outlives its forward
         context, self.context = self.context, None  # likewise the attention context
         step, self.step = self.step, None
+        forced, self.forced = self.forced, None
         self.last_mask, self.pending, self.last_head = mask, None, None
         if not self.enabled or (self.index.ntotal == 0 and self.heads is None):
             self.last = None
             return out
+        if forced is not None:  # replayed decisions: no search
+            open_, ids = (t.reshape(-1).to(out.device) for t in forced)  # (B*T,) each
+            if open_.numel() != out.shape[:-1].numel():
+                raise RuntimeError(f"forced gate decisions for {open_.numel()} tokens, the layer saw {tuple(out.shape[:-1])}")
+            self.last = None
+            if self.deferred:
+                self.pending = (open_, ids)
+                return out
+            return self.add(out, open_, ids)
         lead = x.shape[:-1]
         if mask is not None and mask.shape != lead:
             raise RuntimeError(f"gate mask {tuple(mask.shape)} does not fit the layer input {tuple(lead)}; "

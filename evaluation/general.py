@@ -53,8 +53,10 @@ _DATA_REF = re.compile(r'"@data/([^"]+)"')
 # how requests are scored: "float32" throughout, or "bf16-above": the blocks up to the gated layer
 # (and so every gate decision) in float32, the blocks above it and the LM head under bf16 autocast
 # (residual stream and log-softmax in float32); "auto" picks bf16-above where the device multiplies
-# bf16 fast (engine.residuals.FAST_BF16). Both states of a comparison are scored the same way.
-PRECISIONS = ("float32", "bf16-above")
+# bf16 fast (engine.residuals.FAST_BF16); "bf16": every block and the LM head under bf16 autocast,
+# the gate's decisions taken from the float32 probe (replayed, not searched again), so they are
+# still exactly float32's. Both states of a comparison are scored the same way.
+PRECISIONS = ("float32", "bf16-above", "bf16")
 # what scores a request: "neuraldb" (`GatedLM._score`: the head and log-softmax only where a
 # continuation is read) or "harness" (HFLM's own `_loglikelihood_tokens`, kept to measure against)
 SCORERS = ("neuraldb", "harness")
@@ -199,7 +201,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
         raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
     precision = resolve_precision(precision, model_device(model))
     split = db.layer if db is not None and layer is None else layer
-    if precision != "float32" and split is None:
+    if precision == "bf16-above" and split is None:
         raise ConfigError(f"precision {precision!r} needs the gated layer (layer= or db=)")
 
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -256,27 +258,33 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                     continue
                 with self._state(gated), self._precision():
                     subset = [requests[i] for i in todo]
-                    got = self._score(subset) if scorer == "neuraldb" else \
-                        super()._loglikelihood_tokens(subset, disable_tqdm, override_bs)
+                    if precision == "bf16" and gated and scorer != "neuraldb":
+                        raise ConfigError("precision bf16 replays the probe's gate decisions: scorer neuraldb only")
+                    got = self._score(subset, [opened[i] for i in todo] if gated else None) \
+                        if scorer == "neuraldb" else super()._loglikelihood_tokens(subset, disable_tqdm, override_bs)
                 for i, r in zip(todo, got):
                     out[i] = (float(r[0]), bool(r[1]))
                 if cache is not None:
                     cache.put([(keys[i], out[i]) for i in todo])
             return out  # type: ignore[return-value]
 
-        def _score(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        def _score(self, requests: list[Any],
+                   hits: list[list[tuple[int, int, float]]] | None = None) -> list[tuple[float, bool]]:
             """HFLM's loglikelihoods computed as HFLM computes them (each input is
             `(context + continuation)[-(max_length + 1):][:-1]`, right-padded with token 0, no
             attention mask, longest first, requests with equal inputs forwarded once), except that
             the LM head and the log-softmax run only at the positions a continuation is read from
             instead of at every position: on MMLU, whose continuation is one token after a context
-            of ~130, that is most of the head's FLOPs and all but one row of each (T, V) softmax."""
+            of ~130, that is most of the head's FLOPs and all but one row of each (T, V) softmax.
+            Under precision "bf16" a gated batch replays each input's probe `hits` (the gate's
+            float32 decisions) instead of letting the gate search bf16 activations."""
             full = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
             conts = [cont for _, _, cont in requests]
             same: dict[tuple[int, ...], list[int]] = {}
             for i, seq in enumerate(full):
                 same.setdefault(tuple(seq[:-1]), []).append(i)
             order = sorted(same, key=lambda x: (-len(x), x))
+            replay = precision == "bf16" and hits is not None and self.db is not None
             bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
             with torch.no_grad(), Progress(len(requests), "loglikelihood", "request") as bar:
@@ -288,6 +296,13 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                         ids[b, : len(inp)] = torch.tensor(inp)
                     # the positions any continuation of the batch is read from: [lo, width)
                     lo = min(len(inp) - max(len(conts[i]) for i in same[inp]) for inp in rows)
+                    if replay:  # the float32 probe's decisions, as (B, T) open / fact id
+                        opened = torch.zeros(ids.shape, dtype=torch.bool)
+                        fact = torch.full(ids.shape, -1, dtype=torch.long)
+                        for b, inp in enumerate(rows):
+                            for pos, fid, _ in hits[same[inp][0]]:
+                                opened[b, pos], fact[b, pos] = True, fid
+                        self.db.gate.forced = (opened, fact)
                     logp = torch.log_softmax(self._forward(ids, lo), dim=-1)  # (B, width - lo, V)
                     for b, inp in enumerate(rows):
                         for i in same[inp]:
@@ -314,7 +329,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
         def _precision(self) -> Any:
             if precision == "float32":
                 return contextlib.nullcontext()
-            return autocast_above(model, split, torch.bfloat16)
+            return autocast_above(model, -1 if precision == "bf16" else split, torch.bfloat16)  # -1: every block
 
         def _probe(self, inputs: list[list[int]]) -> list[list[tuple[int, int, float]]]:
             """(position, fact id, cosine) of every open on each input, from a forward through l*.

@@ -355,3 +355,52 @@ def test_scores_equal_the_harness_own_loop(tiny_db: NeuralDB, precision: str) ->
     assert harness._loglikelihood_tokens(reqs) == want  # the option that times HFLM's loop runs it
     assert [g for _, g in got] == [g for _, g in want] and got[1][1]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+
+
+def test_bf16_replays_the_float32_gate_and_reuses_exactly(tiny_db: NeuralDB, arc_dir: Path, tmp_path: Path) -> None:
+    """precision "bf16" (every block under bf16 autocast): the gate does not search bf16
+    activations but replays the float32 probe's decisions. Replaying a float32 forward's own
+    decisions gives its logits bit for bit; forced decisions that open nothing leave the logits
+    bit-identical to the unedited model's under the same precision (reuse stays exact); an opened
+    request scores close to its float32 gated forward."""
+    from neuraldb.engine.hooks import autocast_above
+
+    ids = torch.tensor([tiny_db.tok("Everyone knows Danielle Darrieux speaks French")["input_ids"]])  # (1, T)
+    gate = tiny_db.gate
+    with torch.no_grad():
+        with tiny_db.record() as passes:
+            decided = tiny_db.model(ids).logits  # (1, T, V)
+        hits = [h for p in passes for h in p]
+        assert hits
+        opened = torch.zeros(ids.shape, dtype=torch.bool)
+        fact = torch.full(ids.shape, -1, dtype=torch.long)
+        for h in hits:
+            opened[h.batch, h.position], fact[h.batch, h.position] = True, h.fact_id
+        gate.forced = (opened, fact)
+        assert torch.equal(tiny_db.model(ids).logits, decided) and gate.forced is None  # consumed
+        with autocast_above(tiny_db.model, -1):
+            gate.forced = (torch.zeros_like(opened), torch.full_like(fact, -1))
+            closed = tiny_db.model(ids).logits
+            with tiny_db.disabled():
+                plain = tiny_db.model(ids).logits
+        assert torch.equal(closed, plain) and closed.dtype == torch.float32
+        gate.forced = (torch.zeros(1, 3, dtype=torch.bool), torch.full((1, 3), -1))
+        with pytest.raises(RuntimeError, match="forced gate decisions for 3 tokens"):
+            tiny_db.model(ids)
+        gate.forced = None
+
+    plain_cache, gated_cache = ScoreCache(tmp_path / "u.jsonl"), ScoreCache(tmp_path / "e.jsonl")
+    with tiny_db.disabled():
+        evaluate(make_lm(tiny_db.model, tiny_db.tok, batch_size=2, unedited=plain_cache, precision="bf16"),
+                 ["arc_challenge"], data_dir=arc_dir)
+    lm = make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=2, unedited=plain_cache, edited=gated_cache,
+                 precision="bf16")
+    evaluate(lm, ["arc_challenge"], data_dir=arc_dir)
+    assert lm.rescored == len(gated_cache.scores) > 0 and lm.reused > 0
+    d = ARC[lm.opens[0].doc_id]
+    c_enc, k_enc = lm._encode_pair("Question: " + d["question"] + "\nAnswer:", " " + d["choices"]["text"][0])
+    got = gated_cache.get(request_key(c_enc + k_enc, len(k_enc)))[0]
+    assert got == pytest.approx(full_forward_loglik(tiny_db, c_enc, k_enc), abs=0.05 * abs(got) + 0.05)
+    with pytest.raises(ValueError, match="scorer neuraldb only"):
+        evaluate(make_lm(tiny_db.model, tiny_db.tok, tiny_db, batch_size=2, precision="bf16", scorer="harness"),
+                 ["arc_challenge"], data_dir=arc_dir)
