@@ -109,7 +109,8 @@ def autocast_above(model: nn.Module, layer: int, dtype: torch.dtype = torch.bflo
     """Run the decoder blocks above `layer` and the LM head under `torch.autocast(dtype)`; the
     blocks up to `layer`, and so every gate decision at it, keep the model's own precision.
     The residual stream stays in the model's dtype (autocast only lowers the GEMMs and attention)
-    and the head's logits come back in it, so log-softmaxes are taken at full precision."""
+    and the head's logits come back in it, so log-softmaxes are taken at full precision. `layer`
+    -1 lowers every block."""
     from .arch import get_arch, model_device
 
     device = model_device(model).type
