@@ -101,7 +101,8 @@ class GatedFFNOut(nn.Module):
         if forced is not None:  # replayed decisions: no search
             open_, ids = (t.reshape(-1).to(out.device) for t in forced)  # (B*T,) each
             if open_.numel() != out.shape[:-1].numel():
-                raise RuntimeError(f"forced gate decisions for {open_.numel()} tokens, the layer saw {tuple(out.shape[:-1])}")
+                raise RuntimeError(f"forced gate decisions for {open_.numel()} tokens, "
+                                   f"the layer saw {tuple(out.shape[:-1])}")
             self.last = None
             if self.deferred:
                 self.pending = (open_, ids)

@@ -146,7 +146,7 @@ class StepStack:
         final-norm hidden states (R, S, d)."""
         cos, sin, add = self._masks(hidden, position_ids, mask)
         if self.compiled is not None:  # rows, suffix and cached lengths vary from call to call
-            _dynamic([(cos, (0, 2)), (sin, (0, 2)), (add, (0, 2, 3))] + [(t, (0, 2)) for kv in past for t in kv])
+            _dynamic(_group_marks(cos, sin, add, past))
         with torch.autocast(hidden.device.type, enabled=False), compile_settings():  # the functions set every dtype
             x = self._first(hidden, delta, delta_pos, cos, sin, add, past[0])
             for w, (pk, pv) in zip(self.weights[1:], past[1:]):
@@ -164,8 +164,7 @@ class StepStack:
         masks = [self._masks(h, pos, m) for h, _, _, pos, m, _ in groups]
         assert self.parts is not None, "run_flat needs the block's parts"
         if self.compiled_parts is not None:
-            _dynamic([(t, dims) for (cos, sin, add) in masks for t, dims in ((cos, (0, 2)), (sin, (0, 2)), (add, (0, 2, 3)))]
-                     + [(t, (0, 2)) for g in groups for kv in g[5] for t in kv])
+            _dynamic([m for mk, g in zip(masks, groups) for m in _group_marks(*mk, g[5])])
         with torch.autocast(groups[0][0].device.type, enabled=False), compile_settings():
             xs = [self._first(h, dl, dp, *mk, past[0]) for (h, dl, dp, _, _, past), mk in zip(groups, masks)]
             sizes = [x.shape[:2] for x in xs]
@@ -187,27 +186,33 @@ class StepStack:
         return [y.view(R, S, -1) for y, (R, S) in zip(out.split([R * S for R, S in sizes]), sizes)]  # (R, S, d) each
 
     def _part(self, name: str, *args: object) -> torch.Tensor:
-        """One part of a block above l* (`run_flat`), compiled where it compiles (as `_call`)."""
-        if self.compiled_parts is not None:
-            try:
-                return getattr(self.compiled_parts, name)(*args)
-            except Exception as e:  # noqa: BLE001  a real fault of the function raises again below, eagerly
-                log.warning("torch.compile of the residual steps' block parts failed (%s: %s); running them eagerly",
-                            type(e).__name__, e)
-                self.compiled_parts = None
-        return getattr(self.parts, name)(*args)
+        """One part of a block above l* (`run_flat`), compiled where it compiles (see `_compiled`)."""
+        compiled = getattr(self.compiled_parts, name) if self.compiled_parts is not None else None
+        return self._compiled("compiled_parts", "block parts", compiled, getattr(self.parts, name), args)
 
     def _call(self, *args: object) -> torch.Tensor:
-        """One block above l*: compiled where it compiles; a compiler that fails (no working C++
-        toolchain, an unsupported op) is logged once and the stack runs eagerly from then on."""
-        if self.compiled is not None:
+        """One block above l*, compiled where it compiles (see `_compiled`)."""
+        return self._compiled("compiled", "blocks", self.compiled, self.block, args)
+
+    def _compiled(self, attr: str, what: str, compiled: Callable[..., torch.Tensor] | None,
+                  eager: Callable[..., torch.Tensor], args: tuple[object, ...]) -> torch.Tensor:
+        """`compiled(*args)`; a compiler that fails (no working C++ toolchain, an unsupported op) is
+        logged once, `attr` is cleared so the stack runs `eager` from then on, and this call runs it."""
+        if compiled is not None:
             try:
-                return self.compiled(*args)
+                return compiled(*args)
             except Exception as e:  # noqa: BLE001  a real fault of the function raises again below, eagerly
-                log.warning("torch.compile of the residual steps' blocks failed (%s: %s); running them eagerly",
-                            type(e).__name__, e)
-                self.compiled = None
-        return self.block(*args)
+                log.warning("torch.compile of the residual steps' %s failed (%s: %s); running them eagerly",
+                            what, type(e).__name__, e)
+                setattr(self, attr, None)
+        return eager(*args)
+
+
+def _group_marks(cos: torch.Tensor, sin: torch.Tensor, add: torch.Tensor,
+                 past: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """A group's varying sizes: rows and suffix length of cos/sin, those and the cached length of
+    the mask and of every block's cached keys/values."""
+    return [(cos, (0, 2)), (sin, (0, 2)), (add, (0, 2, 3))] + [(t, (0, 2)) for kv in past for t in kv]
 
 
 def _dynamic(marks: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:

@@ -170,6 +170,15 @@ class ProbeCache(JsonlCache):
         return [[list(h) for h in value]]
 
 
+def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Token lists as one (B, T) batch padded on the right with `pad`, as HFLM batches them: with
+    no attention mask each real token sees exactly what it sees alone."""
+    ids = torch.full((len(seqs), max(len(x) for x in seqs)), pad, dtype=torch.long)  # (B, T)
+    for b, x in enumerate(seqs):
+        ids[b, : len(x)] = torch.tensor(x)
+    return ids
+
+
 def request_key(tokens: Sequence[int], n_cont: int) -> str:
     return hashlib.sha1(json.dumps([list(tokens), n_cont]).encode()).hexdigest()
 
@@ -203,6 +212,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
     split = db.layer if db is not None and layer is None else layer
     if precision == "bf16-above" and split is None:
         raise ConfigError(f"precision {precision!r} needs the gated layer (layer= or db=)")
+    if precision == "bf16" and db is not None and scorer != "neuraldb":
+        raise ConfigError("precision bf16 replays the probe's gate decisions: scorer neuraldb only")
 
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -215,6 +226,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             self.opens: list[Open] = []
             self.reused = self.rescored = 0
             self.tokens = 0  # tokens the model read (each request's input), the base of the open share
+            # inputs per forward of the probe and the scorer ("auto" batch sizes are HFLM's own)
+            self._rows_per_forward = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             self._meta: list[tuple[str, int]] = []
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -258,8 +271,6 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                     continue
                 with self._state(gated), self._precision():
                     subset = [requests[i] for i in todo]
-                    if precision == "bf16" and gated and scorer != "neuraldb":
-                        raise ConfigError("precision bf16 replays the probe's gate decisions: scorer neuraldb only")
                     got = self._score(subset, [opened[i] for i in todo] if gated else None) \
                         if scorer == "neuraldb" else super()._loglikelihood_tokens(subset, disable_tqdm, override_bs)
                 for i, r in zip(todo, got):
@@ -285,16 +296,12 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                 same.setdefault(tuple(seq[:-1]), []).append(i)
             order = sorted(same, key=lambda x: (-len(x), x))
             replay = precision == "bf16" and hits is not None and self.db is not None
-            bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
             with torch.no_grad(), Progress(len(requests), "loglikelihood", "request") as bar:
-                for s in range(0, len(order), bs):
-                    rows = order[s : s + bs]
-                    width = len(rows[0])
-                    ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), right-padded as HFLM
-                    for b, inp in enumerate(rows):
-                        ids[b, : len(inp)] = torch.tensor(inp)
-                    # the positions any continuation of the batch is read from: [lo, width)
+                for s in range(0, len(order), self._rows_per_forward):
+                    rows = order[s : s + self._rows_per_forward]
+                    ids = right_padded(rows, 0)  # (B, T), padded with token 0 as HFLM
+                    # the positions any continuation of the batch is read from: [lo, T)
                     lo = min(len(inp) - max(len(conts[i]) for i in same[inp]) for inp in rows)
                     if replay:  # the float32 probe's decisions, as (B, T) open / fact id
                         opened = torch.zeros(ids.shape, dtype=torch.bool)
@@ -303,7 +310,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                             for pos, fid, _ in hits[same[inp][0]]:
                                 opened[b, pos], fact[b, pos] = True, fid
                         self.db.gate.forced = (opened, fact)
-                    logp = torch.log_softmax(self._forward(ids, lo), dim=-1)  # (B, width - lo, V)
+                    logp = torch.log_softmax(self._forward(ids, lo), dim=-1)  # (B, T - lo, V)
                     for b, inp in enumerate(rows):
                         for i in same[inp]:
                             cont = torch.tensor(conts[i], device=logp.device)  # (C,)
@@ -343,23 +350,21 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                 same.setdefault(tuple(x), []).append(i)
             first = [group[0] for group in same.values()]
             keys = {i: request_key(inputs[i], 0) for i in first}
+            todo = []
             for i in first:
                 known = probes.get(keys[i]) if probes is not None else None
-                if known is not None:
+                if known is None:
+                    todo.append(i)
+                else:
                     out[i] = list(known)
-            order = sorted((i for i in first if probes is None or probes.get(keys[i]) is None),
-                           key=lambda i: -len(inputs[i]))
-            bs = int(self.batch_size) if str(self.batch_size).isdigit() else 16
+            order = sorted(todo, key=lambda i: -len(inputs[i]))
             pad = self.tokenizer.pad_token_id or 0
             dev = model_device(model)
             with torch.no_grad(), self.db.record() as passes, Progress(len(order), "gate probe", "input") as bar:
-                for s in range(0, len(order), bs):
+                for s in range(0, len(order), self._rows_per_forward):
                     before = len(passes)  # a pass that gates nothing records nothing
-                    rows = order[s : s + bs]
-                    width = max(len(inputs[i]) for i in rows)
-                    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), right-padded as HFLM
-                    for b, i in enumerate(rows):
-                        ids[b, : len(inputs[i])] = torch.tensor(inputs[i])
+                    rows = order[s : s + self._rows_per_forward]
+                    ids = right_padded([inputs[i] for i in rows], pad)  # (B, T)
                     with Trace(self.db.model, self.db.path, retain_input=False, stop=True):
                         model(ids.to(dev), use_cache=False)
                     for h in (h for hits in passes[before:] for h in hits):
