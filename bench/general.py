@@ -107,6 +107,9 @@ def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float
     return res
 
 
+PLOT_SPAN = 5.0  # points of average accuracy shown at least either side of the unedited model
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> str | None:
     """Average general ability against the number of edits, one line per method (Figure 1 right)."""
     try:
@@ -123,6 +126,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> str | None:
         ax.plot([0] + [p[0] for p in pts], [base] + [p[1] for p in pts], marker="o", label=method)
     if base is not None:
         ax.axhline(base, ls="--", c="grey", lw=1, label="unedited")
+        # at least 5 points either side of unedited: autoscaling would blow a 0.01-point change
+        # up to the plot's full height
+        scores = [r["score"] for r in avg]
+        ax.set_ylim(min(scores + [base - PLOT_SPAN]) - 1, max(scores + [base + PLOT_SPAN]) + 1)
     ax.set_xscale("symlog", linthresh=100)
     ax.set_xlim(left=0)
     ax.set_xlabel("facts edited")
