@@ -243,7 +243,7 @@ def report(states: dict[str, dict[str, Any]], out: Path, head: dict[str, Any], t
         for r in rows:
             if r["state"] == name and r["task"] == "average":
                 r.update(seconds=round(res["seconds"]), reused=res["reused"], rescored=res["rescored"],
-                         open_share=f"{100 * len(res['opens']) / max(res.get('tokens', 0), 1):.4f}%",
+                         open_share=f"{100 * len(res['opens']) / res['tokens']:.4f}%" if res.get("tokens") else "",
                          opens=len(res["opens"]), opens_named=sum(o["named"] for o in res["opens"]))
     cols = ["method", "facts", "task", "metric", "score", "stderr", "delta", "delta_stderr", "n", "perplexity", "seconds",
             "reused", "rescored", "opens", "opens_named", "open_share"]
