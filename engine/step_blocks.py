@@ -222,16 +222,23 @@ def _dynamic(marks: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
             torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
+def _weight(linear: torch.nn.Module) -> torch.Tensor:
+    """A projection's weight, read through a wrapper that keeps the original as `base_layer` (the
+    gate wraps block l*'s down projection; residuals are computed with it disabled, i.e. as the
+    unedited projection)."""
+    return getattr(linear, "base_layer", linear).weight
+
+
 def _llama(model: PreTrainedModel, layer: int, dtype: torch.dtype) -> StepStack:
     cfg = model.config
     blocks = get_module(model, get_arch(model).layers)
     weights = []
     for blk in list(blocks)[layer:]:
         a, m = blk.self_attn, blk.mlp
-        cast = lambda *ws: torch.cat([w.detach() for w in ws]).to(dtype)  # noqa: E731
-        weights.append((blk.input_layernorm.weight.detach().float(), cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                        cast(a.o_proj.weight), blk.post_attention_layernorm.weight.detach().float(),
-                        cast(m.gate_proj.weight, m.up_proj.weight), cast(m.down_proj.weight)))
+        cast = lambda *ms: torch.cat([_weight(x).detach() for x in ms]).to(dtype)  # noqa: E731
+        weights.append((blk.input_layernorm.weight.detach().float(), cast(a.q_proj, a.k_proj, a.v_proj),
+                        cast(a.o_proj), blk.post_attention_layernorm.weight.detach().float(),
+                        cast(m.gate_proj, m.up_proj), cast(m.down_proj)))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shape = BlockShape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, float(cfg.rms_norm_eps),
                        head_dim**-0.5)

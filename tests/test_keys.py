@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from neuraldb import EditConfig, Fact
+from neuraldb.engine.arch import get_module
 from neuraldb.engine.keys import _shared_len, compute_keys, generate_prefixes, key_inputs
 
 from conftest import make_model
@@ -317,6 +318,24 @@ def test_fused_step_blocks_compute_what_the_models_modules_compute(arch: str, to
     assert float(F.cosine_similarity(fused_b, ref_b).min()) > 0.99
     assert torch.allclose(s_fused_b.nll, s_ref_b.nll, atol=0.02)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_step_blocks_read_the_projection_the_gate_wraps(tokenizer) -> None:
+    """With a database attached, block l*'s down projection is the gate's wrapper (the original
+    kept as `base_layer`): the step functions read its weight through it, so residuals of a live
+    database (a call of >= 256 facts under `auto` compiles them) equal the model's modules'."""
+    from neuraldb import NeuralDB
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=4, lr=0.5, loss_stop=0.0, residual_batch_size=3,
+                      residual_blocks="hf")
+    db = NeuralDB(model, tokenizer, cfg)
+    db.add(FACTS[:1])
+    assert hasattr(get_module(model, db.add_path), "base_layer")  # wrapped, as in every live database
+    ref = db.encode_residuals(FACTS)
+    db.config = db.config.replace(residual_blocks="fused")
+    fused = db.encode_residuals(FACTS)
+    assert torch.allclose(fused, ref, rtol=1e-4, atol=1e-5), float((fused - ref).abs().max())
 
 
 @pytest.mark.parametrize("arch", sorted(__import__("neuraldb.engine.step_blocks", fromlist=["x"]).STEP_BLOCKS))
