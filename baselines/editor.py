@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..engine.arch import get_arch, get_module
+from ..engine.arch import base_weight, get_arch, get_module
 from ..engine.config import EditConfig
 from ..engine.facts import Fact
 from ..engine.keys import compute_keys, subject_states
@@ -96,8 +96,7 @@ class LinearEditor:
         self.rule = RULES[method](cfg, {i: moments[i] for i in self.layers})
         arch = get_arch(model)
         self.conv1d = arch.conv1d
-        self.weights = {i: getattr(m, "base_layer", m).weight
-                        for i in self.layers for m in [get_module(model, arch.ffn_out.format(i))]}
+        self.weights = {i: base_weight(get_module(model, arch.ffn_out.format(i))) for i in self.layers}
         self.saved = {i: w.detach().clone() for i, w in self.weights.items()}
         self.timings = {"keys_s": 0.0, "states_s": 0.0, "solve_s": 0.0}
 

@@ -82,12 +82,16 @@ def num_layers(model: nn.Module) -> int:
     return len(get_module(model, get_arch(model).layers))
 
 
+def base_weight(mod: nn.Module) -> torch.Tensor:
+    """A projection's own weight, read through a wrapper that keeps the original as `base_layer`
+    (the gate around block l*'s FFN output, as PEFT does)."""
+    return getattr(mod, "base_layer", mod).weight
+
+
 def ffn_dims(model: nn.Module, layer: int) -> tuple[int, int]:
     """(key dim = d_ff, residual dim = d_model) of the FFN output projection at `layer`."""
     arch = get_arch(model)
-    mod = get_module(model, arch.ffn_out.format(layer))
-    mod = getattr(mod, "base_layer", mod)
-    w = mod.weight
+    w = base_weight(get_module(model, arch.ffn_out.format(layer)))
     return (int(w.shape[0]), int(w.shape[1])) if arch.conv1d else (int(w.shape[1]), int(w.shape[0]))
 
 
@@ -124,7 +128,7 @@ def layer_fingerprint(model: nn.Module, layer: int) -> str:
     """sha256 of the FFN output weight of `layer` in bfloat16: identifies the model's weights
     whether it is loaded in fp32, fp16 or bf16."""
     mod = get_module(model, get_arch(model).ffn_out.format(layer))
-    w = getattr(mod, "base_layer", mod).weight.detach().to("cpu", torch.bfloat16).contiguous()
+    w = base_weight(mod).detach().to("cpu", torch.bfloat16).contiguous()
     return hashlib.sha256(w.view(torch.int16).numpy().tobytes()).hexdigest()
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .arch import get_arch, get_module
+from .arch import base_weight, get_arch, get_module
 
 log = logging.getLogger(__name__)
 
@@ -222,20 +222,14 @@ def _dynamic(marks: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
             torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
-def _weight(linear: torch.nn.Module) -> torch.Tensor:
-    """A projection's weight, read through a wrapper that keeps the original as `base_layer` (the
-    gate wraps block l*'s down projection; residuals are computed with it disabled, i.e. as the
-    unedited projection)."""
-    return getattr(linear, "base_layer", linear).weight
-
-
 def _llama(model: PreTrainedModel, layer: int, dtype: torch.dtype) -> StepStack:
     cfg = model.config
     blocks = get_module(model, get_arch(model).layers)
     weights = []
     for blk in list(blocks)[layer:]:
         a, m = blk.self_attn, blk.mlp
-        cast = lambda *ms: torch.cat([_weight(x).detach() for x in ms]).to(dtype)  # noqa: E731
+        # through the gate's wrapper at l*: residuals are computed on the unedited projection
+        cast = lambda *ms: torch.cat([base_weight(x).detach() for x in ms]).to(dtype)  # noqa: E731
         weights.append((blk.input_layernorm.weight.detach().float(), cast(a.q_proj, a.k_proj, a.v_proj),
                         cast(a.o_proj), blk.post_attention_layernorm.weight.detach().float(),
                         cast(m.gate_proj, m.up_proj), cast(m.down_proj)))
