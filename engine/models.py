@@ -3,6 +3,8 @@
 packages and converted once into the model cache."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import importlib.util
 import logging
@@ -10,9 +12,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -70,6 +74,50 @@ def _embedded_gguf(name: str) -> Path:
         raise ModelLoadError(f"model '{name}': cannot assemble {out} ({exc}); delete it to rebuild") from exc
 
 
+def _complete(path: Path) -> bool:
+    """A converted copy counts only with its config and its weights."""
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / "config.json").is_file() and weights
+
+
+@contextlib.contextmanager
+def _conversion_lock(out: Path) -> Iterator[None]:
+    """One process converts a model at a time (torchrun's ranks all call `load_model` at once);
+    the others wait and then find the finished copy."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _save_converted(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path) -> None:
+    """Write `model` and `tok` as a whole HF directory at `out`, atomically, on any rank."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if not _complete(tmp):
+            # Inside an initialised process group transformers writes weights and config on
+            # rank 0 only (should_save_on_this_rank); a cache copy must be whole on any rank.
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not _complete(tmp):
+            raise ModelLoadError(f"converting to {out} wrote no config or weights")
+        if out.exists():  # an incomplete copy left by an older version: set it aside, then drop it
+            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale.", dir=out.parent))
+            os.replace(out, stale / out.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
     """Dequantise the GGUF once and keep a safetensors copy (written atomically)."""
     log.info("converting %s to safetensors under %s (once)", gguf.name, out)
@@ -79,23 +127,17 @@ def _convert_gguf(gguf: Path, out: Path, dtype: torch.dtype) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_converted(model, tok, out)
 
 
 def resolve(name_or_path: str) -> str:
     """The directory or hub id transformers should load for `name_or_path`."""
     if name_or_path in EMBEDDED:
         out = cache_dir() / "models" / name_or_path
-        if not (out / "config.json").is_file():  # converted once (atomically) from the checked GGUF
-            _convert_gguf(_embedded_gguf(name_or_path), out, torch.float32)
+        if not _complete(out):  # converted once (atomically, one process at a time) from the checked GGUF
+            with _conversion_lock(out):
+                if not _complete(out):
+                    _convert_gguf(_embedded_gguf(name_or_path), out, torch.float32)
         return str(out)
     return name_or_path
 
