@@ -93,7 +93,7 @@ def cell(col: str, v: Any) -> str:
     """A table cell by its column's kind: shares as percentages, byte counts and GiB with units."""
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
         return "" if isinstance(v, float) else str(v)
-    if col.endswith(SHARE_SUFFIXES):
+    if col.endswith(SHARE_SUFFIXES) and not col.startswith("kl"):  # kl_at_open is nats, not a share
         return f"{100 * v:.2f}%"
     if "bytes" in col:
         return size(v)
