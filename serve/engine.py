@@ -30,6 +30,7 @@ from ..engine.persistence import (
     DatabaseError,
     is_database,
     read_db,
+    recover,
     read_meta,
     save_state,
 )
@@ -103,6 +104,9 @@ class ServeEngine:
     @staticmethod
     def _open(cfg: EngineConfig) -> tuple[NeuralDB, int]:
         path = Path(cfg.db)
+        # A checkpoint killed between its two renames leaves only the old copy beside the path:
+        # finish or undo it before asking whether a database is there (else its log is orphaned).
+        recover(path)
         if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not is_database(path):
             raise DatabaseError(f"{path}: exists and is not a neuraldb database")
         if is_database(path):

@@ -115,3 +115,24 @@ def test_kill_9_while_writing_loses_no_acknowledged_write(tiny_model_dir: Path, 
     s = Server(tmp_path / "db", tiny_model_dir, args, log=tmp_path / "server.log").start()  # after a clean stop
     assert s.facts() == facts and httpx.get(s.url + "/health").json()["replayed"] == 0
     assert s.stop() == 0
+
+
+def test_a_checkpoint_killed_between_its_renames_keeps_the_log(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint saves by renaming the database aside, then the new copy into place. A kill
+    between the two leaves only the old copy beside the path; the server must restore it and
+    replay the log onto it, not take the path for a new database and refuse the orphaned log
+    (seen once in the kill -9 trials above)."""
+    (tmp_path / "cfg.yaml").write_text(TINY_CONFIG.replace("steps: 40", "steps: 2"))
+    args = ["--config", str(tmp_path / "cfg.yaml")]
+    db = tmp_path / "db"
+    s = Server(db, tiny_model_dir, args, log=tmp_path / "server.log").start()
+    r = httpx.post(s.url + "/v1/facts", json={"id": "a", "subject": "Entity A", "prompt": "The home of {} is",
+                                              "target_new": "Oslo"}, timeout=60)
+    assert r.status_code == 200, r.text
+    before = s.facts()
+    s.kill()
+    db.rename(tmp_path / ".db.neuraldb-old")  # the state between a checkpoint's two renames
+    s = Server(db, tiny_model_dir, args, log=tmp_path / "server.log").start()
+    assert s.facts() == before and len(before) == 1
+    assert httpx.get(s.url + "/health").json()["replayed"] == 1
+    assert s.stop() == 0
