@@ -4,7 +4,6 @@ packages and converted once into the model cache."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import importlib.util
 import logging
@@ -19,6 +18,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .persistence import flocked
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,8 @@ def _conversion_lock(out: Path) -> Iterator[None]:
     """One process converts a model at a time (torchrun's ranks all call `load_model` at once);
     the others wait and then find the finished copy."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with open(out.parent / f".{out.name}.lock", "a+b") as fh, flocked(fh):
+        yield
 
 
 def _save_converted(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path) -> None:
@@ -108,10 +105,8 @@ def _save_converted(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: P
         tok.save_pretrained(tmp)
         if not _complete(tmp):
             raise ModelLoadError(f"converting to {out} wrote no config or weights")
-        if out.exists():  # an incomplete copy left by an older version: set it aside, then drop it
-            stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.stale.", dir=out.parent))
-            os.replace(out, stale / out.name)
-            shutil.rmtree(stale, ignore_errors=True)
+        if out.exists():  # an incomplete copy left by an older version (callers hold the lock)
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,18 +96,25 @@ def is_database(path: Path) -> bool:
 
 
 @contextlib.contextmanager
+def flocked(fh: IO[bytes]) -> Iterator[None]:
+    """An exclusive `flock` on the open lock file `fh`, held inside the block: one process at a
+    time (a database's saves; an embedded model's conversion into the cache)."""
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     _, _, lock = _siblings(directory)
     try:
         fh = open(lock, "a+b")
     except OSError as exc:
         raise DatabaseError(f"{lock}: cannot open the lock file ({exc.strerror})") from exc
-    with fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with fh, flocked(fh):
+        yield
 
 
 def _recover_locked(directory: Path) -> None:

@@ -30,8 +30,8 @@ from ..engine.persistence import (
     DatabaseError,
     is_database,
     read_db,
-    recover,
     read_meta,
+    recover,
     save_state,
 )
 from .generate import RowOut, generate_batch

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from neuraldb import NeuralDB
 from neuraldb.engine.config import ConfigError
-from neuraldb.engine.models import EMBEDDED, ModelLoadError, _complete, resolve
+from neuraldb.engine.models import EMBEDDED, ModelLoadError, _complete, _save_converted, resolve
 
 from conftest import make_model
 
@@ -86,7 +86,6 @@ def test_a_stale_partial_copy_is_replaced(tokenizer, tmp_path: Path) -> None:
     out.mkdir(parents=True)
     (out / "tokenizer.json").write_text("{}")  # what the rank-1 bug left behind
     assert not _complete(out)
-    from neuraldb.engine.models import _save_converted
     _save_converted(make_model("llama", tokenizer), tokenizer, out)
     assert _complete(out) and not [p for p in out.parent.iterdir() if p.name.startswith(".m.")]
 
