@@ -182,7 +182,8 @@ def _calibration_material(args: argparse.Namespace, need: int) -> tuple[list, li
     f0 = min(start, max(0, len(pool) - need))
     facts = pool[f0 : f0 + need]
     if len(facts) < need:
-        raise ConfigError(f"--facts/--residual-facts: calibration needs {need} facts, {path} holds {len(pool)}")
+        raise ConfigError(f"--facts/--residual-facts/--confirm-facts: calibration needs {need} facts, "
+                          f"{path} holds {len(pool)}")
     wiki = resolve("wikitext", args.data_dir).path
     try:
         passages = wikitext_passages(wiki, CALIBRATION_TEXTS_FROM + 2 * args.texts)
@@ -213,10 +214,10 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
                           layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else (),
                           target_open=args.target_open,
                           mention_open=args.mention_open if args.mention_open >= 0 else None,
-                          residual_facts=args.residual_facts,
+                          residual_facts=args.residual_facts, confirm_facts=args.confirm_facts,
                           map_rank=args.map_rank, map_facts=args.map_facts,
                           lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
-    facts, texts, fit_texts, material = _calibration_material(args, max(sizes) + cfg.residual_facts)
+    facts, texts, fit_texts, material = _calibration_material(args, cfg.facts_needed)
     name = Path(model_name(model) or args.model).name
     out = Path(args.out or f"results/calibrate-{name}")
     cal = Calibrator(model, tok, facts, texts, cfg, cache=out / "cache", fit_texts=fit_texts)
@@ -380,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-open", type=float, default=1e-4, help="spurious opens allowed, share of ordinary tokens")
     c.add_argument("--mention-open", type=float, default=2e-3, help="opens on subjects a passage names allowed too, "
                                                                      "share of ordinary tokens (negative: no limit)")
-    c.add_argument("--residual-facts", type=int, default=32)
+    c.add_argument("--residual-facts", type=int, default=32, help="facts each residual learning rate is screened on")
+    c.add_argument("--confirm-facts", type=int, default=128,
+                   help="other facts the fastest screened optimiser settings are run on as configured (0: none)")
     c.add_argument("--map-rank", type=int, default=64, help="the gate map tried (0: none)")
     c.add_argument("--map-facts", type=int, default=3000, help="facts the gate map is fitted on")
     c.add_argument("--lrs", default="0.5,1,2,4,8", help="residual learning rates tried")

@@ -18,8 +18,12 @@ choices, each reported with every candidate's operating point:
    the thresholds are; kept only where it raises the own-open share within the same budget.
 4. **residual optimiser**: each learning rate run on `residual_facts` facts with the NLL of every
    fact after every step kept; per (lr, step budget, nll_stop) the share of facts ending below
-   `nll_goal` and the seconds it costs (a fact that would stop earlier costs its steps only). The
-   fastest reaching `nll_share` wins (else the best share).
+   `nll_goal` and the seconds it costs (a fact that would stop earlier costs its steps only). A
+   candidate passes where `nll_share` of the facts end below `nll_goal` and their mean does too (a
+   rare hard fact that never converges shows in the mean, not in the share). Since a few dozen
+   facts hold too few hard ones, the fastest passing candidate of each step budget is then run as
+   it will run (its own budget and stop) on `confirm_facts` other facts, fastest first: the first
+   to pass there wins (else the confirmed one with the best share and mean).
 
 The gate is read, not modelled (engine/gate_scan.py): a database whose thresholds sit at their
 floor records, for every token, its winner, similarity, head-check score and whether its subject
@@ -76,6 +80,10 @@ class CalibrateConfig:
     sweep_open: float = 1e-2  # the operating point that compares layers and spaces
     extrapolate_to: int = 100_000
     residual_facts: int = 32
+    # facts the shortlisted optimiser settings are run on as configured (0: the screen decides);
+    # 32 facts missed a hard-fact tail that 321 facts at 10k showed (mean final NLL 0.046, worst 4.6)
+    confirm_facts: int = 128
+    confirm_max: int = 3  # shortlisted settings run at most (one per step budget, fastest first)
     lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     max_steps: int = 32
     nll_stops: tuple[float | None, ...] = (None, 0.01, 0.02)  # EditConfig.nll_stop candidates
@@ -93,6 +101,11 @@ class CalibrateConfig:
     batch_size: int = 16
     seed: int = 0
 
+    @property
+    def facts_needed(self) -> int:
+        """Calibration facts a run reads: keyed, then the optimiser's screen, then its confirmation."""
+        return max(self.sizes) + self.residual_facts + self.confirm_facts
+
 
 def _encode(tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
     return [tok(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
@@ -104,16 +117,18 @@ class Calibrator:
     def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact],
                  texts: Sequence[str], cfg: CalibrateConfig = CalibrateConfig(), cache: str | Path | None = None,
                  base: EditConfig | None = None, fit_texts: Sequence[str] = ()) -> None:
-        need = max(cfg.sizes) + cfg.residual_facts
+        need = cfg.facts_needed
         if len(facts) < need:
             raise ValueError(f"calibration needs {need} facts (largest size {max(cfg.sizes)} + residual_facts "
-                             f"{cfg.residual_facts}), got {len(facts)}")
+                             f"{cfg.residual_facts} + confirm_facts {cfg.confirm_facts}), got {len(facts)}")
         if not texts:
             raise ValueError("calibration needs ordinary text passages (texts is empty)")
         self.model, self.tok, self.cfg = model, tok, cfg
         self.base = base or EditConfig()
         self.facts = list(facts[: max(cfg.sizes)])
-        self.res_facts = list(facts[max(cfg.sizes) : need])  # never among the keyed facts
+        first = max(cfg.sizes) + cfg.residual_facts
+        self.res_facts = list(facts[max(cfg.sizes) : first])  # never among the keyed facts
+        self.confirm_facts = list(facts[first:need])  # nor among the screen's
         self.texts = _encode(tok, texts, cfg.text_tokens)
         self.raw = [tok.decode(t, skip_special_tokens=True) for t in self.texts]  # what the cut passages say
         self.fit_texts = _encode(tok, fit_texts, cfg.text_tokens) if fit_texts else []  # the map's, never measured
@@ -121,6 +136,7 @@ class Calibrator:
         self.report: dict[str, Any] = {"model": model_name(model), "model_type": model.config.model_type,
                                        "num_layers": num_layers(model), "config": asdict(cfg),
                                        "material": {"facts": len(self.facts), "residual_facts": len(self.res_facts),
+                                                    "confirm_facts": len(self.confirm_facts),
                                                     "texts": len(self.texts),
                                                     "text_tokens": sum(len(t) for t in self.texts)}}
 
@@ -347,14 +363,56 @@ class Calibrator:
                                  "nll_mean": float(nll.mean()), "nll_p90": float(np.quantile(nll, 0.9)),
                                  "nll_max": float(nll.max()), "steps_mean": float(took.mean()),
                                  "facts_per_s_est": len(nll) / max(cost, 1e-9)})
-        ok = [r for r in rows if r["share_below_goal"] >= self.cfg.nll_share]
-        best = max(ok, key=lambda r: r["facts_per_s_est"]) if ok else \
+        ok = [r for r in rows if self._passes(r)]
+        screen = max(ok, key=lambda r: r["facts_per_s_est"]) if ok else \
             max(rows, key=lambda r: (r["share_below_goal"], -r["nll_mean"]))
+        n = len(self.res_facts)
         self.report["optimiser"] = {
-            "runs": runs, "candidates": rows, "chosen": best,
-            "why": (f"fastest (lr, step budget) with >= {self.cfg.nll_share:.0%} of {len(self.res_facts)} facts below "
-                    f"NLL {self.cfg.nll_goal}" if ok else
+            "runs": runs, "candidates": rows, "chosen": screen,
+            "why": (f"fastest (lr, step budget) with >= {self.cfg.nll_share:.0%} of {n} facts below NLL "
+                    f"{self.cfg.nll_goal} and a mean below it" if ok else
                     f"no candidate reached {self.cfg.nll_share:.0%} below NLL {self.cfg.nll_goal}: the highest share")}
+        if not ok or not self.confirm_facts:
+            return screen
+        return self._confirm(layer, prefixes, ok)
+
+    def _passes(self, r: dict[str, Any]) -> bool:
+        return r["share_below_goal"] >= self.cfg.nll_share and r["nll_mean"] <= self.cfg.nll_goal
+
+    def _confirm(self, layer: int, prefixes: list[str], ok: list[dict[str, Any]]) -> dict[str, Any]:
+        """Run the fastest passing setting of each step budget as configured on the confirmation
+        facts, fastest first, until one passes there too."""
+        per_budget: dict[int, dict[str, Any]] = {}
+        for r in sorted(ok, key=lambda r: -r["facts_per_s_est"]):
+            per_budget.setdefault(r["steps"], r)
+        shortlist = sorted(per_budget.values(), key=lambda r: -r["facts_per_s_est"])[: self.cfg.confirm_max]
+        confirmed = []
+        for r in shortlist:
+            cfg = self.base.replace(layer=layer, lr=r["lr"], steps=r["steps"], nll_stop=r["nll_stop"],
+                                    residual_dtype=self.cfg.residual_dtype)
+            t0 = time.perf_counter()
+            _, st = compute_residuals(self.model, self.tok, self.confirm_facts, layer, prefixes, cfg)
+            secs = time.perf_counter() - t0
+            nll = st.nll.cpu().numpy()
+            row = {"lr": r["lr"], "steps": r["steps"], "nll_stop": r["nll_stop"],
+                   "share_below_goal": float((nll < self.cfg.nll_goal).mean()), "nll_mean": float(nll.mean()),
+                   "nll_p90": float(np.quantile(nll, 0.9)), "nll_max": float(nll.max()),
+                   "steps_mean": float(st.steps.float().mean()), "facts_per_s": len(nll) / max(secs, 1e-9)}
+            confirmed.append(row)
+            log.info("optimiser confirm: lr %s, %d steps, stop %s: %.1f%% below %s, mean %.4f, %.2f facts/s",
+                     r["lr"], r["steps"], r["nll_stop"], 100 * row["share_below_goal"], self.cfg.nll_goal,
+                     row["nll_mean"], row["facts_per_s"])
+            if self._passes(row):
+                break
+        sec = self.report["optimiser"]
+        sec["confirmed"] = confirmed
+        passed = [c for c in confirmed if self._passes(c)]
+        best = passed[0] if passed else max(confirmed, key=lambda c: (c["share_below_goal"], -c["nll_mean"]))
+        n = len(self.confirm_facts)
+        sec["why"] += (f"; then run as configured on {n} other facts, fastest step budget first: the first to pass "
+                       f"there" if passed else f"; none of the {len(confirmed)} shortlisted passed on {n} other "
+                       f"facts: the best of them")
+        sec["chosen"] = best
         return best
 
     def run(self, provenance: str = "") -> Profile:
@@ -399,10 +457,10 @@ def markdown_report(report: dict[str, Any], profile: Profile) -> str:
         if not sec:
             continue
         out.append(f"## {title}\n\n{sec['why']}.\n")
-        for key in ("candidates", "per_head_gamma", "at_sizes", "mention_curve", "runs"):
+        tables = ("candidates", "per_head_gamma", "at_sizes", "mention_curve", "runs", "confirmed")
+        for key in tables:
             if key in sec:
                 out.append(f"**{key}**\n\n" + table(sec[key]))
-        rest = {k: v for k, v in sec.items()
-                if k not in ("candidates", "per_head_gamma", "at_sizes", "mention_curve", "runs", "why")}
+        rest = {k: v for k, v in sec.items() if k not in (*tables, "why")}
         out.append(f"chosen: `{json.dumps(rest)}`\n")
     return "\n".join(out)

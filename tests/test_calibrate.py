@@ -24,7 +24,7 @@ from conftest import CORPUS, make_model
 FACTS = list(synthetic_facts(40, seed=3))
 BASE = EditConfig(n_prefixes=2, prefix_len=4, residual_prefixes=1, weight_decay=0.0, clamp_norm=4.0)
 SMALL = CalibrateConfig(sizes=(10, 30), layer_facts=10, layers=(1, 2), contexts=(0, 1), residual_facts=4,
-                        lrs=(0.5, 2.0), max_steps=4, text_tokens=32, batch_size=4)
+                        confirm_facts=4, lrs=(0.5, 2.0), max_steps=4, text_tokens=32, batch_size=4)
 
 
 def _opens(db: NeuralDB, texts: list[list[int]]) -> int:
@@ -135,10 +135,33 @@ def test_calibrate_writes_a_profile_that_neuraldb_finds(arch_name: str, tokenize
 
 def test_calibrate_needs_enough_material(tokenizer) -> None:
     model = make_model("llama", tokenizer)
-    with pytest.raises(ValueError, match="calibration needs 34 facts"):
+    with pytest.raises(ValueError, match="calibration needs 38 facts"):
         Calibrator(model, tokenizer, FACTS[:20], CORPUS, SMALL)
     with pytest.raises(ValueError, match="texts is empty"):
         Calibrator(model, tokenizer, FACTS, [], SMALL)
+
+
+def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypatch) -> None:
+    """The screen's fastest setting is run as configured on facts the screen never saw; where it
+    fails there, the next step budget is tried, fastest first, and the best confirmed one wins."""
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(SMALL, nll_goal=1e9, lrs=(0.5, 2.0), max_steps=8, confirm_max=2)  # budgets 4 and 8
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS, cfg, base=BASE)
+    assert not {f.id for f in cal.confirm_facts} & {f.id for f in cal.res_facts + cal.facts}
+    best = cal.choose_optimiser(1)
+    sec = cal.report["optimiser"]
+    screen_best = max(sec["candidates"], key=lambda r: r["facts_per_s_est"])
+    assert len(sec["confirmed"]) == 1 and sec["confirmed"][0]["steps"] == screen_best["steps"]
+    assert best is sec["chosen"] and best["facts_per_s"] > 0 and "other facts" in sec["why"]
+    # nothing passes on the confirmation facts: one setting per step budget, fastest first
+    monkeypatch.setattr(Calibrator, "_passes", lambda self, r: "facts_per_s" not in r)
+    best = cal.choose_optimiser(1)
+    sec = cal.report["optimiser"]
+    assert len(sec["confirmed"]) == 2 and len({c["steps"] for c in sec["confirmed"]}) == 2
+    est = {(r["lr"], r["steps"], r["nll_stop"]): r["facts_per_s_est"] for r in sec["candidates"]}
+    speeds = [est[(c["lr"], c["steps"], c["nll_stop"])] for c in sec["confirmed"]]
+    assert speeds == sorted(speeds, reverse=True) and speeds[0] == max(est.values())
+    assert best in sec["confirmed"] and "none of the 2" in sec["why"]
 
 
 def test_profile_rejects_unknown_keys(tmp_path) -> None:
