@@ -3,6 +3,7 @@ progress that stays readable off a terminal."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -145,6 +146,10 @@ def run_main(main: Any, name: str) -> None:
     config) are one line on stderr and exit code 2, never a traceback."""
     from neuraldb.engine import ConfigError, FactError
 
+    if not logging.getLogger().handlers:  # a bench that set up no logging of its own
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    # progress lines (rate, time left) where people wait, with or without a terminal, as the CLI does
+    logging.getLogger("neuraldb.engine.progress").setLevel(logging.INFO)
     try:
         main()
     except (FileNotFoundError, FactError, ConfigError) as exc:

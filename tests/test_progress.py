@@ -28,3 +28,23 @@ def test_add_reports_progress_without_a_terminal(tokenizer, caplog: pytest.LogCa
     db.add([Fact("Apple A5", "The maker of {}", "Toyota"), Fact("Michel Rocard", "A native speaker of {}", "Russian")])
     msgs = [r.getMessage() for r in caplog.records if r.name == "neuraldb.engine.progress"]
     assert any(m.startswith("keys: ") for m in msgs) and any(m.startswith("residuals: 2/2 facts") for m in msgs)
+
+
+def test_a_bench_shows_progress_without_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    """A bench run from a log file (no terminal, no logging set up) prints its progress lines, as
+    the CLI does: a 15-minute residual run must not be silent."""
+    from neuraldb.bench.common import run_main
+
+    logger = logging.getLogger("neuraldb.engine.progress")
+    level = logger.level
+    caplog.set_level(logging.WARNING)  # the root at WARNING, as a bench leaves it
+
+    def main() -> None:
+        with Progress(3, "residuals", "fact") as bar:
+            bar.update(3)
+
+    try:
+        run_main(main, "bench/x.py")
+    finally:
+        logger.setLevel(level)
+    assert any("residuals: 3/3 facts" in r.getMessage() for r in caplog.records)
