@@ -37,7 +37,7 @@ def test_a_bench_shows_progress_without_a_terminal(caplog: pytest.LogCaptureFixt
 
     logger = logging.getLogger("neuraldb.engine.progress")
     level = logger.level
-    caplog.set_level(logging.WARNING)  # the root at WARNING, as a bench leaves it
+    logger.setLevel(logging.NOTSET)  # as a fresh process has it: the root's WARNING decides
 
     def main() -> None:
         with Progress(3, "residuals", "fact") as bar:
