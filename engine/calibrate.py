@@ -358,11 +358,8 @@ class Calibrator:
                     took = np.minimum(np.minimum(steps, cap), first)  # (F,) steps each fact would take
                     nll = final[np.minimum(took, len(final) - 1), np.arange(final.shape[1])]  # (F,)
                     cost = secs * took.sum() / max(1, steps.sum())
-                    rows.append({"lr": lr, "steps": cap, "nll_stop": stop,
-                                 "share_below_goal": float((nll < self.cfg.nll_goal).mean()),
-                                 "nll_mean": float(nll.mean()), "nll_p90": float(np.quantile(nll, 0.9)),
-                                 "nll_max": float(nll.max()), "steps_mean": float(took.mean()),
-                                 "facts_per_s_est": len(nll) / max(cost, 1e-9)})
+                    rows.append({"lr": lr, "steps": cap, "nll_stop": stop, **self._nll_stats(nll),
+                                 "steps_mean": float(took.mean()), "facts_per_s_est": len(nll) / max(cost, 1e-9)})
         ok = [r for r in rows if self._passes(r)]
         screen = max(ok, key=lambda r: r["facts_per_s_est"]) if ok else \
             max(rows, key=lambda r: (r["share_below_goal"], -r["nll_mean"]))
@@ -376,16 +373,21 @@ class Calibrator:
             return screen
         return self._confirm(layer, prefixes, ok)
 
+    def _nll_stats(self, nll: np.ndarray) -> dict[str, float]:
+        """(F,) final NLLs as a candidate row's columns: the share below the goal, mean, p90, max."""
+        return {"share_below_goal": float((nll < self.cfg.nll_goal).mean()), "nll_mean": float(nll.mean()),
+                "nll_p90": float(np.quantile(nll, 0.9)), "nll_max": float(nll.max())}
+
     def _passes(self, r: dict[str, Any]) -> bool:
         return r["share_below_goal"] >= self.cfg.nll_share and r["nll_mean"] <= self.cfg.nll_goal
 
     def _confirm(self, layer: int, prefixes: list[str], ok: list[dict[str, Any]]) -> dict[str, Any]:
         """Run the fastest passing setting of each step budget as configured on the confirmation
         facts, fastest first, until one passes there too."""
-        per_budget: dict[int, dict[str, Any]] = {}
+        per_budget: dict[int, dict[str, Any]] = {}  # each budget's fastest, inserted fastest first
         for r in sorted(ok, key=lambda r: -r["facts_per_s_est"]):
             per_budget.setdefault(r["steps"], r)
-        shortlist = sorted(per_budget.values(), key=lambda r: -r["facts_per_s_est"])[: self.cfg.confirm_max]
+        shortlist = list(per_budget.values())[: self.cfg.confirm_max]
         confirmed = []
         for r in shortlist:
             cfg = self.base.replace(layer=layer, lr=r["lr"], steps=r["steps"], nll_stop=r["nll_stop"],
@@ -393,11 +395,9 @@ class Calibrator:
             t0 = time.perf_counter()
             _, st = compute_residuals(self.model, self.tok, self.confirm_facts, layer, prefixes, cfg)
             secs = time.perf_counter() - t0
-            nll = st.nll.cpu().numpy()
             row = {"lr": r["lr"], "steps": r["steps"], "nll_stop": r["nll_stop"],
-                   "share_below_goal": float((nll < self.cfg.nll_goal).mean()), "nll_mean": float(nll.mean()),
-                   "nll_p90": float(np.quantile(nll, 0.9)), "nll_max": float(nll.max()),
-                   "steps_mean": float(st.steps.float().mean()), "facts_per_s": len(nll) / max(secs, 1e-9)}
+                   **self._nll_stats(st.nll.cpu().numpy()), "steps_mean": float(st.steps.float().mean()),
+                   "facts_per_s": len(self.confirm_facts) / max(secs, 1e-9)}
             confirmed.append(row)
             log.info("optimiser confirm: lr %s, %d steps, stop %s: %.1f%% below %s, mean %.4f, %.2f facts/s",
                      r["lr"], r["steps"], r["nll_stop"], 100 * row["share_below_goal"], self.cfg.nll_goal,
