@@ -212,6 +212,7 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
         tuple(sorted({max(1, args.facts // 10), max(1, args.facts // 3), args.facts}))
     cfg = CalibrateConfig(sizes=sizes, layer_facts=min(args.layer_facts, max(sizes)),
                           layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else (),
+                          space_layers=args.space_layers,
                           target_open=args.target_open,
                           mention_open=args.mention_open if args.mention_open >= 0 else None,
                           residual_facts=args.residual_facts, confirm_facts=args.confirm_facts,
@@ -221,6 +222,17 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
     name = Path(model_name(model) or args.model).name
     out = Path(args.out or f"results/calibrate-{name}")
     cal = Calibrator(model, tok, facts, texts, cfg, cache=out / "cache", fit_texts=fit_texts)
+    if getattr(args, "measure", None):  # a given profile's operating point on this material; nothing chosen
+        from .engine.profile import read_profile
+
+        given = read_profile(args.measure)
+        measured = cal.measure(given)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "measured.json").write_text(json.dumps({**cal.report, "material_ranges": material,
+                                                       "measured_profile": str(args.measure)}, indent=2))
+        print(markdown_report(cal.report, given))
+        print(f"measured {args.measure}: {out / 'measured.json'}", file=sys.stderr)
+        return out / "measured.json"
     command = "neuraldb " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("neuraldb", "cli.py")) else \
         f"neuraldb calibrate --model {args.model} --facts {args.facts} --texts {args.texts}"
     profile = cal.run(provenance=f"calibrated by: {command}\n{material}\ndate: {date.today().isoformat()}; "
@@ -379,7 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", help="candidate layers, comma-separated (default: 10-33%% of the depth)")
     c.add_argument("--layer-facts", type=int, default=300, help="keys per candidate layer and gate space")
     c.add_argument("--target-open", type=float, default=1e-4, help="spurious opens allowed, share of ordinary tokens")
-    c.add_argument("--mention-open", type=float, default=2e-3, help="opens on subjects a passage names allowed too, "
+    c.add_argument("--space-layers", type=int, default=2, help="the layer screen's best layers whose gate spaces, "
+                                                                "thresholds and maps are measured (the layer is "
+                                                                "decided with its space)")
+    c.add_argument("--mention-open", type=float, default=2e-4, help="opens on subjects a passage names allowed too, "
                                                                      "share of ordinary tokens (negative: no limit)")
     c.add_argument("--residual-facts", type=int, default=32, help="facts each residual learning rate is screened on")
     c.add_argument("--confirm-facts", type=int, default=128,
@@ -389,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lrs", default="0.5,1,2,4,8", help="residual learning rates tried")
     c.add_argument("--max-steps", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--measure", metavar="PROFILE", help="measure this profile's gate (a YAML file, e.g. a shipped "
+                                                         "engine/defaults one) on the calibration material instead of "
+                                                         "choosing one: its opens and own-open share at every size")
     c.add_argument("--no-install", action="store_true", help="write the profile only to OUT, not to the model cache")
     c.set_defaults(fn=cmd_calibrate)
     return p

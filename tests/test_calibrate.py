@@ -5,6 +5,7 @@ profile that NeuralDB then finds by the model's name."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,49 @@ def test_calibrate_writes_a_profile_that_neuraldb_finds(arch_name: str, tokenize
     assert dataclasses.replace(again.run(provenance="test run"), lr=profile.lr, steps=profile.steps) == profile
 
 
+def test_layer_is_decided_with_its_space(tokenizer, tmp_path, monkeypatch) -> None:
+    """The screen ranks the layers; the best `space_layers` of them are each measured with every
+    space, map and the thresholds, and the best own-open share within the budgets decides the
+    layer, even against the screen's order; the report's space and thresholds are that layer's."""
+    model = make_model("llama", tokenizer)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, SMALL, cache=tmp_path, base=BASE)
+    monkeypatch.setattr(Calibrator, "rank_layers", lambda self: self.report.setdefault(
+        "layers", {"candidates": [], "chosen": 1, "why": "screen"}) and [1, 2])
+    real = Calibrator.choose_space
+
+    def favour_two(self, layer):  # layer 2's best space opens more own prompts than it measured
+        context, th = real(self, layer)
+        if layer == 2:
+            th = self.report["thresholds"]["chosen"] = {**th, "own_open": th["own_open"] + 2.0}
+        return context, th
+
+    monkeypatch.setattr(Calibrator, "choose_space", favour_two)
+    layer, context, gate_map, th = cal.choose_gate()
+    rows = cal.report["gate"]["candidates"]
+    assert [r["layer"] for r in rows] == [1, 2] and layer == 2  # the screen's second wins with its space
+    assert th["own_open"] == max(r["own_open"] for r in rows) and cal.report["layers"]["chosen"] == 2
+    assert cal.report["thresholds"]["chosen"] == th and cal.report["space"]["chosen"] == context
+    assert set(cal.report["gate"]["per_layer"]) == {"1", "2"} and "decided with its space" in cal.report["layers"]["why"]
+    assert "Layer and gate space together" in markdown_report(cal.report, Profile(layer=layer, gamma=th["gamma"]))
+    one = Calibrator(model, tokenizer, FACTS, CORPUS * 3, dataclasses.replace(SMALL, space_layers=1), cache=tmp_path,
+                     base=BASE)
+    assert one.choose_gate()[0] == 1 and [r["layer"] for r in one.report["gate"]["candidates"]] == [1]
+
+
+def test_a_given_profile_is_measured_as_the_candidates_are(tokenizer, tmp_path) -> None:
+    """`measure` reads a given profile's gate on the same material and scans: at the thresholds
+    the calibrator chose it finds the operating point the calibrator reported for them."""
+    model = make_model("llama", tokenizer)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, SMALL, cache=tmp_path, base=BASE)
+    th = cal.choose_thresholds(1, 1)
+    got = cal.measure(Profile(layer=1, gate_context=1, gamma=th["gamma"], head_gamma=th["head_gamma"],
+                              sink_gamma=th["sink_gamma"]))
+    want = cal.report["thresholds"]["at_sizes"]
+    assert [{k: r[k] for k in ("keys", "spurious", "mention_opens", "own_open")} for r in got["at_sizes"]] == want
+    assert cal.report["measured"] is got and got["profile"]["gamma"] == th["gamma"]
+    assert "A given profile, measured" in markdown_report(cal.report, Profile(layer=1, gamma=th["gamma"]))
+
+
 def test_calibrate_needs_enough_material(tokenizer) -> None:
     model = make_model("llama", tokenizer)
     with pytest.raises(ValueError, match="calibration needs 38 facts"):
@@ -220,6 +264,12 @@ def test_edit_with_calibrate_profiles_an_unknown_model_once(tiny_model_dir, tmp_
     assert read_meta(tmp_path / "db1", verify_files=False)["profile"] == str(cached)
     assert cli(argv + ["--out", "db2"]) == 0  # found in the cache: no second calibration
     assert "calibrating" not in capsys.readouterr().err
+    # `calibrate --measure` reads that profile's gate on the calibration material, choosing nothing
+    assert cli(["calibrate", "--model", str(tiny_model_dir), "--facts", "40", "--data-dir", str(sample_root()),
+                "--measure", str(cached), "--out", "measured"]) == 0
+    got = json.loads((tmp_path / "measured" / "measured.json").read_text())["measured"]
+    assert [r["keys"] for r in got["at_sizes"]] == [4, 13, 40] and got["profile"]["gamma"] == prof.gamma
+    assert not (tmp_path / "measured" / "profile.yaml").exists()
     cached.write_text(dataclasses.replace(prof, model_sha256="0" * 64).to_yaml())  # other weights, same name
     assert find_profile(name, "llama", tmp_path / "cache", lambda: weights_sha256(m)) is None
 
