@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--space-layers", type=int, default=2, help="the layer screen's best layers whose gate spaces, "
                                                                 "thresholds and maps are measured (the layer is "
                                                                 "decided with its space)")
-    c.add_argument("--mention-open", type=float, default=2e-4, help="opens on subjects a passage names allowed too, "
+    c.add_argument("--mention-open", type=float, default=5e-4, help="opens on subjects a passage names allowed too, "
                                                                      "share of ordinary tokens (negative: no limit)")
     c.add_argument("--residual-facts", type=int, default=32, help="facts each residual learning rate is screened on")
     c.add_argument("--confirm-facts", type=int, default=128,
