@@ -226,7 +226,7 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
         from .engine.profile import read_profile
 
         given = read_profile(args.measure)
-        measured = cal.measure(given)
+        cal.measure(given)
         out.mkdir(parents=True, exist_ok=True)
         (out / "measured.json").write_text(json.dumps({**cal.report, "material_ranges": material,
                                                        "measured_profile": str(args.measure)}, indent=2))

@@ -216,9 +216,6 @@ class Calibrator:
                                         f"({self.cfg.layer_facts} keys, FFN input only)"}
         return [int(r["layer"]) for r in ranked]
 
-    def choose_layer(self) -> int:
-        return self.rank_layers()[0]
-
     def choose_space(self, layer: int) -> tuple[int, dict[str, Any]]:
         """Each gate space measured where it will run: keys of every size, the head check, the
         whole threshold grid under the spurious and mention budgets. The highest own-open share
@@ -260,9 +257,7 @@ class Calibrator:
         """The best thresholds at the largest size and their operating point at every size."""
         sizes = sorted(scans)
         best, cands = fit_thresholds(scans[sizes[-1]], self.cfg.target_open, self.cfg.mention_open)
-        g, hg, sg = best["gamma"], best["head_gamma"], best["sink_gamma"]
-        per_size = [{"keys": m, "spurious": scans[m].spurious(g, hg, sg), "mention_opens": scans[m].mentions(g, hg, sg),
-                     "own_open": scans[m].own_open(g, hg, sg)} for m in sizes]
+        per_size = _at_sizes(scans, (best["gamma"], best["head_gamma"], best["sink_gamma"]))
         pred = extrapolate(sizes, [r["spurious"] for r in per_size], self.cfg.extrapolate_to)
         top = scans[sizes[-1]]
         curve = []  # what each mention budget would cost in own opens (the same scan)
@@ -438,12 +433,10 @@ class Calibrator:
         their extrapolation. Nothing is chosen; the result is also the report's `measured`."""
         gate_map = str(resolve_map(profile.gate_map)) if profile.gate_map else ""
         scans = self._threshold_scans(profile.layer, profile.gate_context, gate_map)
-        th = (profile.gamma, profile.head_gamma, profile.sink_gamma)
         sizes = sorted(scans)
-        rows = [{"keys": m, "tokens": len(scans[m].text_s), "spurious": scans[m].spurious(*th),
-                 "mention_opens": scans[m].mentions(*th),
-                 "mention_open": scans[m].mentions(*th) / max(1, len(scans[m].text_s)),
-                 "own_open": scans[m].own_open(*th)} for m in sizes]
+        rows = [{**r, "tokens": len(scans[r["keys"]].text_s),
+                 "mention_open": r["mention_opens"] / max(1, len(scans[r["keys"]].text_s))}
+                for r in _at_sizes(scans, (profile.gamma, profile.head_gamma, profile.sink_gamma))]
         out = {"profile": {"layer": profile.layer, "gate_context": profile.gate_context, "gate_map": profile.gate_map,
                            "gamma": profile.gamma, "head_gamma": profile.head_gamma,
                            "sink_gamma": profile.sink_gamma},
@@ -499,6 +492,12 @@ class Calibrator:
                        residual_dtype=self.cfg.residual_dtype, provenance=provenance)
 
 
+def _at_sizes(scans: dict[int, Scan], th: tuple[float, float | None, float | None]) -> list[dict[str, Any]]:
+    """The operating point of thresholds (gamma, head_gamma, sink_gamma) at every scanned size."""
+    return [{"keys": m, "spurious": sc.spurious(*th), "mention_opens": sc.mentions(*th), "own_open": sc.own_open(*th)}
+            for m, sc in sorted(scans.items())]
+
+
 def _filled(hist: np.ndarray) -> np.ndarray:
     """(K, F) NLL after k steps with each stopped fact's last value carried forward."""
     out = hist.copy()
@@ -533,7 +532,5 @@ def markdown_report(report: dict[str, Any], profile: Profile) -> str:
             if key in sec:
                 out.append(f"**{key}**\n\n" + table(sec[key]))
         rest = {k: v for k, v in sec.items() if k not in (*tables, "why", "per_layer")}
-        if not rest:
-            continue
         out.append(f"{'given' if part == 'measured' else 'chosen'}: `{json.dumps(rest)}`\n")
     return "\n".join(out)
