@@ -37,6 +37,7 @@ stands at the text's start (`GatedFFNOut.last`, `last_head`); any threshold's op
 Key sets are cached (safetensors) so an interrupted run resumes."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,7 +46,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -450,17 +451,30 @@ class Calibrator:
         self.report["measured"] = out
         return out
 
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        """Adds the block's wall seconds to the report's `stage_seconds[stage]` (cached work is fast)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = self.report.setdefault("stage_seconds", {})
+            took[stage] = took.get(stage, 0.0) + time.perf_counter() - t0
+
     def choose_gate(self) -> tuple[int, int, str, dict[str, Any]]:
         """Layer, space, map and thresholds together: stages 2 and 3 at each of the screen's best
         `space_layers` layers; the best own-open share within the budgets wins (ties: fewer
         mention opens, then the earlier layer). Returns (layer, gate_context, gate_map, thresholds)."""
-        ranked = self.rank_layers()
+        with self._timed("layer screen"):
+            ranked = self.rank_layers()
         screen = self.report["layers"]
         rows, parts = [], {}
         sections = ("space", "thresholds", "thresholds_plain", "map")
         for layer in ranked[: max(1, self.cfg.space_layers)]:
-            context, th = self.choose_space(layer)
-            gate_map, th = self.choose_map(layer, context, th)
+            with self._timed(f"layer {layer}: spaces and thresholds"):
+                context, th = self.choose_space(layer)
+            with self._timed(f"layer {layer}: map"):
+                gate_map, th = self.choose_map(layer, context, th)
             parts[layer] = {k: self.report.pop(k) for k in sections if k in self.report}
             rows.append({"layer": layer, "gate_context": context, "gate_map": bool(gate_map),
                          **{k: th[k] for k in ("gamma", "head_gamma", "sink_gamma", "spurious", "mention_open",
@@ -483,7 +497,8 @@ class Calibrator:
     def run(self, provenance: str = "") -> Profile:
         t0 = time.perf_counter()
         layer, context, gate_map, th = self.choose_gate()
-        opt = self.choose_optimiser(layer)
+        with self._timed("optimiser"):
+            opt = self.choose_optimiser(layer)
         self.report["seconds"] = time.perf_counter() - t0
         return Profile(layer=layer, gamma=th["gamma"], gate_context=context, gate_map=gate_map,
                        head_gamma=th["head_gamma"],
@@ -517,7 +532,8 @@ def markdown_report(report: dict[str, Any], profile: Profile) -> str:
                          + ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]) + "\n"
 
     out = [f"# Calibration of {report['model']} ({report['model_type']}, {report['num_layers']} layers)\n",
-           f"Material: {report['material']}\n", f"Seconds: {report.get('seconds', 0):.0f}\n",
+           f"Material: {report['material']}\n", f"Seconds: {report.get('seconds', 0):.0f}"
+           + "".join(f"; {k} {v:.0f}" for k, v in report.get("stage_seconds", {}).items()) + "\n",
            "## Profile\n", "```yaml\n" + profile.to_yaml() + "```\n"]
     for part, title in (("measured", "A given profile, measured"), ("layers", "Layer"),
                         ("gate", "Layer and gate space together"), ("space", "Gate space"), ("thresholds", "Thresholds"),

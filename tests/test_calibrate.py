@@ -112,6 +112,9 @@ def test_calibrate_writes_a_profile_that_neuraldb_finds(arch_name: str, tokenize
     assert {r["lr"] for r in rep["optimiser"]["candidates"]} == {0.5, 2.0}
     assert profile.steps <= 4 and profile.lr in (0.5, 2.0)
     assert "Thresholds" in markdown_report(rep, profile)
+    stages = rep["stage_seconds"]  # where the time went, every stage timed once
+    assert {"layer screen", "optimiser"} <= set(stages) and sum(stages.values()) <= rep["seconds"]
+    assert any(k.endswith(": map") for k in stages) and "; optimiser " in markdown_report(rep, profile)
     # written to the model cache's profiles/, found by the model's name, round-tripped exactly
     name = model.config.neuraldb_name
     path = tmp_path / "cache" / PROFILE_DIR / f"{name}.yaml"
