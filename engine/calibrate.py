@@ -166,6 +166,8 @@ class Calibrator:
         """Key rows of `facts` in `db`'s space, cached per (layer weights, space, facts)."""
         parts = [layer_fingerprint(self.model, db.layer), db.layer, db.config.gate_context, db.heads is not None,
                  [f.text for f in facts[:3]], len(facts), self.cfg.seed]
+        if db.config.gate_context and db.config.gate_context_weight != EditConfig.gate_context_weight:
+            parts.append(db.config.gate_context_weight)  # (only off the default: earlier caches stay valid)
         if db.config.gate_map:  # keys follow the map they were made with
             parts.append(hashlib.sha256(Path(db.config.gate_map).read_bytes()).hexdigest())
         tag = json.dumps(parts)

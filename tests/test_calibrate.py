@@ -180,6 +180,22 @@ def test_a_given_profile_is_measured_as_the_candidates_are(tokenizer, tmp_path) 
     assert "A given profile, measured" in markdown_report(cal.report, Profile(layer=1, gamma=th["gamma"]))
 
 
+def test_key_cache_is_per_context_weight(tokenizer, tmp_path) -> None:
+    """Keys cached for one context weight are not served to another (the weight changes every key)."""
+    model = make_model("llama", tokenizer)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, SMALL, cache=tmp_path, base=BASE)
+    got = {}
+    for w in (0.5, 0.3, 0.5):
+        cal.base = dataclasses.replace(BASE, gate_context_weight=w)
+        db = cal._db(1, 1, head=False)
+        try:
+            got.setdefault(w, []).append(cal._keys(db, FACTS[:6], "sweep"))
+        finally:
+            db.detach()
+    assert len(list(tmp_path.glob("keys-sweep-*.safetensors"))) == 2
+    assert torch.equal(got[0.5][0], got[0.5][1]) and not torch.allclose(got[0.5][0], got[0.3][0])
+
+
 def test_calibrate_needs_enough_material(tokenizer) -> None:
     model = make_model("llama", tokenizer)
     with pytest.raises(ValueError, match="calibration needs 38 facts"):
