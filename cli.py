@@ -216,7 +216,7 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
                           target_open=args.target_open,
                           mention_open=args.mention_open if args.mention_open >= 0 else None,
                           residual_facts=args.residual_facts, confirm_facts=args.confirm_facts,
-                          map_rank=args.map_rank, map_facts=args.map_facts,
+                          map_rank=args.map_rank, map_facts=args.map_facts, map_layers=args.map_layers,
                           lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
     facts, texts, fit_texts, material = _calibration_material(args, cfg.facts_needed)
     name = Path(model_name(model) or args.model).name
@@ -401,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other facts the fastest screened optimiser settings are run on as configured (0: none)")
     c.add_argument("--map-rank", type=int, default=64, help="the gate map tried (0: none)")
     c.add_argument("--map-facts", type=int, default=3000, help="facts the gate map is fitted on")
-    c.add_argument("--lrs", default="0.5,1,2,4,8", help="residual learning rates tried")
+    c.add_argument("--map-layers", type=int, default=1, help="of the --space-layers, how many get a map fitted (those "
+                                                              "whose plain spaces open the most own prompts)")
+    c.add_argument("--lrs", default="1,2,4,8", help="residual learning rates tried")
     c.add_argument("--max-steps", type=int, default=32)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--measure", metavar="PROFILE", help="measure this profile's gate (a YAML file, e.g. a shipped "

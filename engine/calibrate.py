@@ -20,7 +20,8 @@ choices, each reported with every candidate's operating point:
    (log-log fit over the sizes) and reported. The space with the best share wins.
    **gate map**: a rank-`map_rank` map of that space (engine/map_fit.py) fitted on other facts'
    prompts (positives) and `fit_texts` plus neighbourhood prompts (negatives), then measured as
-   the thresholds are; kept only where it raises the own-open share within the same budget.
+   the thresholds are; kept only where it raises the own-open share within the same budget. It
+   is fitted at the `map_layers` layers whose plain spaces open the most own prompts.
    The (layer, space, map) with the best share within the budgets wins.
 4. **residual optimiser**: each learning rate run on `residual_facts` facts with the NLL of every
    fact after every step kept; per (lr, step budget, nll_stop) the share of facts ending below
@@ -57,9 +58,10 @@ from .arch import layer_fingerprint, num_layers
 from .config import EditConfig
 from .editor import NeuralDB, model_name
 from .facts import Fact
-from .gate_map import resolve_map, space_meta
+from .gate_map import load_map, resolve_map, space_meta
 from .gate_scan import Scan, extrapolate, fit_thresholds, scan, sweep_point
-from .keys import calibration_queries, generate_prefixes, plain_keys
+from .heads import map_rows
+from .keys import calibration_queries, generate_prefixes, key_rows_by_context, plain_keys
 from .map_fit import FitConfig, fit_transform
 from .profile import Profile
 from .progress import Progress
@@ -97,7 +99,10 @@ class CalibrateConfig:
     # 32 facts missed a hard-fact tail that 321 facts at 10k showed (mean final NLL 0.046, worst 4.6)
     confirm_facts: int = 128
     confirm_max: int = 3  # shortlisted settings run at most (one per step budget, fastest first)
-    lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    # learning rates screened (each one pass over `residual_facts` facts); 0.5 was the slowest on both
+    # models measured and never passed on Gemma-3-270M (mean NLL 0.091 after 32 steps; SmolLM2: 71 s
+    # against 53-69 s for the others), so it is no longer screened by default
+    lrs: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     max_steps: int = 32
     nll_stops: tuple[float | None, ...] = (None, 0.01, 0.02)  # EditConfig.nll_stop candidates
     nll_goal: float = 0.05
@@ -106,6 +111,11 @@ class CalibrateConfig:
     # (EditConfig.residual_dtype; "auto": bf16 GEMMs where the device has them fast)
     residual_dtype: str = "auto"
     map_rank: int = 64  # the learned gate map's rank (engine/gate_map.py); 0: no map is tried
+    # layers (of the `space_layers`) a map is fitted at: those whose plain space opens the most own
+    # prompts. A map costs more than a space (Gemma-3-270M: 475 s and 901 s of a 3,243 s run) and
+    # has never reversed the layers' order: Gemma's layer 4 led plain (91.3% against 90.5%) and its
+    # map paid (93.7%), layer 3's did not (84.8%); neither of SmolLM2's layers' maps paid
+    map_layers: int = 1
     map_facts: int = 3000  # facts whose prompts and keys the map is fitted on (after the probe facts)
     map_epochs: int = 4
     map_neg_weight: float = 1.0  # weight of the negatives' margin loss against the positives' (FitConfig.neg_weight)
@@ -147,6 +157,7 @@ class Calibrator:
         self.raw = [tok.decode(t, skip_special_tokens=True) for t in self.texts]  # what the cut passages say
         self.fit_texts = _encode(tok, fit_texts, cfg.text_tokens) if fit_texts else []  # the map's, never measured
         self.cache = Path(cache) if cache is not None else None
+        self._mem: dict[str, torch.Tensor] = {}  # key rows by slot when there is no cache directory
         self.report: dict[str, Any] = {"model": model_name(model), "model_type": model.config.model_type,
                                        "num_layers": num_layers(model), "config": asdict(cfg),
                                        "material": {"facts": len(self.facts), "residual_facts": len(self.res_facts),
@@ -162,29 +173,61 @@ class Calibrator:
                                   head_gamma=-1.0 if head else None, sink_gamma=-1.0 if head else None)
         return NeuralDB(self.model, self.tok, cfg)
 
+    def _key_slot(self, layer: int, context: int, head: bool, facts: Sequence[Fact], what: str,
+                  gate_map: str = "") -> tuple[str, Path | None]:
+        """Key rows of `facts` in a space are cached per (layer weights, space, facts): the slot's
+        name and its file (None without a cache directory: kept in memory)."""
+        parts = [layer_fingerprint(self.model, layer), layer, context, head, [f.text for f in facts[:3]], len(facts),
+                 self.cfg.seed]
+        if context and self.base.gate_context_weight != EditConfig.gate_context_weight:
+            parts.append(self.base.gate_context_weight)  # (only off the default: earlier caches stay valid)
+        if gate_map:  # keys follow the map they were made with
+            parts.append(hashlib.sha256(Path(gate_map).read_bytes()).hexdigest())
+        name = f"keys-{what}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
+        return name, (self.cache / f"{name}.safetensors" if self.cache is not None else None)
+
+    def _cached(self, slot: tuple[str, Path | None]) -> torch.Tensor | None:
+        name, path = slot
+        if path is None:
+            return self._mem.get(name)
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+        return load_file(str(path))["keys"]
+
+    def _store(self, slot: tuple[str, Path | None], keys: torch.Tensor) -> None:
+        name, path = slot
+        if path is None:
+            self._mem[name] = keys
+            return
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"keys": keys.contiguous()}, str(tmp))
+        tmp.replace(path)
+
     def _keys(self, db: NeuralDB, facts: Sequence[Fact], what: str) -> torch.Tensor:
-        """Key rows of `facts` in `db`'s space, cached per (layer weights, space, facts)."""
-        parts = [layer_fingerprint(self.model, db.layer), db.layer, db.config.gate_context, db.heads is not None,
-                 [f.text for f in facts[:3]], len(facts), self.cfg.seed]
-        if db.config.gate_context and db.config.gate_context_weight != EditConfig.gate_context_weight:
-            parts.append(db.config.gate_context_weight)  # (only off the default: earlier caches stay valid)
-        if db.config.gate_map:  # keys follow the map they were made with
-            parts.append(hashlib.sha256(Path(db.config.gate_map).read_bytes()).hexdigest())
-        tag = json.dumps(parts)
-        path = None
-        if self.cache is not None:
-            path = self.cache / f"keys-{what}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.safetensors"
-            if path.is_file():
-                from safetensors.torch import load_file
-                return load_file(str(path))["keys"]
-        keys = db.encode_keys(facts)
-        if path is not None:
-            from safetensors.torch import save_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"keys": keys.contiguous()}, str(tmp))
-            tmp.replace(path)
+        """Key rows of `facts` in `db`'s space, cached (`_key_slot`)."""
+        slot = self._key_slot(db.layer, db.config.gate_context, db.heads is not None, facts, what, db.config.gate_map)
+        keys = self._cached(slot)
+        if keys is None:
+            keys = db.encode_keys(facts)
+            self._store(slot, keys)
         return keys
+
+    def _prefetch_spaces(self, layer: int, contexts: Sequence[int]) -> None:
+        """Key rows of every calibration fact in each plain space of `contexts` at `layer`, head
+        rows included, from one pass over the model (`keys.key_rows_by_context`) where two or
+        more are missing; `_keys` then finds them (Gemma-3-270M: ~2 min a space for 9,000 facts)."""
+        slots = {c: self._key_slot(layer, c, True, self.facts, "full") for c in contexts}
+        missing = [c for c, slot in slots.items() if (slot[1] is None and slot[0] not in self._mem)
+                   or (slot[1] is not None and not slot[1].is_file())]
+        if len(missing) < 2:
+            return
+        cfg = self.base.replace(layer=layer)
+        prefixes = generate_prefixes(self.model, self.tok, cfg)
+        for c, rows in key_rows_by_context(self.model, self.tok, self.facts, layer, prefixes, cfg, missing).items():
+            self._store(slots[c], rows)
 
     def _prompts(self, db: NeuralDB, facts: Sequence[Fact], ids: Sequence[int]) -> list[tuple[list[int], int]]:
         out = []
@@ -224,9 +267,9 @@ class Calibrator:
         whole threshold grid under the spurious and mention budgets. The highest own-open share
         wins (ties: fewer context blocks); returns (gate_context, its thresholds)."""
         rows, by = [], {}
-        for c in self.cfg.contexts:
-            if c > layer + 1:
-                continue
+        contexts = [c for c in self.cfg.contexts if c <= layer + 1]
+        self._prefetch_spaces(layer, contexts)
+        for c in contexts:
             by[c] = self._thresholds(self._threshold_scans(layer, c))
             rows.append({"gate_context": c, **by[c]["chosen"]})
             log.info("gate_context %d: own-open %.3f at gamma %.2f", c, rows[-1]["own_open"], rows[-1]["gamma"])
@@ -241,9 +284,9 @@ class Calibrator:
     def _threshold_scans(self, layer: int, context: int, gate_map: str = "") -> dict[int, Scan]:
         """Scans with the head check at every size (keys added in order), probed by the edit
         prompts and paraphrases of the first `layer_facts` facts."""
+        keys = self._space_keys(layer, context, gate_map)
         db = self._db(layer, context, head=True, gate_map=gate_map)
         try:
-            keys = self._keys(db, self.facts, "full")
             scans: dict[int, Scan] = {}
             done = 0
             probe = self.facts[: self.cfg.layer_facts]  # prompts of the first facts: own at every size
@@ -255,6 +298,17 @@ class Calibrator:
         finally:
             db.detach()
         return scans
+
+    def _space_keys(self, layer: int, context: int, gate_map: str = "") -> torch.Tensor:
+        """Key rows of every calibration fact in this space, head rows included. A map's rows
+        follow from the plain space's cached rows (`heads.map_rows`), not from a second pass over
+        the model (on Gemma-3-270M 9,000 facts' keys are ~2 min)."""
+        db = self._db(layer, context, head=True)
+        try:
+            rows, d = self._keys(db, self.facts, "full"), db.space.dim
+        finally:
+            db.detach()
+        return map_rows(rows, d, load_map(gate_map)) if gate_map else rows
 
     def _thresholds(self, scans: dict[int, Scan]) -> dict[str, Any]:
         """The best thresholds at the largest size and their operating point at every size."""
@@ -284,7 +338,9 @@ class Calibrator:
         """Fit a gate map of this space on facts after the probe facts (their prompts at the
         subject's last token against their own keys) and on negatives no measurement reads
         (`fit_texts`, those facts' neighbourhood prompts); saved under the cache, returned."""
-        fit = self.facts[self.cfg.layer_facts : self.cfg.layer_facts + self.cfg.map_facts]
+        lo, hi = self.cfg.layer_facts, self.cfg.layer_facts + self.cfg.map_facts
+        fit = self.facts[lo:hi]
+        full = self._space_keys(layer, context) if hi <= len(self.facts) else None  # cached by choose_space
         db = self._db(layer, context, head=False)
         try:
             meta = space_meta(layer, context, db.config.gate_context_weight, db.space.dim,
@@ -296,7 +352,8 @@ class Calibrator:
             path = (self.cache or Path(tempfile.mkdtemp())) / f"map-{tag}.safetensors"
             if path.is_file():
                 return path
-            keys = l2_normalize(self._keys(db, fit, "mapfit").detach().float())  # (F, d)
+            keys = full[lo:hi, : db.space.dim] if full is not None else self._keys(db, fit, "mapfit")
+            keys = l2_normalize(keys.detach().float())  # (F, d): the fit facts' gate keys
             rows = [(i, t) for i, f in enumerate(fit) for t in (f.prompt, *f.paraphrases)
                     if "{}" in t or f.subject in t]
             encs = [encode_with_subject(self.tok, "", t if "{}" in t else t.replace(fit[i].subject, "{}", 1),
@@ -310,7 +367,8 @@ class Calibrator:
                 seqs = [t for t in self.fit_texts + [self.tok(p)["input_ids"] for p in neigh] if len(t) > 1]
                 if not seqs:
                     raise ValueError("the gate map needs negatives: fit_texts or facts with neighbourhood prompts")
-                neg = calibration_queries(self.model, self.tok, layer, db.config, seqs).half()  # (N, d): all but the first
+                neg = calibration_queries(self.model, self.tok, layer, db.config, seqs,
+                                          self.cfg.batch_size).half()  # (N, d): all but the first
             if len(neg) > self.cfg.map_negatives:  # a seeded sample bounds the fit's cost
                 g = torch.Generator().manual_seed(self.cfg.seed)
                 neg = neg[torch.randperm(len(neg), generator=g)[: self.cfg.map_negatives]]
@@ -464,33 +522,47 @@ class Calibrator:
             took[stage] = took.get(stage, 0.0) + time.perf_counter() - t0
 
     def choose_gate(self) -> tuple[int, int, str, dict[str, Any]]:
-        """Layer, space, map and thresholds together: stages 2 and 3 at each of the screen's best
-        `space_layers` layers; the best own-open share within the budgets wins (ties: fewer
+        """Layer, space, map and thresholds together: stage 2 at each of the screen's best
+        `space_layers` layers, then a map fitted at the `map_layers` of them whose plain spaces
+        open the most own prompts; the best own-open share within the budgets wins (ties: fewer
         mention opens, then the earlier layer). Returns (layer, gate_context, gate_map, thresholds)."""
         with self._timed("layer screen"):
             ranked = self.rank_layers()
         screen = self.report["layers"]
-        rows, parts = [], {}
+        rank = lambda r: (r["own_open"], -(r["mention_open"] or 0.0), -r["layer"])  # noqa: E731
         sections = ("space", "thresholds", "thresholds_plain", "map")
+        plain: dict[int, tuple[int, dict[str, Any], dict[str, Any]]] = {}
         for layer in ranked[: max(1, self.cfg.space_layers)]:
             with self._timed(f"layer {layer}: spaces and thresholds"):
                 context, th = self.choose_space(layer)
-            with self._timed(f"layer {layer}: map"):
-                gate_map, th = self.choose_map(layer, context, th)
+            plain[layer] = (context, th, {k: self.report.pop(k) for k in sections if k in self.report})
+        by_plain = sorted(plain, key=lambda k: rank({**plain[k][1], "layer": k}), reverse=True)
+        rows, parts = [], {}
+        for layer, (context, th, sect) in plain.items():
+            self.report.update(sect)
+            if layer in by_plain[: self.cfg.map_layers]:
+                with self._timed(f"layer {layer}: map"):
+                    gate_map, th = self.choose_map(layer, context, th)
+            else:
+                gate_map = ""
+                self.report["map"] = {"chosen": "", "why": f"not fitted: this layer's plain space opens "
+                                      f"{th['own_open']:.3f} of own prompts, behind the {self.cfg.map_layers} "
+                                      "layer(s) whose maps are fitted (map_layers)"}
             parts[layer] = {k: self.report.pop(k) for k in sections if k in self.report}
             rows.append({"layer": layer, "gate_context": context, "gate_map": bool(gate_map),
                          **{k: th[k] for k in ("gamma", "head_gamma", "sink_gamma", "spurious", "mention_open",
                                                "own_open")}, "_map": gate_map, "_th": th})
             log.info("layer %d: gate_context %d%s, own-open %.3f, mention opens %.4f%%", layer, context,
                      " + map" if gate_map else "", th["own_open"], 100 * (th["mention_open"] or 0.0))
-        best = max(rows, key=lambda r: (r["own_open"], -(r["mention_open"] or 0.0), -r["layer"]))
+        best = max(rows, key=rank)
         self.report.update(parts[best["layer"]])
         n = len(rows)
         self.report["gate"] = {
             "candidates": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
             "chosen": best["layer"], "per_layer": {str(k): v for k, v in parts.items()},
-            "why": f"the screen's best {n} layer{'s' if n > 1 else ''}, each with its best space, map and thresholds "
-                   "within the budgets: the highest own-open share"}
+            "why": f"the screen's best {n} layer{'s' if n > 1 else ''}, each with its best space and thresholds, a map "
+                   f"fitted at the best {self.cfg.map_layers} by plain space, within the budgets: the highest own-open "
+                   "share"}
         screen["chosen"] = best["layer"]
         if best["layer"] != ranked[0]:
             screen["why"] += f"; layer {best['layer']} decided with its space (stage 2)"

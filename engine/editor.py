@@ -21,11 +21,10 @@ from .config import ConfigError, EditConfig
 from .facts import Fact
 from .gate_map import GateMap, load_map, space_meta
 from .gated import AddAfter, GatedFFNOut, Hit, gate_mask_hook
-from .heads import N_SPANS, head_dim, head_rows, widen
+from .heads import N_SPANS, head_dim, widen
 from .models import cache_dir
 from .profile import model_profile
-from .keys import (calibration_queries, calibration_texts, compute_keys, generate_prefixes, subject_head_ids,
-                   subject_spans)
+from .keys import calibration_queries, calibration_texts, compute_keys, generate_prefixes, with_head_rows
 from .persistence import Stored, check_model, read_db, save_state
 from .residuals import ResidualStats, compute_residuals
 from .space import key_space
@@ -233,9 +232,7 @@ class NeuralDB:
                 return compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space)
             both = compute_keys(self.model, self.tok, facts, self.layer, prefixes, self.config, space=self.space,
                                 at="both")  # (F, 2, d_key)
-        spans = torch.stack([subject_spans(self.tok, facts, prefixes), subject_spans(self.tok, facts, [])], 1)  # (F, 2)
-        heads = head_rows(both[:, 1], spans.to(both.device), subject_head_ids(self.tok, facts))  # (F, head_dim)
-        return torch.cat([both[:, 0], heads], 1)  # (F, d_row)
+        return with_head_rows(self.tok, facts, prefixes, both)  # (F, d_row)
 
     def encode_residuals(self, facts: Sequence[Fact]) -> torch.Tensor:
         """Residuals (F, d_res) of facts, computed on the unedited model (stats in `last_stats`).

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -54,6 +54,18 @@ def head_rows(heads: torch.Tensor, spans: torch.Tensor, first_ids: torch.Tensor)
     digits = torch.where(first_ids[..., None] < 0, torch.tensor([UNKNOWN, 0], device=first_ids.device), digits)
     return torch.cat([l2_normalize(heads.float()), spans.to(heads.device, torch.float32),
                       digits.reshape(f, -1).to(heads.device, torch.float32)], 1)  # (F, head_dim(d))
+
+
+def map_rows(rows: torch.Tensor, d: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Key rows (F, d), or (F, d + head_dim(d)) with a head table, with the gate key and the head
+    key both passed through `fn` (a gate map: applied last to either, and blind to scale, so the
+    rows of a mapped space follow from the plain space's); spans and ids unchanged."""
+    if rows.shape[1] not in (d, d + head_dim(d)):
+        raise ValueError(f"key rows of width {rows.shape[1]}: neither d = {d} nor d + head_dim(d) = {d + head_dim(d)}")
+    parts = [fn(rows[:, :d])]  # (F, d)
+    if rows.shape[1] > d:
+        parts += [l2_normalize(fn(rows[:, d : 2 * d]).float()), rows[:, 2 * d :]]  # (F, d), (F, N_SPANS + 2 N_FORMS)
+    return torch.cat(parts, 1)
 
 
 def widen(rows: torch.Tensor, d: int) -> torch.Tensor:

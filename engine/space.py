@@ -114,6 +114,42 @@ def key_space(model: nn.Module, layer: int, cfg: EditConfig | None = None,
                     d_ffn, d_model, w, gate_map)
 
 
+@dataclass(frozen=True)
+class StackedSpace(KeySpace):
+    """A capture of every context block's attention output kept apart (raw: the FFN input, then
+    each block's output in forward order), nothing combined: one pass over the model serves every
+    gate_context up to len(attn_paths) (`split`). The calibrator measures several spaces of a
+    layer; their keys are linear in the raw activations, so averaging over prefixes commutes
+    with summing the blocks."""
+
+    @property
+    def d_raw(self) -> int:
+        return self.d_ffn + self.d_ctx * len(self.attn_paths)
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def join(self, context: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([context, a], -1)
+
+    def split(self, raw: torch.Tensor, context: int) -> torch.Tensor:
+        """Raw activations (..., d_raw) of this capture -> the raw activations of the space with
+        the last `context` of its blocks (..., d_ffn [+ d_ctx]): their outputs summed."""
+        if not 0 <= context <= len(self.attn_paths):
+            raise ValueError(f"gate_context {context}: this capture holds {len(self.attn_paths)} blocks")
+        f = raw[..., : self.d_ffn]
+        if context == 0:
+            return f
+        blocks = raw[..., self.d_ffn :].unflatten(-1, (len(self.attn_paths), self.d_ctx))  # (..., C, d_ctx)
+        return torch.cat([f, blocks[..., -context:, :].sum(-2)], -1)  # (..., d_ffn + d_ctx)
+
+
+def stacked_space(model: nn.Module, layer: int, context: int) -> StackedSpace:
+    """The capture that serves every gate_context <= `context` at `layer` (`StackedSpace`)."""
+    ks = key_space(model, layer, EditConfig(layer=layer, gate_context=context))
+    return StackedSpace(ks.ffn_path, ks.attn_paths, ks.d_ffn, ks.d_ctx, 0.0)
+
+
 class Capture(contextlib.AbstractContextManager):
     """Record the raw activations of `space` (B, T, d_raw) for one forward pass, and stop it at
     the FFN of l* when `stop` (nothing above l* is needed).

@@ -312,3 +312,68 @@ def test_gate_map_is_fitted_measured_and_kept_only_where_it_pays(tokenizer, tmp_
     db.detach()
     no_texts = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE)
     assert no_texts.choose_map(1, 1, plain) == ("", plain)
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_mapped_key_rows_follow_from_the_plain_rows(context: int, tokenizer, tmp_path) -> None:
+    """A map's key rows (gate key and head key) derived from the plain space's cached rows are
+    the rows a database with that map encodes itself."""
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(SMALL, map_rank=8, map_facts=20, map_epochs=2)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE, fit_texts=CORPUS[::-1])
+    path = str(cal.fit_map(1, context, 0.8))
+    derived, plain = cal._space_keys(1, context, path), cal._space_keys(1, context)
+    db = cal._db(1, context, head=True, gate_map=path)
+    try:
+        direct = db.encode_keys(cal.facts)
+    finally:
+        db.detach()
+    assert derived.shape == direct.shape == plain.shape and (derived - direct).abs().max() <= 1e-5
+    assert (derived - plain).abs().max() > 1e-2  # the map moved them
+
+
+@pytest.mark.parametrize("map_layers", [1, 2])
+def test_a_map_is_fitted_only_at_the_best_plain_layers(map_layers: int, tokenizer, tmp_path, monkeypatch) -> None:
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(SMALL, map_rank=8, map_facts=20, map_epochs=1, map_layers=map_layers)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE, fit_texts=CORPUS[::-1])
+    monkeypatch.setattr(Calibrator, "rank_layers", lambda self: self.report.setdefault(
+        "layers", {"candidates": [], "chosen": 1, "why": "screen"}) and [1, 2])
+    real, fitted = Calibrator.choose_space, []
+
+    def favour_two(self, layer):  # layer 2's plain space opens more own prompts, against the screen's order
+        context, th = real(self, layer)
+        if layer == 2:
+            th = self.report["thresholds"]["chosen"] = {**th, "own_open": th["own_open"] + 2.0}
+        return context, th
+
+    monkeypatch.setattr(Calibrator, "choose_space", favour_two)
+    monkeypatch.setattr(Calibrator, "choose_map", lambda self, layer, c, th: (
+        fitted.append(layer), self.report.__setitem__("map", {"chosen": "", "why": "fitted"}), ("", th))[-1])
+    cal.choose_gate()
+    assert fitted == ([2] if map_layers == 1 else [1, 2])
+    per = cal.report["gate"]["per_layer"]
+    assert ("not fitted" in per["1"]["map"]["why"]) == (map_layers == 1) and per["2"]["map"]["why"] == "fitted"
+    assert {f"layer {k}: map" for k in fitted} == {k for k in cal.report["stage_seconds"] if k.endswith(": map")}
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_spaces_of_a_layer_are_keyed_in_one_pass(cache: bool, tokenizer, tmp_path, monkeypatch) -> None:
+    """choose_space keys every calibration fact once for all its spaces (no database encodes
+    them one space at a time), and each space's rows are those its database would encode."""
+    model = make_model("llama", tokenizer)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, dataclasses.replace(SMALL, contexts=(0, 1, 2)),
+                     cache=tmp_path if cache else None, base=BASE)
+    real, calls = NeuralDB.encode_keys, []
+    monkeypatch.setattr(NeuralDB, "encode_keys", lambda self, facts: calls.append(len(facts)) or real(self, facts))
+    cal.choose_space(2)
+    assert len(cal.facts) not in calls and len(cal.report["space"]["candidates"]) == 3
+    assert len(list(tmp_path.glob("keys-full-*.safetensors"))) == (3 if cache else 0)
+    for c in (0, 1, 2):
+        db = cal._db(2, c, head=True)
+        try:
+            want = real(db, cal.facts)
+        finally:
+            db.detach()
+        assert (cal._space_keys(2, c) - want).abs().max() <= 1e-5
+

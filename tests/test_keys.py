@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from neuraldb import EditConfig, Fact
 from neuraldb.engine.arch import get_module
-from neuraldb.engine.keys import _shared_len, compute_keys, generate_prefixes, key_inputs
+from neuraldb.engine.keys import (_shared_len, calibration_queries, compute_keys, generate_prefixes, key_inputs,
+                                 key_rows_by_context)
 
 from conftest import make_model
 
@@ -29,6 +30,41 @@ def test_prefix_cache_keys_equal_reference(arch: str, tokenizer) -> None:
         model.config, "intermediate_size") else ref.shape[1])
     assert (fast - ref).abs().max() <= 1e-5
     assert not torch.equal(ref[0], ref[1])
+
+
+def test_calibration_queries_run_in_batches_as_one_at_a_time(arch: str, tokenizer) -> None:
+    """Texts of unequal length, bucketed and right-padded, give each text's queries in order, as
+    one forward per text does (every token but the first, context blocks joined)."""
+    model = make_model(arch, tokenizer)
+    texts = [tokenizer(t)["input_ids"] for t in ("Paris is the capital of France, a country in Europe.",
+                                                 "The piano", "Toko Yasuda plays the guitar and sings", "A")]
+    cfg = EditConfig(layer=1, gate_context=2)
+    one = calibration_queries(model, tokenizer, 1, cfg, texts, batch=1)
+    assert one.shape[0] == sum(len(t) - 1 for t in texts)
+    for batch in (2, 3):
+        got = calibration_queries(model, tokenizer, 1, cfg, texts, batch=batch)
+        assert got.shape == one.shape and (got - one).abs().max() <= 1e-5
+    assert calibration_queries(model, tokenizer, 1, cfg, []).shape[0] == 0
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_one_pass_serves_every_context_as_its_own_database_does(arch: str, heads: bool, tokenizer) -> None:
+    """Key rows of several gate spaces of a layer from one pass (each block's attention output
+    kept apart, then summed per space) are the rows each space's database encodes itself."""
+    from neuraldb import NeuralDB
+
+    model = make_model(arch, tokenizer)
+    cfg = CFG.replace(layer=2, gate_context_weight=0.3)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    got = key_rows_by_context(model, tokenizer, FACTS, 2, prefixes, cfg, (0, 1, 3), heads=heads)
+    for c, rows in got.items():
+        db = NeuralDB(model, tokenizer, cfg.replace(gate_context=c, gamma=0.5, head_gamma=0.5 if heads else None))
+        try:
+            want = db.encode_keys(FACTS)
+        finally:
+            db.detach()
+        assert rows.shape == want.shape and (rows - want).abs().max() <= 1e-5, c
+    assert got[1].shape[1] == got[3].shape[1] and not torch.allclose(got[1], got[3])
 
 
 def test_suffix_residuals_match_full_rows(arch: str, tokenizer) -> None:
