@@ -62,6 +62,24 @@ def test_fit_suppresses_a_shared_nuisance() -> None:
     assert g1 > g0 + 0.2 and w1 >= w0, (w0, g0, w1, g1)  # measured: gap 0.05 -> 0.37
 
 
+def test_fit_maps_the_bank_once_or_per_row_alike(monkeypatch) -> None:
+    """Mapping every key once and gathering the mined ones is the same fit as mapping the
+    gathered rows (the two paths `_map_whole_bank` picks between)."""
+    from neuraldb.engine import map_fit
+
+    g = torch.Generator().manual_seed(1)
+    keys = l2_normalize(torch.randn(50, 24, generator=g))
+    own = torch.arange(50).repeat(2)
+    pos = l2_normalize(keys[own] + 0.3 * torch.randn(100, 24, generator=g))
+    neg = l2_normalize(torch.randn(120, 24, generator=g))
+    fits = []
+    for whole in (True, False):
+        monkeypatch.setattr(map_fit, "_map_whole_bank", lambda bank, gathered, w=whole: w)
+        fits.append(fit_transform(keys, pos, own, neg, FitConfig(rank=4, epochs=3, batch=32, hard=6, gamma=0.6)))
+    assert (fits[0].U - fits[1].U).abs().max() <= 1e-5 and (fits[0].V - fits[1].V).abs().max() <= 1e-5
+    assert fits[0].U.abs().max() > 1e-3  # it trained
+
+
 def test_bench_design_names_the_fit() -> None:
     from neuraldb.bench.gate import Design
 
