@@ -187,12 +187,16 @@ class Calibrator:
         name = f"keys-{what}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
         return name, (self.cache / f"{name}.safetensors" if self.cache is not None else None)
 
+    def _has(self, slot: tuple[str, Path | None]) -> bool:
+        name, path = slot
+        return name in self._mem if path is None else path.is_file()
+
     def _cached(self, slot: tuple[str, Path | None]) -> torch.Tensor | None:
         name, path = slot
-        if path is None:
-            return self._mem.get(name)
-        if not path.is_file():
+        if not self._has(slot):
             return None
+        if path is None:
+            return self._mem[name]
         from safetensors.torch import load_file
         return load_file(str(path))["keys"]
 
@@ -221,8 +225,7 @@ class Calibrator:
         rows included, from one pass over the model (`keys.key_rows_by_context`) where two or
         more are missing; `_keys` then finds them (Gemma-3-270M: ~2 min a space for 9,000 facts)."""
         slots = {c: self._key_slot(layer, c, True, self.facts, "full") for c in contexts}
-        missing = [c for c, slot in slots.items() if (slot[1] is None and slot[0] not in self._mem)
-                   or (slot[1] is not None and not slot[1].is_file())]
+        missing = [c for c, slot in slots.items() if not self._has(slot)]
         if len(missing) < 2:
             return
         cfg = self.base.replace(layer=layer)
