@@ -11,7 +11,7 @@ import torch
 
 from neuraldb import EditConfig, NeuralDB
 from neuraldb.engine.config import ConfigError
-from neuraldb.engine.gate_map import GateMap, maps, space_meta
+from neuraldb.engine.gate_map import GateMap, maps, resolve_map, space_meta
 from neuraldb.engine.persistence import MAP_FILE, DatabaseError
 from neuraldb.engine.space import Capture, key_space
 from neuraldb.engine.tokens import encode_with_subject
@@ -172,3 +172,29 @@ def test_bench_gate_applies_a_saved_map_as_the_engine_does(tokenizer, tmp_path: 
     d = Design.parse(f"ffn+ctx2,map={cfg.gate_map}")
     assert d.gate_map == cfg.gate_map and d.context == 2
     assert torch.allclose(load_map(d.gate_map)(derive(wide, d, raw, None)), db.encode_keys(FACTS), atol=1e-5)
+
+
+def test_every_shipped_profile_names_a_shipped_map_fitted_for_its_space() -> None:
+    """A shipped profile's gate_map resolves to a shipped file whose recorded space (layer,
+    gate_context, weight) is the profile's own; the engine would refuse it otherwise, but only
+    once the real model is loaded, which CI does not do for every model."""
+    from importlib import resources
+
+    import yaml
+
+    from neuraldb.engine.profile import Profile, from_mapping
+
+    shipped = resources.files("neuraldb.engine").joinpath("defaults")
+    named = 0
+    for f in shipped.iterdir():
+        if not f.name.endswith(".yaml"):
+            continue
+        prof = from_mapping(Profile, yaml.safe_load(f.read_text()) or {}, f.name)
+        if not prof.gate_map:
+            continue
+        assert prof.gate_map in maps(), f"{f.name}: gate_map {prof.gate_map!r} is not shipped"
+        meta = GateMap.load(resolve_map(prof.gate_map)).meta
+        assert (meta["layer"], meta["gate_context"], float(meta["gate_context_weight"])) == (
+            str(prof.layer), str(prof.gate_context), prof.gate_context_weight), f.name
+        named += 1
+    assert named >= 2  # SmolLM2's and Gemma-3-270M's profiles both carry a map
