@@ -11,7 +11,7 @@ import torch
 
 from neuraldb import EditConfig, NeuralDB
 from neuraldb.engine.config import ConfigError
-from neuraldb.engine.gate_map import GateMap, maps, resolve_map, space_meta
+from neuraldb.engine.gate_map import GateMap, load_map, maps, space_meta
 from neuraldb.engine.persistence import MAP_FILE, DatabaseError
 from neuraldb.engine.space import Capture, key_space
 from neuraldb.engine.tokens import encode_with_subject
@@ -176,25 +176,24 @@ def test_bench_gate_applies_a_saved_map_as_the_engine_does(tokenizer, tmp_path: 
 
 def test_every_shipped_profile_names_a_shipped_map_fitted_for_its_space() -> None:
     """A shipped profile's gate_map resolves to a shipped file whose recorded space (layer,
-    gate_context, weight) is the profile's own; the engine would refuse it otherwise, but only
-    once the real model is loaded, which CI does not do for every model."""
+    gate_context, weight) is the profile's own, by the engine's own check (`GateMap.check`); the
+    engine would refuse it otherwise, but only once the real model is loaded, which CI does not do
+    for every model. The dim and layer hash need the model, so they are taken from the file."""
     from importlib import resources
 
-    import yaml
-
-    from neuraldb.engine.profile import Profile, from_mapping
+    from neuraldb.engine.profile import find_profile
 
     shipped = resources.files("neuraldb.engine").joinpath("defaults")
     named = 0
     for f in shipped.iterdir():
         if not f.name.endswith(".yaml"):
             continue
-        prof = from_mapping(Profile, yaml.safe_load(f.read_text()) or {}, f.name)
+        prof, _ = find_profile(f.name[: -len(".yaml")], "")
         if not prof.gate_map:
             continue
         assert prof.gate_map in maps(), f"{f.name}: gate_map {prof.gate_map!r} is not shipped"
-        meta = GateMap.load(resolve_map(prof.gate_map)).meta
-        assert (meta["layer"], meta["gate_context"], float(meta["gate_context_weight"])) == (
-            str(prof.layer), str(prof.gate_context), prof.gate_context_weight), f.name
+        gm = load_map(prof.gate_map)
+        gm.check(space_meta(prof.layer, prof.gate_context, prof.gate_context_weight, gm.dim,
+                            gm.meta["layer_sha256"]), f.name)
         named += 1
     assert named >= 2  # SmolLM2's and Gemma-3-270M's profiles both carry a map
