@@ -444,8 +444,7 @@ class Calibrator:
         self.report["optimiser"] = {
             "runs": runs, "candidates": rows, "chosen": screen,
             "why": (f"fastest (lr, step budget; fewest steps per fact) with >= {self.cfg.nll_share:.0%} of {n} facts "
-                    f"below NLL "
-                    f"{self.cfg.nll_goal} and a mean below it" if ok else
+                    f"below NLL {self.cfg.nll_goal} and a mean below it" if ok else
                     f"no candidate reached {self.cfg.nll_share:.0%} below NLL {self.cfg.nll_goal}: the highest share")}
         if not ok or not self.confirm_facts:
             return screen
