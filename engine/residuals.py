@@ -39,6 +39,10 @@ class ResidualStats:
     nll: torch.Tensor  # (F,) final target NLL per fact
     steps: torch.Tensor  # (F,) optimisation steps taken per fact
     history: torch.Tensor | None = None  # (K, F) NLL after k steps, NaN once a fact stopped (asked for only)
+    # (F,) 1.0 where every target token is the argmax on the fact's rewrite-prompt row (what greedy
+    # decoding emits there with the residual at the subject) at its last evaluated delta
+    greedy: torch.Tensor | None = None
+    greedy_history: torch.Tensor | None = None  # (K, F) the same after k steps, NaN once stopped (with `history`)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class _Batch:
     tgt_pos: torch.Tensor  # (N,) position whose logits predict it
     tgt_tok: torch.Tensor  # (N,) the token
     tgt_weight: torch.Tensor  # (N,) 1 / (n_target * n_rows): sums to 1 per fact
+    tgt_greedy: torch.Tensor  # (N,) bool: on its fact's greedy-checked row (the bare prompt, else its first row)
     kl_row: torch.Tensor  # (E,) row of each KL entry (a KL prompt's distribution at one position)
     kl_pos: torch.Tensor  # (E,) its position
     kl_fact: torch.Tensor  # (E,) its fact
@@ -116,7 +121,7 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
     the first generated prefix. The norm that scales the clamp and weight decay is read at a
     prefixed row, never at position 0 (as keys.py does)."""
     seqs, lookup, row_fact = [], [], []
-    tr, tp, tt, tw, norm_row = [], [], [], [], []
+    tr, tp, tt, tw, tg, norm_row = [], [], [], [], [], []
     kl_row, kl_pos, kl_fact, kl_w = [], [], [], []
     kl_prompts, whole = (cfg.kl_prompt, *cfg.kl_contexts), cfg.kl_span == "all"
     prefixed = [c for c in contexts if c]
@@ -127,7 +132,7 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
         if len(usable) < len(encs):
             log.debug("fact %r: %d row(s) with the subject at position 0 left out", fact.subject, len(encs) - len(usable))
         first = len(seqs)
-        for enc in usable:
+        for k, enc in enumerate(usable):
             row = len(seqs)
             seqs.append(enc.ids + tgt[:-1])  # teacher forcing: prompt + target minus its last token
             lookup.append(enc.subject_last)
@@ -137,6 +142,7 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
                 tp.append(len(enc.ids) - 1 + j)
                 tt.append(t)
                 tw.append(1.0 / (len(tgt) * len(usable)))
+                tg.append(k == 0)  # the bare prompt where usable (contexts start with ""), else the first row
         prefixed_rows = [first + k for k, e in enumerate(usable) if e is not encs[0]]
         norm_row.append(prefixed_rows[0] if prefixed_rows else first)
         encs = []
@@ -158,8 +164,8 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
                 kl_w.append(1.0 / n_entries)
     ids, mask = pad_right(seqs, tok.pad_token_id, device)
     t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
-    return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(kl_row),
-                  t(kl_pos), t(kl_fact), t(kl_w, torch.float32), t(norm_row))
+    return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(tg, torch.bool),
+                  t(kl_row), t(kl_pos), t(kl_fact), t(kl_w, torch.float32), t(norm_row))
 
 
 def kl_now_init(init_logp: torch.Tensor, now_logp: torch.Tensor) -> torch.Tensor:
@@ -401,7 +407,9 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     active = torch.ones(n_slots, dtype=torch.bool, device=device)
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     nll_f = torch.zeros(n_facts, device=device)  # each fact's NLL at its last evaluated delta
+    greedy_f = torch.zeros(n_facts, device=device)  # 1.0 where its greedy answer was right there
     hist: list[torch.Tensor] = []  # (F,) per evaluated step, with `history`
+    hist_g: list[torch.Tensor] = []
     if low:
         groups = [g.cast(torch.bfloat16) for g in groups]
     # bf16 steps run eager attention: the CPU's bf16 SDPA backward is ~20x slower than its bmm's
@@ -432,6 +440,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 logp = F.log_softmax(logits[: len(tgt)], -1)  # (N, V)
                 tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
                 nll_now = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)  # (F,) 0 where stopped
+                miss = (logp.argmax(-1) != tgt_tok[:, 0]) & b.tgt_greedy[tgt]  # (N,) a checked token not the argmax
+                right_now = (torch.zeros(n_facts, device=device).index_add(0, tgt_fact, miss.float()) == 0).float()  # (F,)
                 kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Ea, V), entries in kl_e order
                 if kl_init is None:
                     kl_init = kl_logp.new_empty(len(b.kl_row), kl_logp.shape[1])
@@ -442,8 +452,10 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 terms = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now + cfg.kl_factor * kl_f)
                 loss = terms / per_slot + wd  # (S,)
             nll_f = torch.where(active[slot], nll_now.detach(), nll_f)
+            greedy_f = torch.where(active[slot], right_now, greedy_f)
             if history:
                 hist.append(torch.where(active[slot], nll_now.detach(), float("nan")))
+                hist_g.append(torch.where(active[slot], right_now, float("nan")))
             if start is not None:  # measuring given residuals, not optimising them
                 break
             was = active.clone()
@@ -473,8 +485,9 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 delta.mul_(scale[:, None])
             if not torch.equal(was, active):  # facts that stopped leave the rows every step runs
                 groups = [k for g in groups if (k := g.keep(active[slot[b.row_fact[g.rows]]])) is not None]
-    return delta.detach().float()[slot], ResidualStats(nll_f.detach(), steps[slot],
-                                                       torch.stack(hist) if history and hist else None)
+    stack_or_none = lambda xs: torch.stack(xs) if history and xs else None  # noqa: E731
+    return delta.detach().float()[slot], ResidualStats(nll_f.detach(), steps[slot], stack_or_none(hist), greedy_f,
+                                                       stack_or_none(hist_g))
 
 
 def residual_contexts(prefixes: Sequence[str], cfg: EditConfig) -> list[str]:
@@ -518,7 +531,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     if cfg.residual_pack and cfg.residual_suffix:  # batches of like suffix length pad little
         units.sort(key=lambda u: min(suffix_length(tok, facts[i]) for i in u))
     order = [i for u in units for i in u]
-    outs, nll, steps, hists = [], [], [], []
+    outs, nll, steps, hists, greedy, hists_g = [], [], [], [], [], []
     bar = Progress(len(facts), "residuals", "fact")
     device = model_device(model)
     low = len(facts) > 0 and step_dtype(cfg, device) == torch.bfloat16
@@ -533,19 +546,24 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
                           history=history, weights=weights, stack=stack)
         outs.append(r)
         hists.append(st.history)
+        hists_g.append(st.greedy_history)
         nll.append(st.nll)
+        greedy.append(st.greedy)
         steps.append(st.steps)
         bar.update(len(chunk), nll=f"{float(st.nll.mean()):.3f}")
     bar.close()
     back = torch.empty(len(facts), dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(facts))  # sorted position of each fact
     cat = lambda xs: torch.cat(xs)[back.to(xs[0].device)]  # noqa: E731  facts in the caller's order
-    hist = None
-    if history and all(h is not None for h in hists):
-        k = max(h.shape[0] for h in hists)
-        pad = [torch.cat([h, h.new_full((k - h.shape[0], h.shape[1]), float("nan"))]) for h in hists]  # (K, Fb)
-        hist = torch.cat(pad, 1)[:, back.to(pad[0].device)]  # (K, F) in the caller's order
-    return cat(outs), ResidualStats(cat(nll), cat(steps), hist)
+
+    def joined(hs: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """Per-batch (K_b, F_b) histories NaN-padded to the longest and joined: (K, F) in the caller's order."""
+        if not history or any(h is None for h in hs):
+            return None
+        k = max(h.shape[0] for h in hs)
+        pad = [torch.cat([h, h.new_full((k - h.shape[0], h.shape[1]), float("nan"))]) for h in hs]  # (K, Fb)
+        return torch.cat(pad, 1)[:, back.to(pad[0].device)]  # (K, F)
+    return cat(outs), ResidualStats(cat(nll), cat(steps), joined(hists), cat(greedy), joined(hists_g))
 
 
 def residual_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,

@@ -206,9 +206,11 @@ def test_calibrate_needs_enough_material(tokenizer) -> None:
 
 def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypatch) -> None:
     """The screen's fastest setting is run as configured on facts the screen never saw; where it
-    fails there, the next step budget is tried, fastest first, and the best confirmed one wins."""
+    fails there, the next (lr, step budget) is tried, fastest first, and the best confirmed one
+    wins; a confirmed setting also needs `greedy_share` of its facts answering the new object."""
     model = make_model("llama", tokenizer)
-    cfg = dataclasses.replace(SMALL, nll_goal=1e9, lrs=(0.5, 2.0), max_steps=8, confirm_max=2)  # budgets 4 and 8
+    cfg = dataclasses.replace(SMALL, nll_goal=1e9, lrs=(0.5, 2.0), max_steps=8, confirm_max=2,  # budgets 4 and 8
+                              greedy_share=0.0)  # the random model answers nothing right: NLL alone decides
     cal = Calibrator(model, tokenizer, FACTS, CORPUS, cfg, base=BASE)
     assert not {f.id for f in cal.confirm_facts} & {f.id for f in cal.res_facts + cal.facts}
     best = cal.choose_optimiser(1)
@@ -216,11 +218,19 @@ def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypa
     screen_best = min(sec["candidates"], key=lambda r: (r["steps_mean"], -r["share_below_goal"], r["nll_mean"]))
     assert len(sec["confirmed"]) == 1 and sec["confirmed"][0]["steps"] == screen_best["steps"]
     assert best is sec["chosen"] and best["facts_per_s"] > 0 and "other facts" in sec["why"]
-    # nothing passes on the confirmation facts: one setting per step budget, fastest first
+    assert 0.0 <= best["greedy"] <= 1.0 and all("greedy" in r for r in sec["candidates"])
+    # a greedy share no setting reaches: every shortlisted one is run, the best greedy share wins
+    strict = Calibrator(model, tokenizer, FACTS, CORPUS, dataclasses.replace(cfg, greedy_share=1.01), base=BASE)
+    best = strict.choose_optimiser(1)
+    sec = strict.report["optimiser"]
+    assert len(sec["confirmed"]) == 2 and "greedy share" in sec["why"]
+    assert best["greedy"] == max(c["greedy"] for c in sec["confirmed"])
+    # nothing passes on the confirmation facts: one setting per (lr, step budget), fastest first
     monkeypatch.setattr(Calibrator, "_passes", lambda self, r: "facts_per_s" not in r)
     best = cal.choose_optimiser(1)
     sec = cal.report["optimiser"]
-    assert len(sec["confirmed"]) == 2 and len({c["steps"] for c in sec["confirmed"]}) == 2
+    assert len(sec["confirmed"]) == 2
+    assert len({(c["lr"], c["steps"]) for c in sec["confirmed"]}) == 2
     est = {(r["lr"], r["steps"], r["nll_stop"]): r["steps_mean"] for r in sec["candidates"]}
     steps = [est[(c["lr"], c["steps"], c["nll_stop"])] for c in sec["confirmed"]]
     assert steps == sorted(steps) and steps[0] == min(est.values())

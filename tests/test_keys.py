@@ -260,6 +260,67 @@ def test_nll_stop_ends_a_fact_once_its_target_is_learned(tokenizer) -> None:
         EditConfig(nll_stop=-1.0)
 
 
+def _greedy_right(model, tokenizer, facts, layer: int, prefixes, residuals: torch.Tensor) -> list[bool]:
+    """Per fact, from a plain forward: is every token of " target_new" the argmax on the rewrite
+    prompt (the first prefixed one where the subject starts the prompt, as the optimiser does) with
+    the residual added to the FFN output at the subject's last token?"""
+    from neuraldb.engine.arch import get_arch
+    from neuraldb.engine.hooks import Trace
+    from neuraldb.engine.tokens import encode_with_subject, target_ids
+
+    out = []
+    for f, r in zip(facts, residuals):
+        enc = encode_with_subject(tokenizer, "", f.prompt, f.subject)
+        if enc.subject_last == 0:
+            enc = encode_with_subject(tokenizer, prefixes[0], f.prompt, f.subject)
+        tgt = target_ids(tokenizer, f.target_new)
+        ids = torch.tensor([enc.ids + tgt[:-1]])  # (1, T)
+
+        def add(o: torch.Tensor, at: int = enc.subject_last, r: torch.Tensor = r) -> torch.Tensor:
+            o = o.clone()
+            o[0, at] += r
+            return o
+
+        with torch.no_grad(), Trace(model, get_arch(model).add_path(layer), retain_input=False, edit_output=add):
+            logits = model(ids).logits[0]  # (T, V)
+        pred = logits[len(enc.ids) - 1 :].argmax(-1)  # (n_target,) what greedy decoding emits
+        out.append(pred.tolist() == tgt)
+    return out
+
+
+def test_the_optimiser_reports_whether_each_facts_greedy_answer_is_right(tokenizer) -> None:
+    """`ResidualStats.greedy` says, per fact, whether greedy decoding of the rewrite prompt with the
+    residual at the subject emits the whole new object, as a plain forward with that residual
+    finds: at zero, at large random residuals, and at one steered along the LM head's row of a
+    one-token object where the subject ends the prompt (right there). `greedy_history` follows
+    the NLL history's steps (NaN where it is), its first row the unedited model's answers."""
+    from neuraldb.engine.residuals import _optimise, compute_residuals, residual_contexts
+    from neuraldb.engine.tokens import target_ids
+
+    model = make_model("llama", tokenizer)
+    cfg = CFG.replace(n_prefixes=1, residual_prefixes=1, steps=6, lr=0.5, residual_batch_size=3, loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    word = next(w for w in ("piano", "speak", "the", "is") if len(target_ids(tokenizer, w)) == 1)
+    facts = [*FACTS, Fact("Apple A5", "The maker of {}", word)]  # the subject's last token predicts the object
+    contexts = residual_contexts(prefixes, cfg)
+    d = model.config.hidden_size
+    zero = torch.zeros(len(facts), d)
+    big = torch.randn(len(facts), d, generator=torch.Generator().manual_seed(0)) * 30
+    steer = zero.clone()
+    steer[-1] = model.get_output_embeddings().weight[target_ids(tokenizer, word)[0]].detach() * 1e3
+    seen = set()
+    for r in (zero, big, steer):
+        _, st = _optimise(model, tokenizer, facts, 1, contexts, cfg, start=r)  # measured at r, no step
+        want = _greedy_right(model, tokenizer, facts, 1, prefixes, r)
+        assert [bool(g) for g in st.greedy.tolist()] == want
+        seen |= set(want)
+    assert seen == {True, False}
+    _, ref = compute_residuals(model, tokenizer, facts, 1, prefixes, cfg, history=True)
+    assert ref.greedy_history.shape == ref.history.shape
+    assert torch.equal(torch.isnan(ref.greedy_history), torch.isnan(ref.history))
+    assert ref.greedy_history[0].tolist() == [float(z) for z in _greedy_right(model, tokenizer, facts, 1, prefixes, zero)]
+
+
 def test_bf16_steps_learn_what_float32_steps_learn_and_leave_the_model_as_it_was(arch: str, tokenizer) -> None:
     """`residual_dtype: bfloat16`: the steps' GEMMs run in bf16 (weights cast once per batch), the
     loss and the residual stream in float32. Measured in float32 (`residual_nll`), the residuals
