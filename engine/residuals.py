@@ -441,7 +441,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 tok_nll = -logp.gather(1, tgt_tok)[:, 0] * tgt_w  # (N,)
                 nll_now = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, tok_nll)  # (F,) 0 where stopped
                 miss = (logp.argmax(-1) != tgt_tok[:, 0]) & b.tgt_greedy[tgt]  # (N,) a checked token not the argmax
-                right_now = (torch.zeros(n_facts, device=device).index_add(0, tgt_fact, miss.float()) == 0).float()  # (F,)
+                misses = torch.zeros(n_facts, device=device).index_add(0, tgt_fact, miss.float())  # (F,)
+                right_now = (misses == 0).float()  # (F,) 1.0: greedy emits the whole object
                 kl_logp = F.log_softmax(logits[len(tgt) :], -1)  # (Ea, V), entries in kl_e order
                 if kl_init is None:
                     kl_init = kl_logp.new_empty(len(b.kl_row), kl_logp.shape[1])
