@@ -216,7 +216,7 @@ def calibrate_into(args: argparse.Namespace, model: Any, tok: Any, install: bool
                           target_open=args.target_open,
                           mention_open=args.mention_open if args.mention_open >= 0 else None,
                           residual_facts=args.residual_facts, confirm_facts=args.confirm_facts,
-                          greedy_share=args.greedy_share, confirm_groups=args.confirm_groups,
+                          greedy_share=args.greedy_share,
                           map_rank=args.map_rank, map_facts=args.map_facts, map_layers=args.map_layers,
                           lrs=tuple(float(x) for x in args.lrs.split(",")), max_steps=args.max_steps, seed=args.seed)
     facts, texts, fit_texts, material = _calibration_material(args, cfg.facts_needed)
@@ -400,8 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--residual-facts", type=int, default=32, help="facts each residual learning rate is screened on")
     c.add_argument("--confirm-facts", type=int, default=128,
                    help="other facts the fastest screened optimiser settings are run on as configured (0: none)")
-    c.add_argument("--confirm-groups", type=int, default=32,
-                   help="subjects with several calibration facts whose joint residuals are confirmed too")
     c.add_argument("--greedy-share", type=float, default=1.0,
                    help="share of those facts whose greedy answer must be the new object for a setting to pass")
     c.add_argument("--map-rank", type=int, default=64, help="the gate map tried (0: none)")

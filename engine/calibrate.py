@@ -30,9 +30,8 @@ choices, each reported with every candidate's operating point:
    rare hard fact that never converges shows in the mean, not in the share); fastest means fewest
    steps per fact (deterministic; the seconds are reported). Since a few dozen
    facts hold too few hard ones, the fastest passing candidate of each (lr, step budget) is then
-   run as it will run (its own budget and stop) on `confirm_facts` other facts and on the facts of
-   `confirm_groups` subjects that hold several (one residual per subject, as a database
-   optimises them), fastest first: the first to pass there wins, where passing there also asks that `greedy_share` of them answer the
+   run as it will run (its own budget and stop) on `confirm_facts` other facts, fastest first: the
+   first to pass there wins, where passing there also asks that `greedy_share` of them answer the
    new object greedily on their rewrite prompts (else the confirmed one with the best greedy
    share, then NLL share and mean).
 
@@ -109,12 +108,6 @@ class CalibrateConfig:
     # where lr 4 leaves none (worst 0.03); at 100k facts the lr-8 residuals scored greedy efficacy
     # 95.7 against lr 4's 96.3 with the same gate (docs/models.md, session 32)
     greedy_share: float = 1.0
-    # subjects with several facts among the keyed ones, confirmed with the single facts as a
-    # database runs them: one residual per subject, optimised jointly for up to GROUP_STEPS x the
-    # step budget. SmolLM2 at lr 4 / 16 steps / stop 0.02 passed 128 single facts (97.7% below
-    # NLL 0.05, all greedy answers right), then at 100k facts its 243 grouped residuals ended
-    # at NLL ~1 (docs/models.md, session 33)
-    confirm_groups: int = 32
     # learning rates screened (each one pass over `residual_facts` facts); 0.5 was the slowest on both
     # models measured and never passed on Gemma-3-270M (mean NLL 0.091 after 32 steps; SmolLM2: 71 s
     # against 53-69 s for the others), so it is no longer screened by default
@@ -169,7 +162,6 @@ class Calibrator:
         first = max(cfg.sizes) + cfg.residual_facts
         self.res_facts = list(facts[max(cfg.sizes) : first])  # never among the keyed facts
         self.confirm_facts = list(facts[first:need])  # nor among the screen's
-        self.group_facts = _subject_groups(self.facts, cfg.confirm_groups)  # (keys are not residuals' business)
         self.texts = _encode(tok, texts, cfg.text_tokens)
         self.raw = [tok.decode(t, skip_special_tokens=True) for t in self.texts]  # what the cut passages say
         self.fit_texts = _encode(tok, fit_texts, cfg.text_tokens) if fit_texts else []  # the map's, never measured
@@ -179,7 +171,6 @@ class Calibrator:
                                        "num_layers": num_layers(model), "config": asdict(cfg),
                                        "material": {"facts": len(self.facts), "residual_facts": len(self.res_facts),
                                                     "confirm_facts": len(self.confirm_facts),
-                                                    "confirm_group_facts": len(self.group_facts),
                                                     "texts": len(self.texts),
                                                     "text_tokens": sum(len(t) for t in self.texts)}}
 
@@ -488,26 +479,20 @@ class Calibrator:
         for r in sorted(ok, key=_cheapest):
             per_setting.setdefault((r["lr"], r["steps"]), r)
         shortlist = list(per_setting.values())[: self.cfg.confirm_max]
-        facts = self.confirm_facts + self.group_facts
-        groups = [f.subject for f in facts]  # as NeuralDB.add runs them: one residual per subject
-        single = np.arange(len(facts)) < len(self.confirm_facts)  # (F,)
         confirmed = []
         for r in shortlist:
             cfg = self.base.replace(layer=layer, lr=r["lr"], steps=r["steps"], nll_stop=r["nll_stop"],
                                     residual_dtype=self.cfg.residual_dtype)
             t0 = time.perf_counter()
-            _, st = compute_residuals(self.model, self.tok, facts, layer, prefixes, cfg, groups=groups)
+            _, st = compute_residuals(self.model, self.tok, self.confirm_facts, layer, prefixes, cfg)
             secs = time.perf_counter() - t0
-            nll, greedy = st.nll.cpu().numpy(), st.greedy.cpu().numpy()  # (F,) each
-            row = {"lr": r["lr"], "steps": r["steps"], "nll_stop": r["nll_stop"], **self._nll_stats(nll, greedy),
-                   "steps_mean": float(st.steps.float().mean()), "facts_per_s": len(facts) / max(secs, 1e-9),
-                   "grouped_nll_mean": float(nll[~single].mean()) if (~single).any() else float("nan"),
-                   "grouped_greedy": float(greedy[~single].mean()) if (~single).any() else float("nan")}
+            row = {"lr": r["lr"], "steps": r["steps"], "nll_stop": r["nll_stop"],
+                   **self._nll_stats(st.nll.cpu().numpy(), st.greedy.cpu().numpy()), "steps_mean": float(st.steps.float().mean()),
+                   "facts_per_s": len(self.confirm_facts) / max(secs, 1e-9)}
             confirmed.append(row)
-            log.info("optimiser confirm: lr %s, %d steps, stop %s: %.1f%% below %s, mean %.4f (grouped %.4f), "
-                     "greedy %.1f%%, %.2f facts/s", r["lr"], r["steps"], r["nll_stop"], 100 * row["share_below_goal"],
-                     self.cfg.nll_goal, row["nll_mean"], row["grouped_nll_mean"], 100 * row["greedy"],
-                     row["facts_per_s"])
+            log.info("optimiser confirm: lr %s, %d steps, stop %s: %.1f%% below %s, mean %.4f, greedy %.1f%%, "
+                     "%.2f facts/s", r["lr"], r["steps"], r["nll_stop"], 100 * row["share_below_goal"],
+                     self.cfg.nll_goal, row["nll_mean"], 100 * row["greedy"], row["facts_per_s"])
             if self._passes(row):
                 break
         sec = self.report["optimiser"]
@@ -515,10 +500,10 @@ class Calibrator:
         passed = [c for c in confirmed if self._passes(c)]
         best = passed[0] if passed else max(confirmed, key=lambda c: (c["greedy"], c["share_below_goal"],
                                                                       -c["nll_mean"]))
-        n = f"{len(self.confirm_facts)} other facts and {len(self.group_facts)} facts sharing subjects"
-        sec["why"] += (f"; then run as configured on {n}, fastest (lr, step budget) first: the first to "
+        n = len(self.confirm_facts)
+        sec["why"] += (f"; then run as configured on {n} other facts, fastest (lr, step budget) first: the first to "
                        f"pass there with >= {self.cfg.greedy_share:.0%} of them answering the new object greedily"
-                       if passed else f"; none of the {len(confirmed)} shortlisted passed on {n}: the "
+                       if passed else f"; none of the {len(confirmed)} shortlisted passed on {n} other facts: the "
                        "best of them (greedy share, then NLL share and mean)")
         sec["chosen"] = best
         return best
@@ -620,14 +605,6 @@ def _at_sizes(scans: dict[int, Scan], th: tuple[float, float | None, float | Non
     """The operating point of thresholds (gamma, head_gamma, sink_gamma) at every scanned size."""
     return [{"keys": m, "spurious": sc.spurious(*th), "mention_opens": sc.mentions(*th), "own_open": sc.own_open(*th)}
             for m, sc in sorted(scans.items())]
-
-
-def _subject_groups(facts: Sequence[Fact], n: int) -> list[Fact]:
-    """The facts of the first `n` subjects that hold several of `facts`, each subject's together."""
-    by: dict[str, list[Fact]] = {}
-    for f in facts:
-        by.setdefault(f.subject, []).append(f)
-    return [f for fs in [fs for fs in by.values() if len(fs) > 1][:n] for f in fs]
 
 
 def _cheapest(r: dict[str, Any]) -> tuple[float, float, float]:

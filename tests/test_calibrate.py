@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuraldb import EditConfig, Fact, NeuralDB
+from neuraldb import EditConfig, NeuralDB
 from neuraldb.engine.calibrate import CalibrateConfig, Calibrator, markdown_report
 from neuraldb.engine.gate_scan import Scan, extrapolate, fit_thresholds, scan
 from neuraldb.engine.profile import PROFILE_DIR, Profile, find_profile, read_profile
@@ -241,40 +241,6 @@ def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypa
     first = {k: cal.choose_optimiser(1)[k] for k in ("lr", "steps", "nll_stop")}
     monkeypatch.setattr("neuraldb.engine.calibrate.time.perf_counter", lambda: float(next(clock)))
     assert {k: cal.choose_optimiser(1)[k] for k in ("lr", "steps", "nll_stop")} == first
-
-
-def test_optimiser_confirmation_runs_facts_sharing_a_subject_as_a_database_does(tokenizer, monkeypatch) -> None:
-    """The confirmation runs the single facts and the facts of `confirm_groups` subjects that hold
-    several keyed facts, labelled by subject so each such subject gets one joint residual (as
-    NeuralDB.add does); the report says how those grouped facts ended."""
-    from neuraldb.engine import calibrate as cal_mod
-
-    model = make_model("llama", tokenizer)
-    facts = list(FACTS)
-    for i in (1, 2, 5):  # three keyed facts about the first one's subject, two about the fourth's
-        facts[i] = Fact(facts[0].subject, facts[i].prompt, facts[i].target_new, id=facts[i].id)
-    facts[7] = Fact(facts[4].subject, facts[7].prompt, facts[7].target_new, id=facts[7].id)
-    seen = []
-    real = cal_mod.compute_residuals
-
-    def spy(model, tok, fs, layer, prefixes, cfg, groups=None, history=False):
-        seen.append((list(fs), groups))
-        return real(model, tok, fs, layer, prefixes, cfg, groups=groups, history=history)
-
-    monkeypatch.setattr(cal_mod, "compute_residuals", spy)
-    cfg = dataclasses.replace(SMALL, nll_goal=1e9, lrs=(2.0,), max_steps=4, confirm_max=1, greedy_share=0.0,
-                              confirm_groups=2)
-    cal = Calibrator(model, tokenizer, facts, CORPUS, cfg, base=BASE)
-    assert [f.subject for f in cal.group_facts] == [facts[0].subject] * 4 + [facts[4].subject] * 2
-    cal.choose_optimiser(1)
-    fs, groups = seen[-1]  # the confirmation's call
-    assert fs == cal.confirm_facts + cal.group_facts and groups == [f.subject for f in fs]
-    assert len(set(groups[: len(cal.confirm_facts)])) == len(cal.confirm_facts)  # single facts: own residuals
-    row = cal.report["optimiser"]["confirmed"][0]
-    assert np.isfinite(row["grouped_nll_mean"]) and "sharing subjects" in cal.report["optimiser"]["why"]
-    assert cal.report["material"]["confirm_group_facts"] == 6
-    none = Calibrator(model, tokenizer, facts, CORPUS, dataclasses.replace(cfg, confirm_groups=0), base=BASE)
-    assert none.group_facts == []
 
 
 def test_profile_rejects_unknown_keys(tmp_path) -> None:
