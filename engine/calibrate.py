@@ -487,8 +487,8 @@ class Calibrator:
             _, st = compute_residuals(self.model, self.tok, self.confirm_facts, layer, prefixes, cfg)
             secs = time.perf_counter() - t0
             row = {"lr": r["lr"], "steps": r["steps"], "nll_stop": r["nll_stop"],
-                   **self._nll_stats(st.nll.cpu().numpy(), st.greedy.cpu().numpy()), "steps_mean": float(st.steps.float().mean()),
-                   "facts_per_s": len(self.confirm_facts) / max(secs, 1e-9)}
+                   **self._nll_stats(st.nll.cpu().numpy(), st.greedy.cpu().numpy()),
+                   "steps_mean": float(st.steps.float().mean()), "facts_per_s": len(self.confirm_facts) / max(secs, 1e-9)}
             confirmed.append(row)
             log.info("optimiser confirm: lr %s, %d steps, stop %s: %.1f%% below %s, mean %.4f, greedy %.1f%%, "
                      "%.2f facts/s", r["lr"], r["steps"], r["nll_stop"], 100 * row["share_below_goal"],
