@@ -92,7 +92,7 @@ def test_smollm2_residual_defaults_and_bench_variants() -> None:
     from neuraldb.bench.edit_speed import variant
 
     cfg = model_defaults("smollm2-135m", "llama")
-    assert (cfg.lr, cfg.steps, cfg.nll_stop, cfg.residual_dtype) == (4.0, 24, 0.015, "auto")
+    assert (cfg.lr, cfg.steps, cfg.nll_stop, cfg.residual_dtype) == (4.0, 16, 0.02, "auto")  # the calibrator's
     assert (EditConfig().lr, EditConfig().steps, EditConfig().residual_dtype) == (0.5, 25, "float32")
     v = variant(cfg, "lr=0.5,steps=25")
     assert (v.lr, v.steps, v.layer) == (0.5, 25, cfg.layer) and isinstance(v.steps, int)

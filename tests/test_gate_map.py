@@ -196,4 +196,4 @@ def test_every_shipped_profile_names_a_shipped_map_fitted_for_its_space() -> Non
         gm.check(space_meta(prof.layer, prof.gate_context, prof.gate_context_weight, gm.dim,
                             gm.meta["layer_sha256"]), f.name)
         named += 1
-    assert named >= 2  # SmolLM2's and Gemma-3-270M's profiles both carry a map
+    assert named >= 1  # Gemma-3-270M's carries one (SmolLM2's calibrated profile chose none)

@@ -122,13 +122,18 @@ def test_server_edits_smollm2_over_http(tmp_path: Path) -> None:
         s.kill()
 
 
-def test_the_shipped_gate_map_is_the_default(smol, tmp_path: Path) -> None:
-    """SmolLM2's defaults name the shipped map; it matches the model's space, a database saved
-    with it holds a copy and answers as before after a reload."""
+def test_the_shipped_gate_map_serves_the_hand_fitted_profile(smol, tmp_path: Path) -> None:
+    """The hand-fitted profile (shipped as the default until session 33, kept in bench/profiles/)
+    names the shipped map; it matches the model's space, a database saved with it holds a copy
+    and answers as before after a reload."""
+    from importlib import resources
+
     from neuraldb.engine.gate_map import maps
+    from neuraldb.engine.profile import load_config
 
     model, tok = smol
-    db = NeuralDB(model, tok)
+    hand = resources.files("neuraldb.bench").joinpath("profiles/smollm2-135m-hand.yaml")
+    db = NeuralDB(model, tok, load_config(str(hand)))
     assert db.config.gate_map in maps() and db.gate_map is not None
     want = db.map_meta()
     assert {k: db.gate_map.meta[k] for k in want} == want
