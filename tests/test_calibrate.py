@@ -225,6 +225,27 @@ def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypa
     sec = strict.report["optimiser"]
     assert len(sec["confirmed"]) == 2 and "greedy share" in sec["why"]
     assert best["greedy"] == max(c["greedy"] for c in sec["confirmed"])
+    # greedy answers decide between settings the NLL criteria pass alike: the first confirmed
+    # setting leaves one fact's answer wrong, the next none; the next is chosen
+    from neuraldb.engine import calibrate as cal_mod
+
+    calls = []
+
+    def one_wrong_first(*a, **k):
+        r, st = compute_residuals(*a, **k)
+        calls.append(1)
+        st.greedy = torch.ones_like(st.nll)
+        if len(calls) == 1:
+            st.greedy[0] = 0.0
+        return r, st
+
+    picky = Calibrator(model, tokenizer, FACTS, CORPUS, dataclasses.replace(cfg, greedy_share=1.0), base=BASE)
+    monkeypatch.setattr(cal_mod, "compute_residuals", lambda *a, **k: one_wrong_first(*a, **k)
+                        if len(a) > 3 and a[2] is picky.confirm_facts else compute_residuals(*a, **k))
+    best = picky.choose_optimiser(1)
+    sec = picky.report["optimiser"]
+    assert [c["greedy"] for c in sec["confirmed"]] == [0.75, 1.0] and best is sec["confirmed"][1]
+    monkeypatch.setattr(cal_mod, "compute_residuals", compute_residuals)
     # nothing passes on the confirmation facts: one setting per (lr, step budget), fastest first
     monkeypatch.setattr(Calibrator, "_passes", lambda self, r: "facts_per_s" not in r)
     best = cal.choose_optimiser(1)
