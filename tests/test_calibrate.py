@@ -247,7 +247,7 @@ def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypa
     assert [c["greedy"] for c in sec["confirmed"]] == [0.75, 1.0] and best is sec["confirmed"][1]
     monkeypatch.setattr(cal_mod, "compute_residuals", compute_residuals)
     # nothing passes on the confirmation facts: one setting per (lr, step budget), fastest first
-    monkeypatch.setattr(Calibrator, "_passes", lambda self, r: "facts_per_s" not in r)
+    monkeypatch.setattr(Calibrator, "_passes", lambda self, r, confirmed: not confirmed)
     best = cal.choose_optimiser(1)
     sec = cal.report["optimiser"]
     assert len(sec["confirmed"]) == 2
@@ -258,7 +258,7 @@ def test_optimiser_is_confirmed_on_other_facts_as_configured(tokenizer, monkeypa
     assert best in sec["confirmed"] and "none of the 2" in sec["why"]
     # the choice does not follow the clock: the same screen under other timings picks the same setting
     clock = iter(np.cumsum(np.random.default_rng(0).uniform(0.1, 50.0, 10_000)))
-    monkeypatch.setattr(Calibrator, "_passes", lambda self, r: True)
+    monkeypatch.setattr(Calibrator, "_passes", lambda self, r, confirmed: True)
     first = {k: cal.choose_optimiser(1)[k] for k in ("lr", "steps", "nll_stop")}
     monkeypatch.setattr("neuraldb.engine.calibrate.time.perf_counter", lambda: float(next(clock)))
     assert {k: cal.choose_optimiser(1)[k] for k in ("lr", "steps", "nll_stop")} == first
@@ -349,6 +349,24 @@ def test_gate_map_is_fitted_measured_and_kept_only_where_it_pays(tokenizer, tmp_
     db.detach()
     no_texts = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE)
     assert no_texts.choose_map(1, 1, plain) == ("", plain)
+
+
+def test_the_map_stage_reads_its_spaces_key_file_once(tokenizer, tmp_path, monkeypatch) -> None:
+    """Fitting a map and scanning the mapped space both start from the plain space's cached
+    rows: the file is read once, and a fresh calibrator reads the same rows from it."""
+    import safetensors.torch as st
+
+    model = make_model("llama", tokenizer)
+    cfg = dataclasses.replace(SMALL, map_rank=8, map_facts=20, map_epochs=1)
+    cal = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE, fit_texts=CORPUS[::-1])
+    plain = cal.choose_thresholds(1, 1)  # writes the space's rows
+    reads, real = [], st.load_file
+    monkeypatch.setattr(st, "load_file", lambda path, *a, **k: reads.append(Path(path).name) or real(path, *a, **k))
+    fresh = Calibrator(model, tokenizer, FACTS, CORPUS * 3, cfg, cache=tmp_path, base=BASE, fit_texts=CORPUS[::-1])
+    fresh.choose_map(1, 1, plain)
+    full = [r for r in reads if r.startswith("keys-full-")]
+    assert len(full) == 1, reads
+    assert torch.equal(fresh._space_keys(1, 1), cal._space_keys(1, 1))
 
 
 @pytest.mark.parametrize("context", [0, 1])
