@@ -126,6 +126,11 @@ class StackedSpace(KeySpace):
     def d_raw(self) -> int:
         return self.d_ffn + self.d_ctx * len(self.attn_paths)
 
+    @property
+    def dim(self) -> int:
+        """Nothing is combined: a vector of this space is its raw capture."""
+        return self.d_raw
+
     def combine(self, raw: torch.Tensor) -> torch.Tensor:
         return raw
 

@@ -230,3 +230,23 @@ def test_head_check_reads_the_subjects_first_token(tokenizer, tmp_path: Path) ->
     assert torch.allclose(again, cos, atol=1e-2)  # the cache holds half precision
     lone = prompt_context(db, wide, [(facts[0], "{} speaks")])  # the subject opens the sequence
     assert HeadCheck(db, wide, facts, tmp_path, chunk=8).cosines(ids[:1], lone, space).isinf().all()
+
+
+def test_a_stacked_capture_splits_into_each_contexts_space(tokenizer) -> None:
+    """One capture of every context block serves each gate_context: its split gives the raw
+    activations the space of that context records itself, and its width is its `dim`."""
+    from neuraldb.engine.space import stacked_space
+
+    model = make_model("llama", tokenizer)
+    stacked = stacked_space(model, 2, 2)
+    ids = torch.tensor([tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    with Capture(model, stacked) as cap:
+        model(input_ids=ids)
+    raw = cap.raw  # (1, T, d_raw)
+    assert stacked.dim == stacked.d_raw == raw.shape[-1] == stacked.combine(raw).shape[-1]
+    for c in (0, 1, 2):
+        space = key_space(model, 2, CFG.replace(layer=2, gate_context=c))
+        with Capture(model, space) as one:
+            model(input_ids=ids)
+        assert torch.allclose(stacked.split(raw, c), one.raw, atol=1e-5)
+        assert space.combine(stacked.split(raw, c)).shape[-1] == space.dim
