@@ -181,13 +181,16 @@ class ChunkCache:
                 res = db.encode_residuals([facts[i] for k in todo for i in groups[k]])  # a group's rows hold its residual
             finally:
                 db.config = plain
-            at = 0
+            st, at = db.last_stats, 0
             for k in todo:
                 out[k] = res[at].cpu().contiguous()
-                at += len(groups[k])
-                tmp = paths[k].with_suffix(".tmp")
-                save_file({"ids": torch.tensor(list(groups[k])), "residual": out[k]}, str(tmp))
+                n = len(groups[k])
+                tmp = paths[k].with_suffix(".tmp")  # each member's final NLL and the group's steps beside it
+                save_file({"ids": torch.tensor(list(groups[k])), "residual": out[k],
+                           "nll": st.nll[at : at + n].cpu().contiguous(),
+                           "steps": st.steps[at : at + n].cpu().contiguous()}, str(tmp))
                 tmp.rename(paths[k])
+                at += n
         return out  # type: ignore[return-value]
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
@@ -248,7 +251,27 @@ class ChunkCache:
             nl, st = torch.cat(nll), torch.cat(steps)
             out.update(residual_nll_mean=float(nl.mean()), residual_nll_p90=float(nl.quantile(0.9)),
                        residual_nll_max=float(nl.max()), residual_steps_mean=float(st.mean()))
-        return out
+        return {**out, **self.group_stats()}
+
+    def group_stats(self) -> dict[str, float]:
+        """The final NLL of every fact held by a cached group residual (facts about one subject,
+        optimised jointly; the residual_nll columns are single facts'), and how many group files
+        were written before their NLL was stored."""
+        nll, old = [], 0
+        for path in sorted(self.res_root.glob("group_*.safetensors")):
+            with safe_open(str(path), framework="pt") as fh:
+                if "nll" in fh.keys():
+                    nll.append(fh.get_tensor("nll"))
+                else:
+                    old += 1
+        if not nll and not old:
+            return {}
+        nl = torch.cat(nll) if nll else torch.zeros(0)
+        stats = {"group_facts": len(nl), "group_files_without_nll": old}
+        if len(nl):
+            stats.update(group_nll_mean=float(nl.mean()), group_nll_p90=float(nl.quantile(0.9)),
+                         group_nll_max=float(nl.max()))
+        return stats
 
 
 GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # config fields that change no key or residual

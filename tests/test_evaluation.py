@@ -368,6 +368,11 @@ def test_lazy_group_residuals_are_one_batched_call(tokenizer, tmp_path: Path) ->
         alone = encode([facts[i] for i in group])[0]  # (d,): the group optimised by itself
         got = db.table.gather(torch.tensor(group)).float()  # (n, d): every member holds the group's residual
         assert torch.allclose(got, alone.expand_as(got), rtol=1e-3, atol=1e-4), float((got - alone).abs().max())
+    encode(facts[:5])  # the lazy call again: each member's final NLL is kept beside its group's residual
+    stats = cache.throughput(len(facts))
+    assert stats["group_facts"] == 5 and stats["group_files_without_nll"] == 0
+    assert abs(stats["group_nll_mean"] - float(db.last_stats.nll.mean())) <= 1e-4
+    assert stats["group_nll_max"] == pytest.approx(float(db.last_stats.nll.max()), abs=1e-4)
     calls.clear()
     assert scale.Residuals(db, cache, facts, groups=True).load(set(range(len(facts)))) == len(facts)
     assert calls == []  # every residual came from the cache
