@@ -125,6 +125,17 @@ def _dist() -> tuple[int, int, Any]:
     return dist.get_rank(), dist.get_world_size(), dist
 
 
+def settings(facts_path: str | Path, n: int, chunk: int, fingerprint: Any, config: Any) -> dict[str, Any]:
+    """What a chunk file must have been made for: the facts file, pool size, chunk size, model
+    and EditConfig (not the index; not a field added later while at the value that behaves as
+    before, so chunks written before it still count)."""
+    from .engine.config import NEUTRAL_LATER
+
+    cfg = {k: v for k, v in vars(config).items()
+           if k != "index" and not (k in NEUTRAL_LATER and v == NEUTRAL_LATER[k])}
+    return {"facts": str(Path(facts_path).resolve()), "n": n, "chunk": chunk, "model": fingerprint, "config": cfg}
+
+
 def build(facts_path: str | Path, out: str | Path, model_name: str, chunk: int = 1024,
           config: Any = None, layer: int | None = None, gamma: float | None = None,
           index: str | None = None) -> dict[str, Any]:
@@ -139,8 +150,7 @@ def build(facts_path: str | Path, out: str | Path, model_name: str, chunk: int =
     pool = FactPool.from_file(facts_path, skip_invalid=False)
     model, tok = load_model(model_name, device=device)
     db = NeuralDB(model, tok, config, layer=layer, gamma=gamma, index=index, attach=False)
-    sig = {"facts": str(Path(facts_path).resolve()), "n": len(pool), "chunk": chunk,
-           "model": db.fingerprint(), "config": {k: v for k, v in vars(db.config).items() if k != "index"}}
+    sig = settings(facts_path, len(pool), chunk, db.fingerprint(), db.config)
     the_plan = plan(pool.table["subject"], chunk, sig)
     mine = [k for k in range(len(the_plan.chunks)) if k % world == rank]
     todo = [k for k in mine if not chunk_done(out, k, the_plan.chunks[k], the_plan.signature)]

@@ -100,10 +100,13 @@ def main() -> None:
                      "mean_final_nll": float(stats.nll.mean()), "p90_final_nll": float(stats.nll.quantile(0.9)),
                      "max_final_nll": float(stats.nll.max()), "facts_nll_le_first": int((stats.nll <= first_nll).sum()),
                      "facts_nll_over_0.05": int((stats.nll > 0.05).sum()), "facts_nll_over_0.5": int((stats.nll > 0.5).sum()),
-                     "mean_steps": float(stats.steps.float().mean()), **check, **quality})
+                     "mean_steps": float(stats.steps.float().mean()),
+                     "block_tokens_per_fact": stats.block_tokens / len(sub),  # the steps' work, load-independent
+                     "greedy_right": float(stats.greedy.mean()), **check, **quality})
     table = markdown_table(rows, ["what", "batch", "dtype", "facts", "seconds", "facts_per_s", "mean_final_nll",
                                   "p90_final_nll", "max_final_nll", "facts_nll_le_first", "facts_nll_over_0.05",
-                                  "facts_nll_over_0.5", "mean_steps"] + (list(CHECK) if args.check_nll else [])
+                                  "facts_nll_over_0.5", "mean_steps", "block_tokens_per_fact", "greedy_right"]
+                           + (list(CHECK) if args.check_nll else [])
                            + (list(QUALITY) if args.score else []))
     print(table)
     print(f"max |key(cache) - key(reference)| = {diff:.3g}")

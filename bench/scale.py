@@ -30,7 +30,7 @@ from neuraldb import Fact, NeuralDB, load_model
 from neuraldb.data import is_source, resolve
 from neuraldb.bench.common import machine, markdown_table, progress, run_main, write_json, write_outputs
 from neuraldb.engine.arch import cache_kwargs, returned_cache
-from neuraldb.engine.config import model_defaults, to_mapping
+from neuraldb.engine.config import NEUTRAL_LATER, model_defaults, to_mapping
 from neuraldb.engine.profile import load_config
 from neuraldb.engine.editor import model_name, subject_key
 from neuraldb.engine.models import DEFAULT_MODEL
@@ -278,10 +278,10 @@ GATE_ONLY = ("gamma", "head_gamma", "head_window", "sink_gamma", "index")  # con
 RESIDUAL_ONLY = ("residual_prefixes", "lr", "steps", "loss_stop", "clamp_norm", "weight_decay", "kl_factor",
                  "kl_prompt", "kl_contexts", "kl_span", "residual_batch_size", "residual_suffix", "subject_groups",
                  "residual_pack", "residual_init", "init_scale", "nll_stop", "residual_dtype",
-                 "lr_decay", "residual_blocks", "residual_stream")  # config fields that change residuals, not keys
+                 "lr_decay", "residual_blocks", "residual_stream", "residual_warmup")  # change residuals, not keys
 # residual-only fields added after caches were written, with the value that behaves as before:
 # at that value a field stays out of the recipe, so the residuals cached before it still serve
-ADDED_LATER = {"residual_stream": "grouped"}
+ADDED_LATER = {"residual_stream": "grouped", **NEUTRAL_LATER}
 
 
 def open_cache(root: Path, db: NeuralDB, args: argparse.Namespace, facts: Sequence[Fact]) -> ChunkCache:

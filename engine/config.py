@@ -91,6 +91,11 @@ RESIDUAL_STREAMS = ("grouped", "flat")
 KL_SPANS = ("subject", "all")
 
 
+# fields added after residual caches and build chunks were written, with the value that behaves
+# as before: a signature leaves such a field out at that value, so what was written still serves
+NEUTRAL_LATER: dict[str, Any] = {"residual_warmup": 0}
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """Everything that decides how facts become keys and residuals and how the gate fires."""
@@ -160,6 +165,10 @@ class EditConfig:
     # padded block calls) or "flat" (every group's tokens end to end for the projections and MLP,
     # attention per group: one GEMM per weight per block, so groups can be many and padding small)
     residual_stream: str = "grouped"
+    # the first this-many steps read only each fact's first target row (the bare prompt where usable)
+    # and its KL rows, its targets weighted to one; later steps read every row, and only they may stop
+    # a fact (0: every step reads every row)
+    residual_warmup: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -184,6 +193,7 @@ class EditConfig:
             "residual_stream": self.residual_stream in RESIDUAL_STREAMS,
             "init_scale": 0.0 < self.init_scale <= 1.0,
             "nll_stop": self.nll_stop is None or self.nll_stop >= 0.0,
+            "residual_warmup": 0 <= self.residual_warmup < self.steps,
             "sink_gamma": self.sink_gamma is None or (-1.0 <= self.sink_gamma <= 1.0 and self.head_gamma is not None),
         }
         bad = [k for k, ok in checks.items() if not ok]

@@ -43,6 +43,9 @@ class ResidualStats:
     # decoding emits there with the residual at the subject) at its last evaluated delta
     greedy: torch.Tensor | None = None
     greedy_history: torch.Tensor | None = None  # (K, F) the same after k steps, NaN once stopped (with `history`)
+    # token positions (padding included) the steps ran through the blocks from l* up, forward and
+    # backward: the optimiser's work, whatever the machine (the prefill not counted)
+    block_tokens: int = 0
 
 
 @dataclass
@@ -412,9 +415,22 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     hist_g: list[torch.Tensor] = []
     if low:
         groups = [g.cast(torch.bfloat16) for g in groups]
+    warm = cfg.residual_warmup if start is None else 0
+    work = 0  # token positions run through the blocks (ResidualStats.block_tokens)
+    tgt_scale = torch.ones_like(b.tgt_weight)  # (N_all,) what multiplies each target's weight now
+    if warm:  # the first steps: each fact's first target row and its KL rows, every other row later
+        full = groups
+        first_row = torch.zeros(len(b.ids), dtype=torch.bool, device=device)  # (R,)
+        first_row[b.tgt_row[b.tgt_greedy]] = True
+        first_row[b.kl_row] = True
+        groups = [k for g in groups if (k := g.keep(first_row[g.rows])) is not None]
+        w = torch.zeros(n_facts, device=device).index_add(0, b.row_fact[b.tgt_row], b.tgt_weight * b.tgt_greedy)
+        tgt_scale = b.tgt_greedy / w[b.row_fact[b.tgt_row]]  # (N_all,) the first row's targets sum to 1 per fact
     # bf16 steps run eager attention: the CPU's bf16 SDPA backward is ~20x slower than its bmm's
     with frozen_params(model), torch.enable_grad(), autocast, attention(model, "eager" if low else None):
         for it in range(int(limit.max()) if n_slots else 0):
+            if warm and it == warm:  # every row from now on (no fact stopped during the warm-up)
+                groups, tgt_scale = full, torch.ones_like(b.tgt_weight)
             if it == cfg.steps and bool((active & (limit <= it)).any()):  # single facts end here
                 active &= limit > it
                 if not bool(active.any()):
@@ -422,9 +438,10 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 groups = [k for g in groups if (k := g.keep(active[slot[b.row_fact[g.rows]]])) is not None]
             # targets and KL rows of the facts still optimising, in the order the groups score them
             tgt = torch.cat([g.tgt for g in groups])  # (N,)
-            tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt]
+            tgt_fact, tgt_tok, tgt_w = b.row_fact[b.tgt_row[tgt]], b.tgt_tok[tgt, None], b.tgt_weight[tgt] * tgt_scale[tgt]
             kl_e = torch.cat([g.kl for g in groups])  # (Ea,) KL entries of the facts still optimising
             h_tgt, h_kl = [], []
+            work += sum(g.ids.numel() for g in groups)
             with record_function("residuals.blocks"):
                 if flat:  # every group in one call: the stream laid end to end above l*
                     outs = stack.run_flat([(g.hidden, delta[slot[b.row_fact[g.rows]]], g.delta_pos, g.position_ids,
@@ -460,10 +477,11 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
             if start is not None:  # measuring given residuals, not optimising them
                 break
             was = active.clone()
-            active &= loss.detach() >= cfg.loss_stop
-            if cfg.nll_stop is not None:  # the target alone is learned: stop (a group on its facts' mean)
-                slot_nll = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now.detach()) / per_slot
-                active &= slot_nll >= cfg.nll_stop
+            if it >= warm:  # (in the warm-up a fact's other rows are not read yet: no stop)
+                active &= loss.detach() >= cfg.loss_stop
+                if cfg.nll_stop is not None:  # the target alone is learned: stop (a group on its facts' mean)
+                    slot_nll = torch.zeros(n_slots, device=device).index_add(0, slot, nll_now.detach()) / per_slot
+                    active &= slot_nll >= cfg.nll_stop
             if not bool(active.any()):
                 break
             steps += active.long()
@@ -488,7 +506,7 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
                 groups = [k for g in groups if (k := g.keep(active[slot[b.row_fact[g.rows]]])) is not None]
     stack_or_none = lambda xs: torch.stack(xs) if history and xs else None  # noqa: E731
     return delta.detach().float()[slot], ResidualStats(nll_f.detach(), steps[slot], stack_or_none(hist), greedy_f,
-                                                       stack_or_none(hist_g))
+                                                       stack_or_none(hist_g), work)
 
 
 def residual_contexts(prefixes: Sequence[str], cfg: EditConfig) -> list[str]:
@@ -532,7 +550,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     if cfg.residual_pack and cfg.residual_suffix:  # batches of like suffix length pad little
         units.sort(key=lambda u: min(suffix_length(tok, facts[i]) for i in u))
     order = [i for u in units for i in u]
-    outs, nll, steps, hists, greedy, hists_g = [], [], [], [], [], []
+    outs, nll, steps, hists, greedy, hists_g, work = [], [], [], [], [], [], 0
     bar = Progress(len(facts), "residuals", "fact")
     device = model_device(model)
     low = len(facts) > 0 and step_dtype(cfg, device) == torch.bfloat16
@@ -551,6 +569,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
         nll.append(st.nll)
         greedy.append(st.greedy)
         steps.append(st.steps)
+        work += st.block_tokens
         bar.update(len(chunk), nll=f"{float(st.nll.mean()):.3f}")
     bar.close()
     back = torch.empty(len(facts), dtype=torch.long)
@@ -564,7 +583,7 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
         k = max(h.shape[0] for h in hs)
         pad = [torch.cat([h, h.new_full((k - h.shape[0], h.shape[1]), float("nan"))]) for h in hs]  # (K, Fb)
         return torch.cat(pad, 1)[:, back.to(pad[0].device)]  # (K, F)
-    return cat(outs), ResidualStats(cat(nll), cat(steps), joined(hists), cat(greedy), joined(hists_g))
+    return cat(outs), ResidualStats(cat(nll), cat(steps), joined(hists), cat(greedy), joined(hists_g), work)
 
 
 def residual_nll(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,

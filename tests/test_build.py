@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import neuraldb
-from neuraldb.builder import plan
+from neuraldb.builder import plan, settings
 from neuraldb.engine.persistence import read_db
 
 SUBJECTS = ["Danielle Darrieux", "Apple A5", "Michel Rocard", "Toko Yasuda", "Ferrari F40"]
@@ -63,6 +63,19 @@ def test_plan_keeps_a_subject_in_one_chunk() -> None:
     for s in set(subjects):
         assert len({where[i] for i, t in enumerate(subjects) if t == s}) == 1
     assert [c.tolist() for c in p.chunks] == [[0, 1, 2, 5, 7], [3, 4], [6]]
+
+
+def test_a_field_added_later_keeps_earlier_chunks_at_its_neutral_value(tmp_path: Path) -> None:
+    """A chunk's settings name every EditConfig field but the index; a field added after chunks
+    were written stays out at the value that behaves as before, and counts where it differs."""
+    from neuraldb import EditConfig
+    from neuraldb.engine.config import NEUTRAL_LATER
+
+    plain = settings(tmp_path / "f.jsonl", 10, 4, "fp", EditConfig())
+    assert "index" not in plain["config"] and "lr" in plain["config"]
+    assert not set(NEUTRAL_LATER) & set(plain["config"])  # what a build before those fields wrote
+    warm = settings(tmp_path / "f.jsonl", 10, 4, "fp", EditConfig(residual_warmup=3))
+    assert warm["config"]["residual_warmup"] == 3 and plan(["a"], 4, warm).signature != plan(["a"], 4, plain).signature
 
 
 @pytest.mark.slow

@@ -236,7 +236,9 @@ def test_lazy_residuals_equal_eager(tokenizer, tmp_path: Path, data_dir: Path) -
     # a residual-only field added later names a new recipe only away from its old behaviour
     from neuraldb.engine.config import to_mapping
     plain = scale.residual_recipe(to_mapping(EditConfig()), 64)
-    assert "residual_stream" not in plain["config"] and set(plain["config"]) == set(scale.RESIDUAL_ONLY) - {"residual_stream"}
+    assert not set(scale.ADDED_LATER) & set(plain["config"])  # fields added later stay out at their neutral value
+    assert set(plain["config"]) == set(scale.RESIDUAL_ONLY) - set(scale.ADDED_LATER)
+    assert scale.residual_recipe(to_mapping(EditConfig(residual_warmup=2)), 64)["config"]["residual_warmup"] == 2
     assert scale.residual_recipe(to_mapping(EditConfig(residual_stream="flat")), 64)["config"]["residual_stream"] == "flat"
 
     model_dir = tmp_path / "tiny"

@@ -288,6 +288,39 @@ def _greedy_right(model, tokenizer, facts, layer: int, prefixes, residuals: torc
     return out
 
 
+def test_warmup_steps_read_each_facts_first_row_only(tokenizer, monkeypatch) -> None:
+    """With `residual_warmup` W the first W steps are the steps of the first row alone (the bare
+    prompt here: the history equals a run with no prefixed rows), run fewer rows, stop no fact;
+    then every row is read and the result ends near the plain run's NLL."""
+    from neuraldb.engine import residuals as R
+
+    model = make_model("llama", tokenizer)
+    facts = [f for f in FACTS if not f.prompt.startswith("{}")]  # the bare prompt is each one's first row
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=12, lr=0.5, weight_decay=0.1, loss_stop=0.0)
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    rows: list[int] = []
+    real = R._Steps.run
+    monkeypatch.setattr(R._Steps, "run", lambda self, *a, **k: rows.append(len(self.rows)) or real(self, *a, **k))
+    # the clamp and weight decay scale with the block's output norm at a prefixed row: off for the comparison
+    free = cfg.replace(weight_decay=0.0, clamp_norm=100.0)
+    _, bare = R.compute_residuals(model, tokenizer, facts, 1, prefixes, free.replace(residual_prefixes=0, steps=4),
+                                  history=True)
+    _, warm = R.compute_residuals(model, tokenizer, facts, 1, prefixes, free.replace(residual_warmup=4), history=True)
+    assert torch.allclose(warm.history[:4], bare.history[:4], atol=1e-5)  # the warm-up: the bare rows' steps
+    assert torch.equal(warm.greedy_history[:4], bare.greedy_history[:4])
+    _, plain = R.compute_residuals(model, tokenizer, facts, 1, prefixes, cfg, history=True)
+    rows.clear()
+    _, warm = R.compute_residuals(model, tokenizer, facts, 1, prefixes, cfg.replace(residual_warmup=4), history=True)
+    # no fact stops (loss_stop 0): 4 steps of the bare and KL rows, 8 of all four rows per fact
+    assert sum(rows) == len(facts) * (4 * 2 + 8 * (cfg.residual_prefixes + 2)), rows
+    assert 0 < warm.block_tokens < plain.block_tokens
+    assert float(warm.nll.mean()) <= 1.5 * float(plain.nll.mean()) + 0.05, (warm.nll, plain.nll)
+    _, early = R.compute_residuals(model, tokenizer, facts, 1, prefixes, cfg.replace(residual_warmup=4, nll_stop=1e3))
+    assert early.steps.tolist() == [4] * len(facts)  # nothing stops before every row was read
+    with pytest.raises(Exception, match="residual_warmup"):
+        EditConfig(steps=4, residual_warmup=4)
+
+
 def test_the_optimiser_reports_whether_each_facts_greedy_answer_is_right(tokenizer) -> None:
     """`ResidualStats.greedy` says, per fact, whether greedy decoding of the rewrite prompt with the
     residual at the subject emits the whole new object, as a plain forward with that residual
