@@ -359,7 +359,7 @@ def read_db(directory: Path, device: str | torch.device = "cpu", residual_mmap: 
         raise DatabaseError(f"{path}: residual dim {table.dim}, config says d_res={d_res}")
     path = directory / "index.safetensors"
     try:
-        index = KeyIndex.load(path, device=device, floor=config.gamma, **(index_options or {}))
+        index = KeyIndex.load(path, device=device, floor=config.floor, **(index_options or {}))
     except (IndexError_, OSError) as exc:
         raise DatabaseError(f"{path}: damaged key index ({exc})") from exc
     if index.dim != d_key:
