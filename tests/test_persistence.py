@@ -316,12 +316,13 @@ def test_a_loaded_index_keeps_keys_the_sink_threshold_can_open(spec: str, tmp_pa
     or more (Auto's switch to Proj) once loaded with the floor at gamma and reported such keys as
     closed: a built 10k database scored 87.3 generalization where the same keys in memory gave 90.7."""
     from neuraldb.engine.config import EditConfig, to_mapping
+    from neuraldb.engine.heads import head_dim
     from neuraldb.index import ResidualTable, make_index
 
     s = dbstate.version(0, spec)
     cfg = EditConfig(layer=1, index=spec, gamma=0.9, head_gamma=0.5, sink_gamma=0.3)
-    heads = ResidualTable(dbstate.D_KEY + 6, shard_size=16)
-    heads.put(s["ids"], torch.zeros(len(s["ids"]), dbstate.D_KEY + 6))
+    heads = ResidualTable(head_dim(dbstate.D_KEY), shard_size=16)
+    heads.put(s["ids"], torch.zeros(len(s["ids"]), head_dim(dbstate.D_KEY)))
     meta = {**s["meta"], "config": to_mapping(cfg)}
     write_db(tmp_path / "db", meta, s["facts"], s["table"], s["index"], heads=heads)
     stored = read_db(tmp_path / "db")
