@@ -76,6 +76,11 @@ class GatedFFNOut(nn.Module):
         # decisions made elsewhere (open (B, T) bool, ids (B, T) long), read once by the next forward
         # instead of searching: a scoring pass in lower precision replays a float32 probe's decisions
         self.forced: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the caller reads the opens only (a probe): a token past the head window after the text's
+        # first token cannot stand where the subject starts it (sink_gamma), so on the CPU it is
+        # searched above gamma instead of the index's floor: the same opens, more keys pruned, and
+        # below gamma its similarity reads (gamma, -1) instead of the best key under it
+        self.open_only = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GatedFFNOut":
         """`model.to(device)` moves the key index and residual table along with the weights."""
@@ -118,8 +123,10 @@ class GatedFFNOut(nn.Module):
             self._head_check(q, None, lead, step)
             self.last = None
             return out
-        if mask is not None and q.device.type == "cpu" and not bool(mask.all()):
-            sims, ids = self._search_masked(q, mask.reshape(-1))  # pads and sinks are never searched
+        late = self._late(lead, step) if self.open_only and q.device.type == "cpu" else None  # (B*T,)
+        if q.device.type == "cpu" and (late is not None or (mask is not None and not bool(mask.all()))):
+            # pads and sinks are never searched; late tokens above gamma
+            sims, ids = self._search_masked(q, None if mask is None else mask.reshape(-1), late)
         else:
             sims, ids = self.index.search(q)  # (B*T,), (B*T,)
         if self.heads is not None:
@@ -189,17 +196,35 @@ class GatedFFNOut(nn.Module):
         return head_scores(self.heads.dense(q.device), ids.view(b, t).to(q.device), ext, step.past,
                            step.first.to(q.device), sink)
 
-    def _search_masked(self, q: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_masked(self, q: torch.Tensor, mask: torch.Tensor | None,
+                       late: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Search only the tokens the mask lets through (on the CPU, where listing them costs no
-        device sync); the others read (-inf, -1), as a search that found nothing."""
-        rows = mask.nonzero()[:, 0]
-        sims = torch.full((q.shape[0],), float("-inf"), dtype=torch.float64, device=q.device)
-        ids = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
-        if rows.numel():
-            s, i = self.index.search(q[rows])
-            sims = sims.to(s.dtype)
-            sims[rows], ids[rows] = s, i.to(ids.dtype)
+        device sync), the `late` ones above gamma (`open_only`); the others read (-inf, -1), as
+        a search that found nothing."""
+        n = q.shape[0]
+        keep = torch.ones(n, dtype=torch.bool, device=q.device) if mask is None else mask.to(q.device)
+        sims = torch.full((n,), float("-inf"), dtype=torch.float64, device=q.device)
+        ids = torch.full((n,), -1, dtype=torch.long, device=q.device)
+        parts = [(keep, None)] if late is None else [(keep & ~late, None), (keep & late, self.gamma)]
+        for sel, above in parts:
+            rows = sel.nonzero()[:, 0]
+            if rows.numel():
+                s, i = self.index.search(q[rows]) if above is None else self.index.search_above(q[rows], above)
+                sims = sims.to(s.dtype)
+                sims[rows], ids[rows] = s, i.to(ids.dtype)
         return sims, ids
+
+    def _late(self, lead: torch.Size, step: Step | None) -> torch.Tensor | None:
+        """(B*T,) the tokens more than head_window after their row's first real token: where the
+        head check anchors a subject at the text's start (engine/heads.py) its head is the first
+        token and its span at most head_window, so only gamma can open these. None where the
+        sink threshold is not the lower one (nothing to gain) or there is no head check."""
+        if self.heads is None or self.sink_gamma is None or self.sink_gamma >= self.gamma or len(lead) != 2:
+            return None
+        b, t = lead
+        past, first = (0, torch.zeros(b, dtype=torch.long)) if step is None else (step.past, step.first)
+        here = past + torch.arange(t)  # (T,) absolute positions
+        return (here[None, :] - first.cpu()[:, None] > self.head_window).reshape(-1)  # (B*T,)
 
     def hits(self) -> list[Hit]:
         """Tokens where the gate opened in the last forward pass."""

@@ -99,6 +99,9 @@ class AutoIndex(KeyIndex):
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inner.search(queries)
 
+    def search_above(self, queries: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.search_above(queries, floor)
+
     def to(self, device: torch.device | str) -> "AutoIndex":
         device = torch.device(device)
         if (device.type == "cpu") != (self.device.type == "cpu"):  # host <-> accelerator: re-plan

@@ -51,6 +51,12 @@ class KeyIndex(ABC):
         """Top-1 for each query (n, dim): (similarity float32 (n,), id int64 (n,)), on the
         queries' device; (-inf, -1) where the index is empty."""
 
+    def search_above(self, queries: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` for a caller that acts only on similarities above `floor`: an index that prunes
+        by a floor (index/bound.py) may answer (floor, -1) for a query whose best key is not above
+        it; this default searches as usual (a correct answer too)."""
+        return self.search(queries)
+
     @property
     @abstractmethod
     def ntotal(self) -> int: ...

@@ -310,7 +310,8 @@ class ProjBoundIndex(ExactBacked):
         return self
 
     # -- search ---------------------------------------------------------------------------------
-    def _rescore(self, q64: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rescore(self, q64: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
+                 floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Float64 cosines of the candidate pairs (query qi, row ki): each query's best and its
         row (-inf, -1 without candidates), ties to the smallest id."""
         n = q64.shape[0]
@@ -326,8 +327,8 @@ class ProjBoundIndex(ExactBacked):
             err = scan_margin(self.dim) / 2
             top = torch.full((n,), float("-inf"), device=self.device).scatter_reduce_(0, qi, s32, "amax")
             cut = top[qi] - 2 * err  # the true maximum's pair is never below it
-            if self.floor > -1.0:
-                cut = cut.clamp_min(self.floor - err)  # nor is any pair that could open
+            if floor > -1.0:
+                cut = cut.clamp_min(floor - err)  # nor is any pair that could open
             keep = s32 >= cut
             qi, ki = qi[keep], ki[keep]
             if qi.numel() == 0:
@@ -343,7 +344,7 @@ class ProjBoundIndex(ExactBacked):
         arg[found] = torch.from_numpy(self.exact.slots_of(win[found].cpu().numpy())).to(self.device)
         return best, arg
 
-    def _full_scan(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _full_scan(self, q64: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Every live key: an fp32 matmul (or, where the bound runs in bf16, a bf16 one) keeps
         the keys within twice its error of the maximum and not below the floor by more than its
         error; they are then re-scored in float64."""
@@ -360,12 +361,12 @@ class ProjBoundIndex(ExactBacked):
             sims = (q64[s : s + step].to(keys.dtype) @ keys.T).float().masked_fill(~valid, float("-inf"))  # (step, M)
             top = sims.max(1).values  # (step,)
             cut = top - 2 * err
-            if self.floor > -1.0:
-                cut = cut.clamp_min(self.floor - err)  # below the floor by more than the error: closed anyway
+            if floor > -1.0:
+                cut = cut.clamp_min(floor - err)  # below the floor by more than the error: closed anyway
             qi, ki = torch.nonzero(sims >= cut[:, None], as_tuple=True)
             qis.append(qi + s)
             kis.append(ki)
-        return self._rescore(q64, torch.cat(qis), torch.cat(kis))
+        return self._rescore(q64, torch.cat(qis), torch.cat(kis), floor)
 
     def _scan_keys(self) -> torch.Tensor:
         """The stored keys (M, d) a full scan reads: fp32, or a bf16 copy (made on the first scan,
@@ -377,6 +378,14 @@ class ProjBoundIndex(ExactBacked):
         return self._low_keys
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._search(queries, self.floor)
+
+    def search_above(self, queries: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` with the floor raised to `floor` for these queries: more keys pruned, and a
+        query whose best key is not above it reads (floor, -1)."""
+        return self._search(queries, max(self.floor, floor))
+
+    def _search(self, queries: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         q64 = queries.to(self.device).double()
         q64 = q64 / q64.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (n, d)
         n = q64.shape[0]
@@ -384,36 +393,36 @@ class ProjBoundIndex(ExactBacked):
         self.stats["queries"] += n
         if self.exact.ntotal == 0:
             return self.exact.search(queries)
-        if self._basis is None or self.floor <= -1.0:
+        if self._basis is None or floor <= -1.0:
             self.stats["full_scans"] += n
-            best, rows = self._full_scan(q64)
-            if self.floor > -1.0:  # the scan dropped keys below the floor: closed rows read (floor, -1)
-                best, ids = self._closed(best, rows)
+            best, rows = self._full_scan(q64, floor)
+            if floor > -1.0:  # the scan dropped keys below the floor: closed rows read (floor, -1)
+                best, ids = self._closed(best, rows, floor)
                 return best.to(queries.device), ids.to(queries.device)
             return best.to(queries.device), self.exact._ids[rows].to(queries.device)
         bound = self.chooser.pick(n) if self.chooser is not None else True
         t0 = time.perf_counter()
         if bound:
             step = max(1, self.block_elems // max(1, self._proj.shape[0]))  # (step, M) bound blocks
-            parts = [self._bounded(q64[s : s + step]) for s in range(0, n, step)]
+            parts = [self._bounded(q64[s : s + step], floor) for s in range(0, n, step)]
             best, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
             self.stats["full_scans"] += n
             self.stats["scanned_batches"] += 1
-            best, arg = self._full_scan(q64)
-            best, ids = self._closed(best, arg)
+            best, arg = self._full_scan(q64, floor)
+            best, ids = self._closed(best, arg, floor)
         if self.chooser is not None:
             self.chooser.record(n, bound, time.perf_counter() - t0)
         return best.to(queries.device), ids.to(queries.device)
 
-    def _closed(self, best: torch.Tensor, arg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _closed(self, best: torch.Tensor, arg: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(floor, -1) where no key exceeds the floor, else (similarity, id): both paths' answer."""
-        closed = ~(best > self.floor)  # no key exceeds the floor: the floor bounds the maximum
-        best = best.masked_fill(closed, self.floor)
+        closed = ~(best > floor)  # no key exceeds the floor: the floor bounds the maximum
+        best = best.masked_fill(closed, floor)
         arg = arg.masked_fill(closed, -1)
         return best, torch.where(arg >= 0, self.exact._ids[arg.clamp_min(0)], arg)
 
-    def _bounded(self, q64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bounded(self, q64: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Search unit float64 queries (n, d) through the bound: (similarity, id) per query."""
         n = q64.shape[0]
         p64 = q64 @ self._basis64.T  # (n, r): one float64 product, no second pass over the basis
@@ -425,23 +434,23 @@ class ProjBoundIndex(ExactBacked):
         a = torch.cat([pq, qperp[:, None]], 1)  # (n, r+1)
         if self._low is not None:
             upper = a.bfloat16() @ self._low.T  # (n, M) bf16: >= q.k - slack - low slack
-            cut = bf16_below(self.floor - self._slack - self._low_slack)  # compared in bf16: rounded down
+            cut = bf16_below(floor - self._slack - self._low_slack)  # compared in bf16: rounded down
         else:
             upper = a @ self._proj.T  # (n, M): >= q.k - slack
-            cut = self.floor - self._slack
+            cut = floor - self._slack
         qi, ki = torch.nonzero(upper >= cut, as_tuple=True)  # candidate pairs
         keep = self.exact._valid[ki]  # dead rows are zero: drop them here, not by masking (n, M)
         qi, ki = qi[keep], ki[keep]
         counts = torch.bincount(qi, minlength=n)  # (n,)
         over = counts > self.max_candidates  # too many near-ties: an fp32 scan is cheaper
         small = ~over[qi]
-        best, arg = self._rescore(q64, qi[small], ki[small])
+        best, arg = self._rescore(q64, qi[small], ki[small], floor)
         if bool(over.any()):
-            best[over], arg[over] = self._full_scan(q64[over])
+            best[over], arg[over] = self._full_scan(q64[over], floor)
         self.stats["decided"] += int((counts == 0).sum())
         self.stats["candidates"] += int(counts.sum())
         self.stats["full_scans"] += int(over.sum())
-        return self._closed(best, arg)
+        return self._closed(best, arg, floor)
 
     @property
     def nbytes(self) -> int:

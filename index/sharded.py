@@ -43,8 +43,17 @@ class ShardedIndex(KeyIndex):
         return sum(shard.remove(ids[sel]) for shard, sel in zip(self.shards, self._route(ids)) if sel.size)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._merge(queries, [shard.search(queries.to(shard.device, non_blocking=True))
+                                     for shard in self.shards])
+
+    def search_above(self, queries: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._merge(queries, [shard.search_above(queries.to(shard.device, non_blocking=True), floor)
+                                     for shard in self.shards])
+
+    @staticmethod
+    def _merge(queries: torch.Tensor,
+               parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         home = queries.device
-        parts = [shard.search(queries.to(shard.device, non_blocking=True)) for shard in self.shards]
         sims = torch.stack([s.to(home, non_blocking=True) for s, _ in parts])  # (S, n)
         ids = torch.stack([i.to(home, non_blocking=True) for _, i in parts])  # (S, n)
         best, which = sims.max(0)  # (n,)

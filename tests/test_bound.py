@@ -297,3 +297,34 @@ def test_both_paths_of_the_chooser_answer_alike_and_the_cheaper_runs() -> None:
     picks = [c.pick(10) for _ in range(8)]
     assert picks.count(False) == 6 and picks.count(True) == 2  # the scan, with a probe of the bound
     assert c.pick(1000) is True  # another batch size is timed on its own
+
+
+@pytest.mark.parametrize("spec", ["Proj8", "Proj8,fp32", "Auto", "Flat"])
+def test_search_above_a_higher_floor_decides_as_the_exact_search(spec: str) -> None:
+    """`search_above(q, f)`: for a query whose best key exceeds f, the exact best and its id; for
+    the rest, a similarity not above f and no id that could open (a pruning index prunes more:
+    fewer candidates re-scored than with its own floor)."""
+    g = torch.Generator().manual_seed(11)
+    d, m = 32, 400
+    keys = clustered(m, d, g)
+    idx = make_index(spec, d, floor=0.5, **({"adaptive": False} if spec.startswith("Proj") else {}))
+    ids = np.arange(m) * 2 + 5
+    idx.add(ids, keys)
+    near = [keys[20 * j : 20 * j + 20] + s * torch.randn(20, d, generator=g) for j, s in enumerate((0.03, 0.1, 0.2))]
+    queries = torch.cat(near + [clustered(60, d, g)])
+    have_ids, have_keys = idx.export()
+    want_sim, want_id = reference(have_keys, have_ids, queries)
+    for f in (0.5, 0.8, 0.9):
+        sim, got = idx.search_above(queries, f)
+        above = want_sim > f
+        assert 0 < int(above.sum()) < len(queries)
+        assert torch.equal(got[above], want_id[above])
+        assert torch.allclose(sim.double()[above], want_sim[above], rtol=0, atol=1e-6)
+        assert bool((sim.double()[~above] <= f + 1e-6).all() or spec == "Flat")
+    if spec.startswith("Proj"):
+        idx.stats["candidates"] = 0
+        idx.search_above(queries, 0.5)
+        low = idx.stats["candidates"]
+        idx.stats["candidates"] = 0
+        idx.search_above(queries, 0.9)
+        assert idx.stats["candidates"] < low
