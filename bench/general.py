@@ -32,6 +32,7 @@ from neuraldb.data import resolve
 from neuraldb.engine.arch import model_device
 from neuraldb.engine.config import load_yaml, to_mapping
 from neuraldb.engine.models import DEFAULT_MODEL
+from neuraldb.evaluation.below import BelowCache
 from neuraldb.evaluation.general import (MAIN_METRIC, PRECISIONS, SCORERS, TASKS, ProbeCache, ScoreCache, TaskScore,
                                          evaluate, make_lm, opens_table, resolve_precision, summary_rows)
 from neuraldb.evaluation.texts import wikitext_passages
@@ -65,6 +66,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     v.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
                    help="bf16-above: blocks above the gated layer and the LM head in bf16, the gate in float32 "
                         "(auto: where the device multiplies bf16 fast)")
+    v.add_argument("--below", default="on", choices=("on", "off"),
+                   help="on: keep what enters the gated block for every input scored or probed (OUT/scores/"
+                        "MODEL/below/), so that every state's gate probe starts at that block "
+                        "(evaluation/below.py); off: every probe runs from the embeddings")
     v.add_argument("--scorer", default="neuraldb", choices=SCORERS,
                    help="neuraldb: the LM head only where a continuation is read; harness: HFLM's own loop "
                         "(to time against; use another --out)")
@@ -94,16 +99,20 @@ def state_run(name: str, lm: Any, args: argparse.Namespace, out: Path, t0: float
     res = evaluate(lm, tasks, args.limit, args.data_dir)
     res["seconds"] = time.perf_counter() - t0
     res["reused"], res["rescored"], res["tokens"] = lm.reused, lm.rescored, lm.tokens
+    res["probe_s"], res["probe_inputs"] = lm.probe_seconds, list(lm.probe_inputs)
     res["opens"] = list(opens_table(getattr(lm, "opens", [])))
     write_json(path, {"key": key, "scores": {t: {m: vars(s) for m, s in per.items()} for t, per in res["scores"].items()},
                                                 "seconds": res["seconds"], "reused": res["reused"],
                                                 "rescored": res["rescored"], "tokens": res["tokens"],
+                                                "probe_s": res["probe_s"], "probe_inputs": res["probe_inputs"],
                                                 "origins": res["origins"],
                                                 "opens": res["opens"],
                                                 "per_doc": res["per_doc"]})
-    log.warning("%s: %s in %.0f s (%d requests reused, %d scored with the gate, %d opens)", name,
+    log.warning("%s: %s in %.0f s (%d requests reused, %d scored with the gate, %d opens; gate probe %.0f s, "
+                "%d inputs from the embeddings, %d from kept below-l* rows)", name,
                 {t: round(100 * per[MAIN_METRIC[t]].value, 2) for t, per in res["scores"].items()},
-                res["seconds"], res["reused"], res["rescored"], len(res["opens"]))
+                res["seconds"], res["reused"], res["rescored"], len(res["opens"]), res["probe_s"],
+                *res["probe_inputs"])
     return res
 
 
@@ -164,8 +173,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # score caches are keyed by request tokens; a folder per model, and per database recipe inside it
     precision = resolve_precision(args.precision, model_device(model))
     scores = out / "scores" / digest(db.fingerprint()) / ("" if precision == "float32" else precision)
+    below = BelowCache.for_db(out / "scores" / digest(db.fingerprint()) / "below" /
+                              digest({"layer": db.layer, "context": db.space.attn_paths}), db) \
+        if args.below == "on" else None
     score = functools.partial(make_lm, model, tok, batch_size=args.batch_size, precision=precision, layer=db.layer,
-                              scorer=args.scorer)
+                              scorer=args.scorer, below=below)
     recipe = digest({"config": to_mapping(db.config), "data": args.data, "seed": args.seed,
                      "groups": args.subject_groups, "first_ids": [f.id for f in facts[:3]]})
     unedited_cache = ScoreCache(scores / "unedited.jsonl")

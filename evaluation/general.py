@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,7 @@ from ..engine.hooks import Trace, autocast_above
 from ..engine.progress import Progress
 from ..engine.residuals import fast_bf16
 from .attribution import names
+from .below import BelowCache, block_tuple_len, capture_below, start_below
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,49 @@ def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return ids
 
 
+@contextlib.contextmanager
+def _hooked(handle: Any) -> Iterator[None]:
+    """Remove a hook handle on leaving the block."""
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def right_padded_rows(rows: Sequence[torch.Tensor], t: int) -> torch.Tensor:
+    """Per-token rows (T_i, d) as one (B, t, d) batch, zeros after each row's end."""
+    out = torch.zeros(len(rows), t, rows[0].shape[-1], dtype=rows[0].dtype)  # (B, t, d)
+    for b, r in enumerate(rows):
+        out[b, : r.shape[0]] = r
+    return out
+
+
+def shared_prefixes(seqs: Sequence[Sequence[int]], first: int = 0) -> list[tuple[int, int]]:
+    """For each sequence from `first` on, the earlier sequence it shares its longest prefix with
+    and that prefix's length ((-1, 0) where none): a causal model computes the same activations
+    there, so a probe need not search those positions again. Those before `first` only serve as
+    earlier sequences. Prefixes are matched by hash and then compared token by token."""
+    seen: dict[int, int] = {}  # hash of a prefix -> the first sequence that has it
+    out = []
+    for i, x in enumerate(seqs):
+        h, owner, length, matching, hashes = 0, -1, 0, i >= first, []
+        for t, tok in enumerate(x):
+            h = hash((h, tok))
+            hashes.append(h)
+            if matching:
+                j = seen.get(h)
+                matching = j is not None
+                if matching:
+                    owner, length = j, t + 1
+        if owner >= 0 and list(seqs[owner][:length]) != list(x[:length]):
+            owner, length = -1, 0  # a hash collision: nothing shared
+        for hh in hashes:
+            seen.setdefault(hh, i)
+        if i >= first:
+            out.append((owner, length))
+    return out
+
+
 def request_key(tokens: Sequence[int], n_cont: int) -> str:
     return hashlib.sha1(json.dumps([list(tokens), n_cont]).encode()).hexdigest()
 
@@ -195,7 +240,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited: ScoreCache | None = None,
             edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None,
             precision: str = "float32", layer: int | None = None, probes: ProbeCache | None = None,
-            scorer: str = "neuraldb") -> Any:
+            scorer: str = "neuraldb", below: BelowCache | None = None) -> Any:
     """lm-eval's HFLM over `model`, with the gate probe and the caches described above. With
     `db` (a `NeuralDB` attached to `model`) requests on which a gate opens are scored gated and
     the rest come from (or go to) `unedited`; without it every request is the unedited model's
@@ -204,7 +249,9 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
     `precision` (PRECISIONS, or "auto") scores with the blocks above `layer` (default: the
     database's layer) in bf16; the unedited and the edited state must share it and the layer.
     `probes` keeps the probe's findings per input (for this database only), so a killed run's
-    probe resumes. `scorer` is one of SCORERS."""
+    probe resumes. `scorer` is one of SCORERS. `below` (evaluation/below.py) keeps what enters
+    the gated block for every input any float32 pass below it reads (the scorer's or the
+    probe's), and lets the probe of any later state start at that block."""
     HFLM = _harness()
     if scorer not in SCORERS:
         raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
@@ -216,6 +263,10 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
         raise ConfigError("precision bf16 replays the probe's gate decisions: scorer neuraldb only")
 
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    if below is not None and split is not None and below.layer != split:
+        raise ConfigError(f"the below-l* cache holds layer {below.layer}, the scorer splits at {split}")
+    # the scorer's passes compute the blocks below the split in float32 unless everything is bf16
+    capture_scored = below is not None and precision != "bf16" and scorer == "neuraldb"
 
     class GatedLM(HFLM):
         def __init__(self) -> None:
@@ -229,6 +280,9 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             # inputs per forward of the probe and the scorer ("auto" batch sizes are HFLM's own)
             self._rows_per_forward = int(self.batch_size) if str(self.batch_size).isdigit() else 16
             self._meta: list[tuple[str, int]] = []
+            self._tuple_len: int | None = None  # what decoder blocks return (below.block_tuple_len)
+            self.probe_inputs = (0, 0)  # inputs the probe ran from the embeddings / from the below-l* cache
+            self.probe_seconds = 0.0
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             self._meta = [(r.task_name, r.doc_id) for r in requests]
@@ -310,7 +364,10 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                             for pos, fid, _ in hits[same[inp][0]]:
                                 opened[b, pos], fact[b, pos] = True, fid
                         self.db.gate.forced = (opened, fact)
-                    logp = torch.log_softmax(self._forward(ids, lo), dim=-1)  # (B, T - lo, V)
+                    with capture_below(model, below) if capture_scored else contextlib.nullcontext() as got:
+                        logp = torch.log_softmax(self._forward(ids, lo), dim=-1)  # (B, T - lo, V)
+                    if capture_scored:
+                        self._keep_below(rows, got)
                     for b, inp in enumerate(rows):
                         for i in same[inp]:
                             cont = torch.tensor(conts[i], device=logp.device)  # (C,)
@@ -319,6 +376,14 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                             out[i] = (float(ll), bool((read.argmax(-1) == cont).all()))
                             bar.update(1)
             return out
+
+        def _keep_below(self, rows: Sequence[Sequence[int]], got: dict[str, torch.Tensor | None]) -> None:
+            """Store each input's rows of a pass that ran the blocks below l* (`capture_below`)."""
+            hidden, context = got["hidden"], got["context"]
+            if hidden is None or below is None:
+                return
+            below.put([(request_key(list(x), 0), hidden[b, : len(x)],
+                        None if context is None else context[b, : len(x)]) for b, x in enumerate(rows)])
 
         def _forward(self, ids: torch.Tensor, lo: int) -> torch.Tensor:
             """Logits of `ids` (B, T) at positions lo..T-1: (B, T - lo, V)."""
@@ -357,23 +422,72 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                     todo.append(i)
                 else:
                     out[i] = list(known)
-            order = sorted(todo, key=lambda i: -len(inputs[i]))
+            cached = [i for i in todo if below is not None and keys[i] in below]
+            cached_set = set(cached)
+            full = [i for i in todo if below is None or keys[i] not in below]
+            # longest first, the inputs whose below-l* rows are kept in batches of their own
+            batches = [order[s : s + self._rows_per_forward]
+                       for order in (sorted(full, key=lambda i: -len(inputs[i])),
+                                     sorted(cached, key=lambda i: -len(inputs[i])))
+                       for s in range(0, len(order), self._rows_per_forward)]
+            # each shared prefix is searched once: (earlier input, shared length) per input
+            pending = set(todo)
+            done, order = [i for i in first if i not in pending], [i for rows in batches for i in rows]
+            share = {i: ((done + order)[o] if o >= 0 else -1, n) for i, (o, n) in
+                     zip(order, shared_prefixes([inputs[i] for i in done + order], len(done)))}
             pad = self.tokenizer.pad_token_id or 0
-            dev = model_device(model)
-            with torch.no_grad(), self.db.record() as passes, Progress(len(order), "gate probe", "input") as bar:
-                for s in range(0, len(order), self._rows_per_forward):
+            dev, dtype = model_device(model), next(model.parameters()).dtype
+            if cached and self._tuple_len is None:
+                with self.db.disabled():
+                    self._tuple_len = block_tuple_len(model, below.layer)
+            self.probe_inputs = (self.probe_inputs[0] + len(full), self.probe_inputs[1] + len(cached))
+            t0 = time.perf_counter()
+            gate = self.db.gate
+            with torch.no_grad(), self.db.record() as passes, Progress(len(todo), "gate probe", "input") as bar, \
+                    contextlib.ExitStack() as undo:
+                undo.callback(setattr, gate, "open_only", gate.open_only)
+                gate.open_only = True  # only the opens are read: late tokens are searched above gamma
+                real: list[torch.Tensor] = []  # (B, T) this batch's tokens to search
+
+                def unpad(_mod: Any, _args: Any, _kwargs: Any) -> None:  # after the gate's own mask hook
+                    if gate.token_mask is not None:  # neither pads nor shared prefixes are searched
+                        gate.token_mask = gate.token_mask & real[0].to(gate.token_mask.device)
+
+                undo.enter_context(_hooked(model.base_model.register_forward_pre_hook(unpad, with_kwargs=True)))
+                for rows in batches:
                     before = len(passes)  # a pass that gates nothing records nothing
-                    rows = order[s : s + self._rows_per_forward]
-                    ids = right_padded([inputs[i] for i in rows], pad)  # (B, T)
-                    with Trace(self.db.model, self.db.path, retain_input=False, stop=True):
-                        model(ids.to(dev), use_cache=False)
+                    ids = right_padded([inputs[i] for i in rows], pad).to(dev)  # (B, T)
+                    lengths = torch.tensor([len(inputs[i]) for i in rows])  # (B,)
+                    starts = torch.tensor([share[i][1] for i in rows])  # (B,)
+                    at = torch.arange(ids.shape[1])[None, :]  # (1, T)
+                    real[:] = [(at < lengths[:, None]) & (at >= starts[:, None])]  # (B, T)
+                    if rows[0] in cached_set:
+                        parts = [below.get(keys[i]) for i in rows]
+                        width = ids.shape[1]
+                        hidden = right_padded_rows([h for h, _ in parts], width).to(dev, dtype)  # (B, T, d_model)
+                        context = right_padded_rows([c for _, c in parts], width).to(dev) \
+                            if below.context_paths else None  # (B, T, d_ctx)
+                        with start_below(model, below, self.db.gate, hidden, context, self._tuple_len), \
+                                Trace(self.db.model, self.db.path, retain_input=False, stop=True):
+                            model(ids, use_cache=False)
+                    else:
+                        with capture_below(model, below) if below is not None else contextlib.nullcontext() as got, \
+                                Trace(self.db.model, self.db.path, retain_input=False, stop=True):
+                            model(ids, use_cache=False)
+                        if below is not None:
+                            self._keep_below([inputs[i] for i in rows], got)
                     for h in (h for hits in passes[before:] for h in hits):
                         i = rows[h.batch]
                         if h.position < len(inputs[i]):
                             out[i].append((int(h.position), int(h.fact_id), float(h.similarity)))
+                    for i in rows:  # in order: an earlier input's opens are complete
+                        o, n = share[i]
+                        if o >= 0:
+                            out[i] = [hit for hit in out[o] if hit[0] < n] + out[i]
                     if probes is not None:
                         probes.put([(keys[i], out[i]) for i in rows])
                     bar.update(len(rows))
+            self.probe_seconds += time.perf_counter() - t0
             for group in same.values():
                 for i in group[1:]:
                     out[i] = list(out[group[0]])
