@@ -181,15 +181,6 @@ def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return ids
 
 
-@contextlib.contextmanager
-def _hooked(handle: Any) -> Iterator[None]:
-    """Remove a hook handle on leaving the block."""
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def right_padded_rows(rows: Sequence[torch.Tensor], t: int) -> torch.Tensor:
     """Per-token rows (T_i, d) as one (B, t, d) batch, zeros after each row's end."""
     out = torch.zeros(len(rows), t, rows[0].shape[-1], dtype=rows[0].dtype)  # (B, t, d)
@@ -453,7 +444,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                     if gate.token_mask is not None:  # neither pads nor shared prefixes are searched
                         gate.token_mask = gate.token_mask & real[0].to(gate.token_mask.device)
 
-                undo.enter_context(_hooked(model.base_model.register_forward_pre_hook(unpad, with_kwargs=True)))
+                undo.callback(model.base_model.register_forward_pre_hook(unpad, with_kwargs=True).remove)
                 for rows in batches:
                     before = len(passes)  # a pass that gates nothing records nothing
                     ids = right_padded([inputs[i] for i in rows], pad).to(dev)  # (B, T)
