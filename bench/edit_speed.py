@@ -44,6 +44,9 @@ def main() -> None:
     r.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
                    help="residual config changes timed on the same facts (repeatable); each fact's final NLL "
                         "is compared with the first residual run's")
+    r.add_argument("--residual-prefix-cache", type=on_off, default=[True], metavar="on|off|on,off",
+                   help="each generated prefix run once per call and read by its rows (on, the library's "
+                        "default), or every row run in full (off); both: every residual run twice, interleaved")
     r.add_argument("--score", action="store_true",
                    help="also score each residual run: a database of the residual facts (keys computed once) "
                         "and its efficacy, generalization, specificity and greedy efficacy / generalization")
@@ -75,15 +78,18 @@ def main() -> None:
     if not args.variant:
         runs += [("residuals, suffix, rows grouped by length", True, True, b, cfg) for b in batches]
     runs += [(f"residuals, {v}", True, True, b, variant(cfg, v)) for v in args.variant for b in batches]
+    runs = [(name if reuse else f"{name}, prefixes run per row", *rest, reuse)
+            for name, *rest in runs for reuse in args.residual_prefix_cache]
     first_nll = None
     score_keys = None
-    for name, suffix, pack, batch, base in runs:
+    for name, suffix, pack, batch, base, reuse in runs:
         if not args.residual_facts:
             break
         sub = facts[: args.residual_facts]
         run_cfg = base.replace(residual_suffix=suffix, residual_pack=pack, residual_batch_size=batch)
         t0 = time.perf_counter()
-        res[(suffix, pack, batch, name)], stats = compute_residuals(model, tok, sub, db.layer, prefixes, run_cfg)
+        res[(suffix, pack, batch, name)], stats = compute_residuals(model, tok, sub, db.layer, prefixes, run_cfg,
+                                                                    reuse_prefix_cache=reuse)
         dt = time.perf_counter() - t0
         first_nll = stats.nll if first_nll is None else first_nll
         check = {}
@@ -118,7 +124,7 @@ def main() -> None:
             print(f"max relative |residual(grouped, batch {batch}) - residual({ref[0][0]})| = {rel:.3g}")
     prof = None
     if args.profile and runs and args.residual_facts:
-        _, _, _, batch, base = runs[-1]
+        _, _, _, batch, base, _ = runs[-1]
         sub = facts[: min(args.residual_facts, batch)]
         prof = profile_batch(model, tok, sub, db.layer, prefixes, base.replace(residual_batch_size=batch))
         print(markdown_table(prof["phases"], ["phase", "seconds", "share", "gemm_seconds", "gemm_share"]))
@@ -193,6 +199,14 @@ def score(db: NeuralDB, facts: list, keys: torch.Tensor, residuals: torch.Tensor
     finally:
         live.detach()
     return {k: scores[k] for k in QUALITY}
+
+
+def on_off(text: str) -> list[bool]:
+    """"on", "off" or a comma-separated list of them."""
+    words = text.split(",")
+    if not words or any(w not in ("on", "off") for w in words):
+        raise argparse.ArgumentTypeError(f"expected on, off or a comma-separated list of them, got {text!r}")
+    return [w == "on" for w in words]
 
 
 def variant(cfg: EditConfig, spec: str) -> EditConfig:

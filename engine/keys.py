@@ -16,7 +16,7 @@ from .hooks import Trace
 from .progress import Progress
 from .heads import head_rows
 from .space import Capture, KeySpace, key_space, stacked_space
-from .tokens import encode_with_subject, pad_right
+from .tokens import encode_with_subject, pad_right, shared_len
 
 log = logging.getLogger(__name__)
 
@@ -154,25 +154,13 @@ def plain_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: Seque
     return torch.stack(out) if rows else torch.zeros(0)  # type: ignore[arg-type]
 
 
-def _shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) -> int:
-    """Tokens that every row starts with, as tokenised alone, and that lie before every
-    subject-last position (a prefix's last token may merge with the prompt's first)."""
-    n = len(prefix_ids)
-    for ids, last in rows:
-        k = 0
-        while k < min(n, len(ids)) and ids[k] == prefix_ids[k]:
-            k += 1
-        n = min(n, k, min(last) if isinstance(last, tuple) else last)
-    return n
-
-
 def _cached_keys(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefix: str,
                  rows: Sequence[tuple[list[int], int]], space: KeySpace, batch: int, bar: Any) -> torch.Tensor:
     """Rows that share a generated prefix: the prefix runs once, its KV cache serves every row,
     and only each row's own tokens run. Exact under causal attention (equal to `plain_keys`
     up to float rounding)."""
     device = model_device(model)
-    shared = _shared_len(tok(prefix)["input_ids"], rows)
+    shared = shared_len(tok(prefix)["input_ids"], rows)
     if shared == 0:
         return plain_keys(model, tok, rows, space, batch, bar)
     head = torch.tensor([rows[0][0][:shared]], device=device)  # (1, S)

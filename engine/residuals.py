@@ -29,7 +29,7 @@ from .hooks import Trace, first_hidden, start_at_layer
 from .progress import Progress
 from .step_blocks import StepStack
 from . import step_blocks
-from .tokens import encode_with_subject, pad_right, target_ids
+from .tokens import encode_with_subject, pad_right, shared_len, target_ids
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class _Batch:
     kl_fact: torch.Tensor  # (E,) its fact
     kl_weight: torch.Tensor  # (E,) 1 / entries of its fact: a fact's KL term is the mean over its entries
     norm_row: torch.Tensor  # (F,) row whose z = block output at the subject sets the clamp scale
+    row_ctx: torch.Tensor  # (R,) index in `contexts` of the text each row starts with (0: the bare prompt)
 
 
 FAST_BF16: dict[str, Callable[[], bool]] = {  # device type -> whether it multiplies bf16 fast
@@ -123,7 +124,7 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
     (the bare prompt of a one-token subject), and a KL prompt starting with such a subject gets
     the first generated prefix. The norm that scales the clamp and weight decay is read at a
     prefixed row, never at position 0 (as keys.py does)."""
-    seqs, lookup, row_fact = [], [], []
+    seqs, lookup, row_fact, row_ctx = [], [], [], []
     tr, tp, tt, tw, tg, norm_row = [], [], [], [], [], []
     kl_row, kl_pos, kl_fact, kl_w = [], [], [], []
     kl_prompts, whole = (cfg.kl_prompt, *cfg.kl_contexts), cfg.kl_span == "all"
@@ -131,35 +132,39 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
     for fi, fact in enumerate(facts):
         tgt = target_ids(tok, fact.target_new)
         encs = [encode_with_subject(tok, ctx, fact.prompt, fact.subject) for ctx in contexts]
-        usable = [e for e in encs if e.subject_last > 0] or encs  # nothing else to train on: keep all
+        usable = [c for c, e in enumerate(encs) if e.subject_last > 0] or list(range(len(encs)))  # or keep all
         if len(usable) < len(encs):
             log.debug("fact %r: %d row(s) with the subject at position 0 left out", fact.subject, len(encs) - len(usable))
         first = len(seqs)
-        for k, enc in enumerate(usable):
-            row = len(seqs)
+        for k, c in enumerate(usable):
+            row, enc = len(seqs), encs[c]
             seqs.append(enc.ids + tgt[:-1])  # teacher forcing: prompt + target minus its last token
             lookup.append(enc.subject_last)
             row_fact.append(fi)
+            row_ctx.append(c)
             for j, t in enumerate(tgt):
                 tr.append(row)
                 tp.append(len(enc.ids) - 1 + j)
                 tt.append(t)
                 tw.append(1.0 / (len(tgt) * len(usable)))
                 tg.append(k == 0)  # the bare prompt where usable (contexts start with ""), else the first row
-        prefixed_rows = [first + k for k, e in enumerate(usable) if e is not encs[0]]
+        prefixed_rows = [first + k for k, c in enumerate(usable) if c != 0]
         norm_row.append(prefixed_rows[0] if prefixed_rows else first)
-        encs = []
+        kls = []  # (context index, encoding) of each KL prompt
         for prompt in kl_prompts:  # read at the subject's last token, only what follows it is cut
             enc = encode_with_subject(tok, "", prompt, fact.subject, truncate_after_subject=not whole)
             if enc.subject_last == 0 and prefixed:
                 enc = encode_with_subject(tok, prefixed[0], prompt, fact.subject, truncate_after_subject=not whole)
-            encs.append(enc)
-        n_entries = sum(len(e.ids) - e.subject_last if whole else 1 for e in encs)
-        for enc in encs:
+                kls.append((contexts.index(prefixed[0]), enc))
+            else:
+                kls.append((0, enc))
+        n_entries = sum(len(e.ids) - e.subject_last if whole else 1 for _, e in kls)
+        for c, enc in kls:
             row = len(seqs)
             seqs.append(enc.ids)
             lookup.append(enc.subject_last)
             row_fact.append(fi)
+            row_ctx.append(c)
             for pos in range(enc.subject_last, len(enc.ids) if whole else enc.subject_last + 1):
                 kl_row.append(row)
                 kl_pos.append(pos)
@@ -168,7 +173,7 @@ def _build(tok: PreTrainedTokenizerBase, facts: Sequence[Fact], contexts: Sequen
     ids, mask = pad_right(seqs, tok.pad_token_id, device)
     t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
     return _Batch(ids, mask, t(lookup), t(row_fact), t(tr), t(tp), t(tt), t(tw, torch.float32), t(tg, torch.bool),
-                  t(kl_row), t(kl_pos), t(kl_fact), t(kl_w, torch.float32), t(norm_row))
+                  t(kl_row), t(kl_pos), t(kl_fact), t(kl_w, torch.float32), t(norm_row), t(row_ctx))
 
 
 def kl_now_init(init_logp: torch.Tensor, now_logp: torch.Tensor) -> torch.Tensor:
@@ -283,6 +288,91 @@ class _Steps:
             return _base_forward(model, kwargs, weights, layer)[0]  # (Rg, S, d)
 
 
+@dataclass
+class Prefix:
+    """A generated prefix run once through every block (keys.py does the same for keys): its
+    token ids as tokenised alone, the keys and values of each layer ((1, kv_heads, n, head_dim)
+    each), and the hidden states entering block l* (1, n, d). Rows that start with its first n
+    tokens read them from here instead of running them again; exact under causal attention (up
+    to float rounding: one row's GEMMs instead of a batch's)."""
+
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    hidden: torch.Tensor
+
+    def cache(self, model: PreTrainedModel, n: int, rows: int) -> DynamicCache:
+        """A KV cache holding the first `n` tokens for each of `rows` rows."""
+        kv = [(k[:, :, :n].expand(rows, -1, -1, -1), v[:, :, :n].expand(rows, -1, -1, -1)) for k, v in self.kv]
+        return DynamicCache(ddp_cache_data=kv, config=model.config)
+
+
+@torch.no_grad()
+def run_prefixes(model: PreTrainedModel, tok: PreTrainedTokenizerBase, contexts: Sequence[str], layer: int,
+                 weights: LowWeights | None = None) -> dict[int, Prefix]:
+    """Every non-empty context (index in `contexts`) run once, as the rows' prefill runs it
+    (bf16 GEMMs with `weights`)."""
+    arch, device = get_arch(model), model_device(model)
+    out = {}
+    for c, text in enumerate(contexts):
+        ids = tok(text)["input_ids"] if text else []
+        if not ids:
+            continue
+        x = torch.tensor([ids], device=device)  # (1, n)
+        cache = DynamicCache(config=model.config)
+        kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True,
+                      **cache_kwargs(model.base_model, cache))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=weights is not None), \
+                Trace(model, f"{arch.layers}.{layer}") as tr:
+            _base_forward(model, kwargs, weights)
+        out[c] = Prefix(list(ids), [(lay.keys, lay.values) for lay in cache.layers], tr.input.detach())
+    return out
+
+
+Part = tuple[torch.Tensor, int, Prefix | None]  # rows (Rc,), tokens they share with the prefix, the prefix run
+
+
+def _parts(b: _Batch, prefixes: dict[int, Prefix]) -> list[Part]:
+    """The batch's rows by the context they start with: (rows, n, prefix), where the rows' first
+    n tokens are the prefix's (n = 0, prefix None: nothing shared)."""
+    out = []
+    for c in sorted(set(b.row_ctx.tolist())):
+        rows = (b.row_ctx == c).nonzero()[:, 0]  # (Rc,)
+        pre, n = prefixes.get(c), 0
+        if pre is not None:
+            n = shared_len(pre.ids, [(b.ids[r, : int(b.mask[r].sum())].tolist(), int(b.lookup[r])) for r in rows])
+        out.append((rows, n, pre if n else None))
+    return out
+
+
+def _below(model: PreTrainedModel, layer: int, b: _Batch, parts: list[Part],
+           weights: LowWeights | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rows below block l*, each part of rows after its shared prefix only: the hidden states
+    entering block l* (R, T, d; zeros past a row's end), block l*'s output at each row's subject
+    (R, d), and the length of the block's output tuple (0: a tensor)."""
+    arch = get_arch(model)
+    R, T = b.ids.shape
+    hidden_in: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    tuple_len = 0
+    for rows, n, pre in parts:
+        width = int(b.mask[rows].sum(1).max())  # this part's longest row
+        cache = pre.cache(model, n, len(rows)) if pre is not None else None
+        kwargs = dict(input_ids=b.ids[rows, n:width], attention_mask=b.mask[rows, :width], use_cache=cache is not None,
+                      **cache_kwargs(model.base_model, cache))
+        with Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
+            _base_forward(model, kwargs, weights)
+        h, out = tr.input.detach(), first_hidden(tr.output).detach()  # (Rc, width - n, d) each
+        if hidden_in is None:
+            hidden_in, z = h.new_zeros(R, T, h.shape[-1]), out.new_zeros(R, out.shape[-1])
+        tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
+        hidden_in[rows, n:width] = h
+        if pre is not None:
+            hidden_in[rows, :n] = pre.hidden[:, :n].to(h.dtype)
+        z[rows] = out[torch.arange(len(rows), device=out.device), b.lookup[rows] - n]
+    assert hidden_in is not None and z is not None
+    return hidden_in, z, tuple_len
+
+
 def _full_steps(b: _Batch, hidden_in: torch.Tensor) -> list[_Steps]:
     """Every row in full, every step (the reference path)."""
     every = lambda n: torch.arange(n, device=b.ids.device)  # noqa: E731
@@ -320,29 +410,55 @@ def length_groups(lengths: Sequence[int], cost: int = GROUP_COST) -> list[list[i
 
 
 @torch.no_grad()
+def _before_subject(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hidden_in: torch.Tensor,
+                    tuple_len: int, g: torch.Tensor, P: int, parts: list[Part],
+                    weights: LowWeights | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values at blocks >= l* of the first P tokens of rows `g` (Rg,), one
+    (Rg, kv_heads, P, head_dim) pair per layer from l* up; a part's shared prefix is read from
+    its run, only the tokens after it run."""
+    live: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    where = torch.full((len(b.ids),), -1, dtype=torch.long, device=g.device)
+    where[g] = torch.arange(len(g), device=g.device)
+    for rows, n, pre in parts:
+        sub = rows[where[rows] >= 0]  # this part's rows in the group
+        if not len(sub):
+            continue
+        cache = DynamicCache(config=model.config) if pre is None else pre.cache(model, n, len(sub))
+        if P > n:
+            with start_at_layer(model, layers, layer, hidden_in[sub, n:P], tuple_len):  # causal: the first P alone
+                kwargs = dict(input_ids=b.ids[sub, n:P], attention_mask=b.mask[sub, :P], use_cache=True,
+                              **cache_kwargs(model.base_model, cache))
+                _base_forward(model, kwargs, weights, layer)
+        kv = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (Rs, kv_heads, P, head_dim) each
+        if live is None:
+            live = [(k.new_empty(len(g), *k.shape[1:]), v.new_empty(len(g), *v.shape[1:])) for k, v in kv]
+        for (lk, lv), (k, v) in zip(live, kv):
+            lk[where[sub]], lv[where[sub]] = k, v
+    assert live is not None
+    return live
+
+
 def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hidden_in: torch.Tensor,
                   tuple_len: int, pack: bool, weights: LowWeights | None = None,
-                  cost: int = GROUP_COST) -> list[_Steps]:
+                  cost: int = GROUP_COST, parts: list[Part] | None = None
+                  ) -> list[_Steps]:
     """Only each row's tokens from its subject's last token on: the tokens before it never see
     the delta (causal attention), so their keys and values at blocks >= l* are computed once
-    here, for each group's rows only up to its longest such prefix, and served from a cache at
-    every step; positions keep their true values. With `pack`, rows of like suffix length run
-    together (a KL row is one token long, a target row several), so little of a step is padding."""
+    here, for each group's rows only up to its longest such prefix (a shared generated prefix
+    read from `parts`' runs), and served from a cache at every step; positions keep their true
+    values. With `pack`, rows of like suffix length run together (a KL row is one token long, a
+    target row several), so little of a step is padding."""
     device = b.ids.device
     R, T = b.ids.shape
     start, lengths = b.lookup, b.mask.sum(1)  # (R,), (R,)
     suffix = lengths - start  # (R,)
     groups = length_groups(suffix.tolist(), cost) if pack else [list(range(R))]
+    parts = parts or [(torch.arange(R, device=device), 0, None)]
     out = []
     for g in groups:
         g = torch.tensor(g, device=device)
         P, S = max(1, int(start[g].max())), int(suffix[g].max())
-        with start_at_layer(model, layers, layer, hidden_in[g, :P], tuple_len):  # causal: the first P tokens alone
-            cache = DynamicCache(config=model.config)
-            kwargs = dict(input_ids=b.ids[g, :P], attention_mask=b.mask[g, :P], use_cache=True,
-                          **cache_kwargs(model.base_model, cache))
-            _base_forward(model, kwargs, weights, layer)
-        live = [(lay.keys, lay.values) for lay in cache.layers[layer:]]  # (Rg, kv_heads, P, head_dim) each
+        live = _before_subject(model, layers, layer, b, hidden_in, tuple_len, g, P, parts, weights)
         past = [live[0]] * layer + live  # blocks below l* are skipped; their slots only carry the length P
         pos = start[g, None] + torch.arange(S, device=device)  # (Rg, S) true positions
         valid = pos < lengths[g, None]
@@ -361,14 +477,16 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
               contexts: Sequence[str], cfg: EditConfig,
               slots: Sequence[int] | None = None, history: bool = False,
               start: torch.Tensor | None = None, weights: LowWeights | None = None,
-              stack: StepStack | None = None) -> tuple[torch.Tensor, ResidualStats]:
+              stack: StepStack | None = None,
+              prefixes: dict[int, Prefix] | None = None) -> tuple[torch.Tensor, ResidualStats]:
     """One delta per slot (`slots[i]`: fact i's slot, 0..S-1; default one slot per fact). Facts
     that share a slot are optimised jointly: the slot's loss is the mean of its facts' NLL + KL
     terms, plus its weight decay, and it stops when that falls below `loss_stop`. Returns the
     (F, d_model) delta of every fact (a slot's delta repeated for each of its facts). With `start`
     (S, d_model) no step is taken: the stats are each fact's NLL there. With `weights` (the bf16
     matrices the caller cast) the passes run their GEMMs in bf16; without, all in float32. With
-    `stack` the steps run the blocks through its functions (engine/step_blocks.py)."""
+    `stack` the steps run the blocks through its functions (engine/step_blocks.py). With `prefixes`
+    (`run_prefixes` of `contexts`) rows read their shared generated prefix from its run."""
     arch = get_arch(model)
     device = model_device(model)
     b = _build(tok, facts, contexts, cfg, device)
@@ -380,24 +498,22 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
         0, slot, torch.arange(n_facts, device=device), "amin")  # (S,) each slot's first fact
     low = weights is not None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)  # GEMMs in bf16, the rest float32
-    # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
-    with torch.no_grad(), autocast, record_function("residuals.prefill"), \
-            Trace(model, f"{arch.layers}.{layer}", retain_output=True, stop=True) as tr:
-        kwargs = dict(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
-        _base_forward(model, kwargs, weights)
-    hidden_in = tr.input.detach()  # (R, T, d_model)
-    tuple_len = len(tr.output) if isinstance(tr.output, tuple) else 0
-    z_norm = first_hidden(tr.output)[b.norm_row, b.lookup[b.norm_row]].float().norm(dim=-1)[first]  # (S,)
-
     # the suffix path serves earlier tokens from a cache: exact while every row fits a sliding
     # window (a sliding layer's cache keeps only the window; Gemma 2/3's is 512 tokens or more)
     window = getattr(model.config, "sliding_window", None) or b.ids.shape[1]
     suffix = cfg.residual_suffix and arch.suffix_cache and int(b.lookup.max()) > 0 and b.ids.shape[1] <= window
+    # rows by the generated prefix they start with (read from its run on the suffix path)
+    parts = _parts(b, prefixes) if suffix and prefixes else [(torch.arange(len(b.ids), device=device), 0, None)]
+    # One pass below l*: cache what enters block l*, and the block's output at the subject (z).
+    with torch.no_grad(), autocast, record_function("residuals.prefill"):
+        hidden_in, z, tuple_len = _below(model, layer, b, parts, weights)  # (R, T, d_model), (R, d_model)
+    z_norm = z[b.norm_row].float().norm(dim=-1)[first]  # (S,)
+
     with autocast, record_function("residuals.prefill"):
         flat = stack is not None and stack.parts is not None and cfg.residual_stream == "flat" and suffix
         cost = GROUP_COST if stack is None else FLAT_GROUP_COST if flat else FUSED_GROUP_COST
         groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack, weights,
-                               cost) if suffix else _full_steps(b, hidden_in)
+                               cost, parts) if suffix else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_slots, d_model, device=device) if start is None else start.detach().clone().float()
     delta.requires_grad_(True)
@@ -537,11 +653,14 @@ def _batches(units: list[list[int]], size: int) -> list[list[list[int]]]:
 
 def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Sequence[Fact], layer: int,
                       prefixes: Sequence[str], cfg: EditConfig,
-                      groups: Sequence[Any] | None = None, history: bool = False) -> tuple[torch.Tensor, ResidualStats]:
+                      groups: Sequence[Any] | None = None, history: bool = False,
+                      reuse_prefix_cache: bool = True) -> tuple[torch.Tensor, ResidualStats]:
     """(F, d_model) float32 residuals and per-fact optimisation stats. Facts with equal `groups`
     labels (NeuralDB passes the subject) get one residual, optimised jointly over all of their
     prompts and targets; by default every fact is its own group. With `history` the stats keep
-    every fact's NLL after every step (what the calibrator reads step budgets from)."""
+    every fact's NLL after every step (what the calibrator reads step budgets from). With
+    `reuse_prefix_cache` each generated prefix runs once per call and its rows read it (as
+    `compute_keys` does); without, every row runs in full (the reference)."""
     contexts = residual_contexts(prefixes, cfg)
     members: dict[Any, list[int]] = {}
     for i in range(len(facts)):
@@ -558,11 +677,12 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     blocks = step_blocks.choose(cfg.residual_blocks, model, len(facts), device) if facts else "hf"
     stack = None if blocks == "hf" else step_blocks.build(model, layer, torch.bfloat16 if low else torch.float32,
                                                           compiled=blocks == "compiled")
+    runs = run_prefixes(model, tok, contexts, layer, weights) if reuse_prefix_cache and facts else None
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
         slots = [k for k, u in enumerate(batch) for _ in u]
         r, st = _optimise(model, tok, chunk, layer, contexts, cfg, slots if len(slots) > len(batch) else None,
-                          history=history, weights=weights, stack=stack)
+                          history=history, weights=weights, stack=stack, prefixes=runs)
         outs.append(r)
         hists.append(st.history)
         hists_g.append(st.greedy_history)

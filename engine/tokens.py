@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -53,3 +54,15 @@ def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) -> int:
+    """Tokens that every row starts with, as tokenised alone, and that lie before every
+    subject-last position (a prefix's last token may merge with the prompt's first)."""
+    n = len(prefix_ids)
+    for ids, last in rows:
+        k = 0
+        while k < min(n, len(ids)) and ids[k] == prefix_ids[k]:
+            k += 1
+        n = min(n, k, min(last) if isinstance(last, tuple) else last)
+    return n

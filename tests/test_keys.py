@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from neuraldb import EditConfig, Fact
 from neuraldb.engine.arch import get_module
-from neuraldb.engine.keys import (_shared_len, calibration_queries, compute_keys, generate_prefixes, key_inputs,
+from neuraldb.engine.tokens import shared_len
+from neuraldb.engine.keys import (calibration_queries, compute_keys, generate_prefixes, key_inputs,
                                  key_rows_by_context)
 
 from conftest import make_model
@@ -23,7 +24,7 @@ def test_prefix_cache_keys_equal_reference(arch: str, tokenizer) -> None:
     prefixes = generate_prefixes(model, tokenizer, CFG)
     for k, p in enumerate(prefixes):  # the cache really is used: some tokens are shared
         rows = [key_inputs(tokenizer, f, prefixes)[1 + k] for f in FACTS]
-        assert _shared_len(tokenizer(p)["input_ids"], rows) > 0
+        assert shared_len(tokenizer(p)["input_ids"], rows) > 0
     ref = compute_keys(model, tokenizer, FACTS, 1, prefixes, CFG, reuse_prefix_cache=False)
     fast = compute_keys(model, tokenizer, FACTS, 1, prefixes, CFG)
     assert fast.shape == ref.shape == (len(FACTS), model.config.intermediate_size if hasattr(
@@ -86,6 +87,38 @@ def test_suffix_residuals_match_full_rows(arch: str, tokenizer) -> None:
     window = getattr(model.config, "sliding_window", None) or 10**9
     if get_arch(model).suffix_cache and window >= 32:  # the suffix path really ran (bit-identical would mean it did not)
         assert not torch.equal(fast, full)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_residuals_read_a_shared_prefix_from_its_one_run(arch: str, dtype: str, tokenizer, monkeypatch) -> None:
+    """Rows that start with a generated prefix read its keys, values and hidden states from one
+    run of it (`reuse_prefix_cache`): the same steps, NLL and residuals as running every row in
+    full, up to float rounding; the shared tokens really are left out of the rows' passes."""
+    from neuraldb.engine import residuals
+    from neuraldb.engine.arch import get_arch
+
+    model = make_model(arch, tokenizer)
+    cfg = CFG.replace(n_prefixes=2, residual_prefixes=2, steps=6, lr=0.5, weight_decay=0.1, residual_batch_size=3,
+                      loss_stop=0.0, residual_dtype=dtype, kl_contexts=("{} was",))
+    prefixes = generate_prefixes(model, tokenizer, cfg)
+    shared = []
+    real = residuals._parts
+    monkeypatch.setattr(residuals, "_parts", lambda *a: shared.append(p := real(*a)) or p)
+    ref, s_ref = residuals.compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg, reuse_prefix_cache=False)
+    assert not shared
+    got, s_got = residuals.compute_residuals(model, tokenizer, FACTS, 1, prefixes, cfg)
+    window = getattr(model.config, "sliding_window", None) or 10**9
+    assert bool(shared) == (get_arch(model).suffix_cache and window >= 32)  # rows longer than a window run whole
+    if not shared:
+        assert torch.equal(got, ref)
+    if shared:  # each batch: the bare rows and both prefixes' rows, every prefix sharing tokens
+        assert all(len(parts) == 3 and all((n > 0) == (pre is not None) for _, n, pre in parts) for parts in shared)
+        assert all(sum(n > 0 for _, n, _ in parts) == 2 for parts in shared)
+    assert torch.equal(s_ref.steps, s_got.steps)
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    assert torch.allclose(got, ref, atol=tol, rtol=tol), (got - ref).abs().max()
+    assert torch.allclose(s_got.nll, s_ref.nll, atol=tol)
+    assert ref.norm(dim=1).min() > 0
 
 
 @pytest.mark.parametrize("window", [4, 128])
