@@ -204,7 +204,7 @@ def score(db: NeuralDB, facts: list, keys: torch.Tensor, residuals: torch.Tensor
 def on_off(text: str) -> list[bool]:
     """"on", "off" or a comma-separated list of them."""
     words = text.split(",")
-    if not words or any(w not in ("on", "off") for w in words):
+    if any(w not in ("on", "off") for w in words):
         raise argparse.ArgumentTypeError(f"expected on, off or a comma-separated list of them, got {text!r}")
     return [w == "on" for w in words]
 

@@ -439,9 +439,8 @@ def _before_subject(model: PreTrainedModel, layers: str, layer: int, b: _Batch, 
 
 
 def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hidden_in: torch.Tensor,
-                  tuple_len: int, pack: bool, weights: LowWeights | None = None,
-                  cost: int = GROUP_COST, parts: list[Part] | None = None
-                  ) -> list[_Steps]:
+                  tuple_len: int, pack: bool, parts: list[Part], weights: LowWeights | None = None,
+                  cost: int = GROUP_COST) -> list[_Steps]:
     """Only each row's tokens from its subject's last token on: the tokens before it never see
     the delta (causal attention), so their keys and values at blocks >= l* are computed once
     here, for each group's rows only up to its longest such prefix (a shared generated prefix
@@ -453,7 +452,6 @@ def _suffix_steps(model: PreTrainedModel, layers: str, layer: int, b: _Batch, hi
     start, lengths = b.lookup, b.mask.sum(1)  # (R,), (R,)
     suffix = lengths - start  # (R,)
     groups = length_groups(suffix.tolist(), cost) if pack else [list(range(R))]
-    parts = parts or [(torch.arange(R, device=device), 0, None)]
     out = []
     for g in groups:
         g = torch.tensor(g, device=device)
@@ -512,8 +510,8 @@ def _optimise(model: PreTrainedModel, tok: PreTrainedTokenizerBase, facts: Seque
     with autocast, record_function("residuals.prefill"):
         flat = stack is not None and stack.parts is not None and cfg.residual_stream == "flat" and suffix
         cost = GROUP_COST if stack is None else FLAT_GROUP_COST if flat else FUSED_GROUP_COST
-        groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack, weights,
-                               cost, parts) if suffix else _full_steps(b, hidden_in)
+        groups = _suffix_steps(model, arch.layers, layer, b, hidden_in, tuple_len, cfg.residual_pack, parts,
+                               weights, cost) if suffix else _full_steps(b, hidden_in)
     d_model = hidden_in.shape[-1]
     delta = torch.zeros(n_slots, d_model, device=device) if start is None else start.detach().clone().float()
     delta.requires_grad_(True)
@@ -677,7 +675,9 @@ def compute_residuals(model: PreTrainedModel, tok: PreTrainedTokenizerBase, fact
     blocks = step_blocks.choose(cfg.residual_blocks, model, len(facts), device) if facts else "hf"
     stack = None if blocks == "hf" else step_blocks.build(model, layer, torch.bfloat16 if low else torch.float32,
                                                           compiled=blocks == "compiled")
-    runs = run_prefixes(model, tok, contexts, layer, weights) if reuse_prefix_cache and facts else None
+    # only the suffix path reads the prefixes' runs (rows in full, or no suffix cache: nothing to run)
+    shared = reuse_prefix_cache and facts and cfg.residual_suffix and get_arch(model).suffix_cache
+    runs = run_prefixes(model, tok, contexts, layer, weights) if shared else None
     for batch in _batches(units, cfg.residual_batch_size):
         chunk = [facts[i] for u in batch for i in u]
         slots = [k for k, u in enumerate(batch) for _ in u]
