@@ -73,6 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     v.add_argument("--scorer", default="neuraldb", choices=SCORERS,
                    help="neuraldb: the LM head only where a continuation is read; harness: HFLM's own loop "
                         "(to time against; use another --out)")
+    v.add_argument("--share-prefixes", default="on", choices=("on", "off"),
+                   help="on: ungated inputs that share a prefix of 16+ tokens run it once (evaluation/prefix.py: "
+                        "a choice's context, MMLU's opening sentence); off: every input runs whole")
     r = ap.add_argument_group("run")
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", default="results/general")
@@ -177,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               digest({"layer": db.layer, "context": db.space.attn_paths}), db) \
         if args.below == "on" else None
     score = functools.partial(make_lm, model, tok, batch_size=args.batch_size, precision=precision, layer=db.layer,
-                              scorer=args.scorer, below=below)
+                              scorer=args.scorer, below=below, share_prefixes=args.share_prefixes == "on")
     recipe = digest({"config": to_mapping(db.config), "data": args.data, "seed": args.seed,
                      "groups": args.subject_groups, "first_ids": [f.id for f in facts[:3]]})
     unedited_cache = ScoreCache(scores / "unedited.jsonl")

@@ -44,6 +44,7 @@ from ..engine.progress import Progress
 from ..engine.residuals import fast_bf16
 from .attribution import names
 from .below import BelowCache, block_tuple_len, capture_below, start_below
+from .prefix import SharedPrefix, families
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ PRECISIONS = ("float32", "bf16-above", "bf16")
 # what scores a request: "neuraldb" (`GatedLM._score`: the head and log-softmax only where a
 # continuation is read) or "harness" (HFLM's own `_loglikelihood_tokens`, kept to measure against)
 SCORERS = ("neuraldb", "harness")
+# the shortest prefix the scorer runs once for the inputs that share it (evaluation/prefix.py)
+MIN_SHARED = 16
 WSC273_UTILS = ('"""The stock WSC273 document processing, from lm-evaluation-harness itself."""\n'
                 "from lm_eval.tasks.wsc273.utils import process_doc  # noqa: F401\n")
 
@@ -231,7 +234,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited: ScoreCache | None = None,
             edited: ScoreCache | None = None, on_open: Callable[[set[int]], Any] | None = None,
             precision: str = "float32", layer: int | None = None, probes: ProbeCache | None = None,
-            scorer: str = "neuraldb", below: BelowCache | None = None) -> Any:
+            scorer: str = "neuraldb", below: BelowCache | None = None, share_prefixes: bool = True) -> Any:
     """lm-eval's HFLM over `model`, with the gate probe and the caches described above. With
     `db` (a `NeuralDB` attached to `model`) requests on which a gate opens are scored gated and
     the rest come from (or go to) `unedited`; without it every request is the unedited model's
@@ -242,7 +245,9 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
     `probes` keeps the probe's findings per input (for this database only), so a killed run's
     probe resumes. `scorer` is one of SCORERS. `below` (evaluation/below.py) keeps what enters
     the gated block for every input any float32 pass below it reads (the scorer's or the
-    probe's), and lets the probe of any later state start at that block."""
+    probe's), and lets the probe of any later state start at that block. `share_prefixes`: ungated
+    inputs that share a prefix run it once (evaluation/prefix.py; where the model's attention
+    implementation allows, else every input runs whole)."""
     HFLM = _harness()
     if scorer not in SCORERS:
         raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}, not {scorer!r}")
@@ -258,6 +263,10 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
         raise ConfigError(f"the below-l* cache holds layer {below.layer}, the scorer splits at {split}")
     # the scorer's passes compute the blocks below the split in float32 unless everything is bf16
     capture_scored = below is not None and precision != "bf16" and scorer == "neuraldb"
+    why = SharedPrefix.unsupported(model) if share_prefixes and scorer == "neuraldb" else "off"
+    if why not in (None, "off"):
+        log.info("prefix sharing off: %s", why)
+    sharer = SharedPrefix(model) if why is None else None
 
     class GatedLM(HFLM):
         def __init__(self) -> None:
@@ -274,6 +283,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             self._tuple_len: int | None = None  # what decoder blocks return (below.block_tuple_len)
             self.probe_inputs = (0, 0)  # inputs the probe ran from the embeddings / from the below-l* cache
             self.probe_seconds = 0.0
+            self._lowered: dict[Any, Any] = {}  # the bf16 weights autocast_above would cast in every pass
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             self._meta = [(r.task_name, r.doc_id) for r in requests]
@@ -332,22 +342,42 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             the LM head and the log-softmax run only at the positions a continuation is read from
             instead of at every position: on MMLU, whose continuation is one token after a context
             of ~130, that is most of the head's FLOPs and all but one row of each (T, V) softmax.
-            Under precision "bf16" a gated batch replays each input's probe `hits` (the gate's
-            float32 decisions) instead of letting the gate search bf16 activations."""
+            Ungated requests whose inputs share a prefix run it once (evaluation/prefix.py) unless
+            `share_prefixes` is off. Under precision "bf16" a gated batch replays each input's
+            probe `hits` (the gate's float32 decisions) instead of letting the gate search bf16
+            activations."""
             full = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
             conts = [cont for _, _, cont in requests]
             same: dict[tuple[int, ...], list[int]] = {}
             for i, seq in enumerate(full):
                 same.setdefault(tuple(seq[:-1]), []).append(i)
-            order = sorted(same, key=lambda x: (-len(x), x))
+            # the first position of each input whose logits a continuation reads
+            reads = {inp: len(inp) - max(len(conts[i]) for i in group) for inp, group in same.items()}
+            distinct = list(same)
+            whole, shared = distinct, []
+            if sharer is not None and hits is None:  # gated passes run whole: the gate's masks read whole inputs
+                grouped = families(distinct, [reads[x] for x in distinct], MIN_SHARED)
+                whole = [distinct[m] for plen, members in grouped if not plen for m in members]
+                shared = [(plen, [distinct[m] for m in members]) for plen, members in grouped if plen]
+            order = sorted(whole, key=lambda x: (-len(x), x))
             replay = precision == "bf16" and hits is not None and self.db is not None
             out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+
+            def take(logp: torch.Tensor, inp: tuple[int, ...], first: int) -> None:
+                """Score every request of input `inp` from its log-probabilities `logp` (L, V),
+                whose row 0 is input position `first`."""
+                for i in same[inp]:
+                    cont = torch.tensor(conts[i], device=logp.device)  # (C,)
+                    read = logp[len(inp) - first - len(cont) : len(inp) - first]  # (C, V)
+                    ll = read.gather(1, cont[:, None]).sum()
+                    out[i] = (float(ll), bool((read.argmax(-1) == cont).all()))
+                    bar.update(1)
+
             with torch.no_grad(), Progress(len(requests), "loglikelihood", "request") as bar:
                 for s in range(0, len(order), self._rows_per_forward):
                     rows = order[s : s + self._rows_per_forward]
                     ids = right_padded(rows, 0)  # (B, T), padded with token 0 as HFLM
-                    # the positions any continuation of the batch is read from: [lo, T)
-                    lo = min(len(inp) - max(len(conts[i]) for i in same[inp]) for inp in rows)
+                    lo = min(reads[inp] for inp in rows)  # the positions any continuation is read from: [lo, T)
                     if replay:  # the float32 probe's decisions, as (B, T) open / fact id
                         opened = torch.zeros(ids.shape, dtype=torch.bool)
                         fact = torch.full(ids.shape, -1, dtype=torch.long)
@@ -360,13 +390,55 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                     if capture_scored:
                         self._keep_below(rows, got)
                     for b, inp in enumerate(rows):
-                        for i in same[inp]:
-                            cont = torch.tensor(conts[i], device=logp.device)  # (C,)
-                            read = logp[b, len(inp) - lo - len(cont) : len(inp) - lo]  # (C, V)
-                            ll = read.gather(1, cont[:, None]).sum()
-                            out[i] = (float(ll), bool((read.argmax(-1) == cont).all()))
-                            bar.update(1)
+                        take(logp[b], inp, lo)
+                self._score_shared(shared, reads, take)
             return out
+
+        def _score_shared(self, shared: list[tuple[int, list[tuple[int, ...]]]], reads: dict[tuple[int, ...], int],
+                          take: Callable[[torch.Tensor, tuple[int, ...], int], None]) -> None:
+            """Score families of inputs (prefix length, members) with each prefix run once: up to a
+            batch of families' prefixes together (longest first), then their members' suffixes in
+            batches, longest first. Kept rows (`below`) join the prefix's and the suffix's."""
+            n = self._rows_per_forward
+            fams = sorted(shared, key=lambda f: -f[0])
+            chunks, cur = [], []  # a chunk: <= n families, or as many as give 4 batches of members
+            for fam in fams:
+                cur.append(fam)
+                if len(cur) == n or sum(len(m) for _, m in cur) >= 4 * n:
+                    chunks.append(cur)
+                    cur = []
+            chunks += [cur] if cur else []
+            for chunk in chunks:
+                with capture_below(model, below) if capture_scored else contextlib.nullcontext() as got:
+                    pre = sharer.prefixes([members[0][:plen] for plen, members in chunk])
+                kept = (got["hidden"], got["context"]) if capture_scored else (None, None)
+                rows = sorted(((f, inp) for f, (_, members) in enumerate(chunk) for inp in members),
+                              key=lambda r: (-(len(r[1]) - chunk[r[0]][0]), r[1]))
+                for s in range(0, len(rows), n):
+                    batch = rows[s : s + n]
+                    lo = min(reads[inp] - chunk[f][0] for f, inp in batch)  # suffix positions read: [lo, S)
+                    with capture_below(model, below) if capture_scored else contextlib.nullcontext() as got:
+                        logits = sharer.suffixes(pre, [f for f, _ in batch], [inp[chunk[f][0]:] for f, inp in batch], lo)
+                    logp = torch.log_softmax(logits, dim=-1)  # (B, S - lo, V)
+                    if capture_scored:
+                        self._keep_joined(batch, chunk, kept, got)
+                    for b, (f, inp) in enumerate(batch):
+                        take(logp[b], inp, chunk[f][0] + lo)
+
+        def _keep_joined(self, batch: Sequence[tuple[int, tuple[int, ...]]],
+                         chunk: Sequence[tuple[int, list[tuple[int, ...]]]],
+                         kept: tuple[torch.Tensor | None, torch.Tensor | None],
+                         got: dict[str, torch.Tensor | None]) -> None:
+            """Store each member's rows: its prefix's (from the prefix pass) then its suffix's."""
+            if got["hidden"] is None or kept[0] is None or below is None:
+                return
+            items = []
+            for b, (f, inp) in enumerate(batch):
+                plen, rest = chunk[f][0], len(inp) - chunk[f][0]
+                rows = [torch.cat([k[f, :plen], g[b, :rest]]) if k is not None and g is not None else None
+                        for k, g in zip(kept, (got["hidden"], got["context"]))]
+                items.append((request_key(list(inp), 0), rows[0], rows[1]))
+            below.put(items)
 
         def _keep_below(self, rows: Sequence[Sequence[int]], got: dict[str, torch.Tensor | None]) -> None:
             """Store each input's rows of a pass that ran the blocks below l* (`capture_below`)."""
@@ -392,7 +464,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
         def _precision(self) -> Any:
             if precision == "float32":
                 return contextlib.nullcontext()
-            return autocast_above(model, -1 if precision == "bf16" else split, torch.bfloat16)  # -1: every block
+            return autocast_above(model, -1 if precision == "bf16" else split, torch.bfloat16,  # -1: every block
+                                  weights=self._lowered)
 
         def _probe(self, inputs: list[list[int]]) -> list[list[tuple[int, int, float]]]:
             """(position, fact id, cosine) of every open on each input, from a forward through l*.

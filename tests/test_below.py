@@ -18,7 +18,7 @@ from neuraldb.engine.arch import get_arch
 from neuraldb.engine.config import ConfigError
 from neuraldb.engine.hooks import get_module
 from neuraldb.evaluation.below import BelowCache
-from neuraldb.evaluation.general import evaluate, make_lm
+from neuraldb.evaluation.general import evaluate, make_lm, request_key
 
 from conftest import make_model
 from test_general import ARC, FACT, arc_dir  # noqa: F401  (a fixture)
@@ -165,3 +165,37 @@ def test_a_shared_prefix_is_searched_once(ctx_db: NeuralDB) -> None:
     assert sum(map(len, got)) > 5 and any(p < n_stem for p, _, _ in got[0]) and any(p < n_stem for p, _, _ in got[2])
     for a, b in zip(got, alone):
         assert [c for _, _, c in a] == pytest.approx([c for _, _, c in b], abs=1e-6)
+
+
+def test_the_scorer_reads_each_shared_prefix_once_for_the_same_scores_and_rows(ctx_db: NeuralDB,
+                                                                             tmp_path: Path) -> None:
+    """GatedLM with and without prefix sharing: every loglikelihood within 1e-5 and every greedy
+    flag equal, fewer tokens through block 0, and the same below-l* rows kept (hidden and the
+    context part), under float32 and bf16-above (evaluation/prefix.py)."""
+    db = ctx_db
+    ctx = "The mother tongue of Danielle Darrieux is, as everyone in Paris and Berlin knows, a language:"
+    pairs = [(ctx, c) for c in (" French", " Japanese and more words", " German", " A")]
+    pairs += [("Where is it? What is it? Who made it? It is a city, a person, a language. " + q, " Paris")
+              for q in ("Berlin?", "Rome and Italy?", "France")]
+    pairs += [("Berlin", " is the capital of Germany")]
+    for precision in ("float32", "bf16-above"):
+        got, rows, tokens = [], [], []
+        for share in (True, False):
+            below = BelowCache.for_db(tmp_path / f"{precision}-{share}", db)
+            lm = make_lm(db.model, db.tok, db, batch_size=3, precision=precision, below=below, share_prefixes=share)
+            reqs = [((c, k), *lm._encode_pair(c, k)) for c, k in pairs]
+            calls, hook = block_calls(db)
+            try:
+                with db.disabled(), lm._precision():
+                    got.append(lm._score(reqs))
+            finally:
+                hook.remove()
+            tokens.append(sum(calls))
+            rows.append({request_key((c + k)[:-1], 0): below.get(request_key((c + k)[:-1], 0)) for _, c, k in reqs})
+        assert [g for _, g in got[0]] == [g for _, g in got[1]]
+        assert [ll for ll, _ in got[0]] == pytest.approx([ll for ll, _ in got[1]], abs=1e-5)
+        assert tokens[0] < tokens[1], (precision, tokens)
+        assert rows[0].keys() == rows[1].keys() and all(v is not None for v in rows[0].values())
+        for key, (hidden, context) in rows[0].items():
+            assert torch.allclose(hidden, rows[1][key][0], atol=1e-5)
+            assert context.shape[1] > 0 and torch.allclose(context, rows[1][key][1], atol=1e-5)
