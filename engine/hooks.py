@@ -105,12 +105,17 @@ def start_at_layer(model: nn.Module, layers_path: str, layer: int, hidden: torch
 
 
 @contextlib.contextmanager
-def autocast_above(model: nn.Module, layer: int, dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+def autocast_above(model: nn.Module, layer: int, dtype: torch.dtype = torch.bfloat16,
+                   weights: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor | None]] | None = None
+                   ) -> Iterator[None]:
     """Run the decoder blocks above `layer` and the LM head under `torch.autocast(dtype)`; the
     blocks up to `layer`, and so every gate decision at it, keep the model's own precision.
     The residual stream stays in the model's dtype (autocast only lowers the GEMMs and attention)
     and the head's logits come back in it, so log-softmaxes are taken at full precision. `layer`
-    -1 lowers every block."""
+    -1 lowers every block. `weights`, a dict the caller keeps across calls, holds each lowered
+    `nn.Linear`'s weight already cast (keyed by module, cast again when the weight's version
+    moves): autocast would cast it in every forward, to the same values (bit for bit), at a cost
+    that dominates a short pass."""
     from .arch import get_arch, model_device
 
     device = model_device(model).type
@@ -130,13 +135,31 @@ def autocast_above(model: nn.Module, layer: int, dtype: torch.dtype = torch.bflo
         patched.append((mod, mod.__dict__.get("forward")))
         mod.forward = forward  # an instance attribute: nn.Module.__call__ reads self.forward
 
+    def pre_cast(lin: nn.Linear, cache: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor | None]]) -> None:
+        have = cache.get(lin)
+        if have is None or have[0] != lin.weight._version:
+            bias = None if lin.bias is None else lin.bias.detach().to(dtype)
+            have = cache[lin] = (lin.weight._version, lin.weight.detach().to(dtype), bias)
+        _, w, b = have
+
+        def forward(x: torch.Tensor) -> torch.Tensor:  # autocast's own casts, done once
+            return torch.nn.functional.linear(x.to(dtype), w, b)
+
+        patched.append((lin, lin.__dict__.get("forward")))
+        lin.forward = forward
+
     try:
-        for block in list(layers)[layer + 1:]:
+        lowered = list(layers)[layer + 1:]
+        if weights is not None:  # inside the autocast wrappers below
+            for mod in [m for block in lowered for m in block.modules()] + [head]:
+                if type(mod) is nn.Linear and "forward" not in mod.__dict__:
+                    pre_cast(mod, weights)
+        for block in lowered:
             wrap(block, cast_back=False)
         wrap(head, cast_back=True)
         yield
     finally:
-        for mod, prev in patched:
+        for mod, prev in reversed(patched):
             if prev is None:
                 del mod.forward
             else:

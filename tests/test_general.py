@@ -239,6 +239,26 @@ def test_autocast_above_on_every_architecture(arch: str, tokenizer) -> None:
     assert torch.equal(ref_at.output, at.output)
     assert low.dtype == ref.dtype and not torch.equal(low, ref) and torch.allclose(low, ref, atol=0.05 * ref.abs().max())
     assert torch.equal(after, ref) and not any("forward" in m.__dict__ for m in model.modules())
+    # the weights cast once and kept: the same logits, bit for bit; cast again after an edit
+    weights: dict = {}
+    with torch.no_grad():
+        with autocast_above(model, 1, weights=weights):
+            kept = model(ids).logits
+        held = {m: w for m, (_, w, _) in weights.items()}
+        with autocast_above(model, 1, weights=weights):
+            again = model(ids).logits
+        assert torch.equal(kept, low) and torch.equal(again, low)
+        assert all(weights[m][1] is w for m, w in held.items())
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        assert not linears or weights  # every nn.Linear model lowers its linears through the kept weights
+        head = model.get_output_embeddings()
+        if head in weights:
+            head.weight.mul_(2.0)
+            with autocast_above(model, 1, weights=weights):
+                edited = model(ids).logits
+            head.weight.mul_(0.5)
+            assert weights[head][1] is not held[head] and not torch.equal(edited, low)
+    assert not any("forward" in m.__dict__ for m in model.modules()) and torch.equal(model(ids).logits, ref)
 
 
 def test_bench_general_end_to_end_on_a_tiny_model(tiny_model_dir: Path, arc_dir: Path, tmp_path: Path) -> None:
