@@ -56,13 +56,19 @@ def pad_right(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def shared_len(prefix_ids: list[int], rows: Sequence[tuple[list[int], int]]) -> int:
     """Tokens that every row starts with, as tokenised alone, and that lie before every
     subject-last position (a prefix's last token may merge with the prompt's first)."""
     n = len(prefix_ids)
     for ids, last in rows:
-        k = 0
-        while k < min(n, len(ids)) and ids[k] == prefix_ids[k]:
-            k += 1
-        n = min(n, k, min(last) if isinstance(last, tuple) else last)
+        n = min(n, common_length(prefix_ids, ids), min(last) if isinstance(last, tuple) else last)
     return n

@@ -42,6 +42,7 @@ from ..engine.config import ConfigError
 from ..engine.hooks import Trace, autocast_above
 from ..engine.progress import Progress
 from ..engine.residuals import fast_bf16
+from ..engine.tokens import pad_right
 from .attribution import names
 from .below import BelowCache, block_tuple_len, capture_below, start_below
 from .prefix import SharedPrefix, families
@@ -175,15 +176,6 @@ class ProbeCache(JsonlCache):
         return [[list(h) for h in value]]
 
 
-def right_padded(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """Token lists as one (B, T) batch padded on the right with `pad`, as HFLM batches them: with
-    no attention mask each real token sees exactly what it sees alone."""
-    ids = torch.full((len(seqs), max(len(x) for x in seqs)), pad, dtype=torch.long)  # (B, T)
-    for b, x in enumerate(seqs):
-        ids[b, : len(x)] = torch.tensor(x)
-    return ids
-
-
 def right_padded_rows(rows: Sequence[torch.Tensor], t: int) -> torch.Tensor:
     """Per-token rows (T_i, d) as one (B, t, d) batch, zeros after each row's end."""
     out = torch.zeros(len(rows), t, rows[0].shape[-1], dtype=rows[0].dtype)  # (B, t, d)
@@ -263,10 +255,13 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
         raise ConfigError(f"the below-l* cache holds layer {below.layer}, the scorer splits at {split}")
     # the scorer's passes compute the blocks below the split in float32 unless everything is bf16
     capture_scored = below is not None and precision != "bf16" and scorer == "neuraldb"
-    why = SharedPrefix.unsupported(model) if share_prefixes and scorer == "neuraldb" else "off"
-    if why not in (None, "off"):
-        log.info("prefix sharing off: %s", why)
-    sharer = SharedPrefix(model) if why is None else None
+    sharer = None
+    if share_prefixes and scorer == "neuraldb":
+        why = SharedPrefix.unsupported(model)
+        if why:
+            log.info("prefix sharing off: %s", why)
+        else:
+            sharer = SharedPrefix(model)
 
     class GatedLM(HFLM):
         def __init__(self) -> None:
@@ -376,7 +371,8 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             with torch.no_grad(), Progress(len(requests), "loglikelihood", "request") as bar:
                 for s in range(0, len(order), self._rows_per_forward):
                     rows = order[s : s + self._rows_per_forward]
-                    ids = right_padded(rows, 0)  # (B, T), padded with token 0 as HFLM
+                    # (B, T), padded with token 0 as HFLM: with no attention mask each real token sees what it sees alone
+                    ids, _ = pad_right(list(rows), 0, torch.device("cpu"))
                     lo = min(reads[inp] for inp in rows)  # the positions any continuation is read from: [lo, T)
                     if replay:  # the float32 probe's decisions, as (B, T) open / fact id
                         opened = torch.zeros(ids.shape, dtype=torch.bool)
@@ -401,12 +397,13 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
             batches, longest first. Kept rows (`below`) join the prefix's and the suffix's."""
             n = self._rows_per_forward
             fams = sorted(shared, key=lambda f: -f[0])
-            chunks, cur = [], []  # a chunk: <= n families, or as many as give 4 batches of members
+            chunks, cur, members = [], [], 0  # a chunk: <= n families, or as many as give 4 batches of members
             for fam in fams:
                 cur.append(fam)
-                if len(cur) == n or sum(len(m) for _, m in cur) >= 4 * n:
+                members += len(fam[1])
+                if len(cur) == n or members >= 4 * n:
                     chunks.append(cur)
-                    cur = []
+                    cur, members = [], 0
             chunks += [cur] if cur else []
             for chunk in chunks:
                 with capture_below(model, below) if capture_scored else contextlib.nullcontext() as got:
@@ -520,7 +517,7 @@ def make_lm(model: Any, tok: Any, db: Any = None, batch_size: int = 16, unedited
                 undo.callback(model.base_model.register_forward_pre_hook(unpad, with_kwargs=True).remove)
                 for rows in batches:
                     before = len(passes)  # a pass that gates nothing records nothing
-                    ids = right_padded([inputs[i] for i in rows], pad).to(dev)  # (B, T)
+                    ids, _ = pad_right([inputs[i] for i in rows], pad, dev)  # (B, T)
                     lengths = torch.tensor([len(inputs[i]) for i in rows])  # (B,)
                     starts = torch.tensor([share[i][1] for i in rows])  # (B,)
                     at = torch.arange(ids.shape[1])[None, :]  # (1, T)

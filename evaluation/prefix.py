@@ -22,19 +22,11 @@ import torch
 from torch import nn
 
 from ..engine.arch import cache_kwargs, model_device
+from ..engine.tokens import common_length, pad_right
 
 # attention implementations whose masks this module builds: boolean (True attends) for SDPA,
 # additive for the eager path
 MASKS = {"sdpa": "bool", "eager": "additive"}
-
-
-def common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def families(inputs: Sequence[Sequence[int]], reads: Sequence[int], min_shared: int = 16) -> list[tuple[int, list[int]]]:
@@ -113,12 +105,9 @@ class SharedPrefix:
     def prefixes(self, seqs: Sequence[Sequence[int]]) -> Prefixes:
         """Run `seqs` (right-padded, causal: a pad after a prefix changes none of its positions)
         and keep each layer's keys and values."""
-        dev = model_device(self.model)
-        ids = torch.full((len(seqs), max(len(x) for x in seqs)), self.pad, dtype=torch.long)  # (F, P)
-        for f, x in enumerate(seqs):
-            ids[f, : len(x)] = torch.tensor(x)
+        ids, _ = pad_right(list(seqs), self.pad, model_device(self.model))  # (F, P)
         cache = self._cache()
-        self.model(ids.to(dev), use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
+        self.model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
         kv = [(layer.keys, layer.values) for layer in cache.layers]  # per layer (F, H, P, d)
         return Prefixes(kv, torch.tensor([len(x) for x in seqs]))
 
@@ -146,10 +135,8 @@ class SharedPrefix:
         dev = model_device(self.model)
         fam = torch.tensor(family)  # (B,)
         plen = pre.lengths[fam]  # (B,)
-        s = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), s), self.pad, dtype=torch.long)  # (B, S)
-        for b, x in enumerate(seqs):
-            ids[b, : len(x)] = torch.tensor(x)
+        ids, _ = pad_right(list(seqs), self.pad, dev)  # (B, S)
+        s = ids.shape[1]
         width = pre.kv[0][0].shape[2]
         idx = fam.to(pre.kv[0][0].device)
         cache = self._cache([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in pre.kv])
@@ -161,5 +148,5 @@ class SharedPrefix:
             mask = {t: self._mask(plen, width, s, self.window if "sliding" in t else None, dtype).to(dev)
                     for t in self.types}
         keep = torch.arange(lo, s, device=dev)
-        return self.model(ids.to(dev), use_cache=True, attention_mask=mask, position_ids=pos.to(dev),
+        return self.model(ids, use_cache=True, attention_mask=mask, position_ids=pos.to(dev),
                           logits_to_keep=keep, **cache_kwargs(self.model, cache)).logits

@@ -118,7 +118,7 @@ def test_open_only_searches_late_tokens_above_gamma_and_opens_the_same(tokenizer
     """With `open_only` (the probe's setting) a token past the head window after the text's first
     token is searched above gamma, not the index's floor (sink_gamma): the same opens, fewer
     candidate keys re-scored by the bound index."""
-    from neuraldb.evaluation.general import right_padded
+    from neuraldb.engine.tokens import pad_right
 
     cfg = EditConfig(layer=2, gamma=0.45, gate_context=3, head_gamma=-1.0, sink_gamma=0.1, head_window=2,
                      index="Proj8", n_prefixes=2, prefix_len=4, residual_prefixes=1, steps=3, lr=0.5,
@@ -128,7 +128,8 @@ def test_open_only_searches_late_tokens_above_gamma_and_opens_the_same(tokenizer
     db.add([Fact(s, "{} is located in", "Spain", "Peru", id=str(i)) for i, s in enumerate(subjects)])
     index = db.index.inner if hasattr(db.index, "inner") else db.index
     index.chooser = None  # always the bound, so that its candidates are counted
-    ids = right_padded([tokenizer(t)["input_ids"] for t in TEXTS + [" ".join(subjects) + " are all known"]], 0)
+    ids, _ = pad_right([tokenizer(t)["input_ids"] for t in TEXTS + [" ".join(subjects) + " are all known"]], 0,
+                       torch.device("cpu"))
     got = {}
     for only in (False, True):
         db.gate.open_only = only

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuraldb.evaluation.prefix import SharedPrefix, common_length, families
+from neuraldb.engine.tokens import common_length
+from neuraldb.evaluation.prefix import SharedPrefix, families
 
 from conftest import make_model
 
